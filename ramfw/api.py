@@ -1,0 +1,159 @@
+"""The library API the CLI (and anyone else) calls: up, down, status, doctor, lint, learn.
+
+This module wires the pure core (policy, ruleset rendering) to the kernel objects; it keeps
+no state of its own beyond a small JSON record of what ``up`` applied, in the run directory,
+which ``status`` reads back beside the kernel's own state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+from . import policy as policy_mod
+from . import probes, resolvers, ruleset
+from .config import Config
+from .errors import KernelError, PolicyError, RamfwError
+from .policy import Policy
+
+REQUIRED = ("nf_tables", "element_timeout")
+
+
+class NotRoot(RamfwError):
+    exit_code = 6
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise NotRoot(f"{what} needs root (CAP_NET_ADMIN)")
+
+
+def load_policy(config: Config, path: str | None = None) -> tuple[Policy, str]:
+    """The policy to enforce and where it came from.
+
+    An explicit path must load. The configured source falls back to the last good cached
+    copy, then to the restrictive default (Docker Hub only): never open because a policy
+    is missing.
+    """
+    limit = config.policy.max_registries
+    if path is not None:
+        return policy_mod.from_file(path, limit), path
+    source = config.policy.source
+    if Path(source).exists():
+        return policy_mod.from_file(source, limit), source
+    cache = config.policy.cache
+    if Path(cache).exists():
+        return policy_mod.from_file(cache, limit), f"{cache} (cached; {source} is missing)"
+    return policy_mod.default(), f"built-in default, Docker Hub only ({source} is missing)"
+
+
+def check_capabilities(report: probes.Report) -> None:
+    for name in REQUIRED:
+        if not report.has(name):
+            cap = next((c for c in report.capabilities if c.name == name), None)
+            detail = cap.detail if cap else "not probed"
+            raise KernelError(f"cannot enforce on this kernel: {name}: {detail}")
+
+
+def render(config: Config, trusted: Iterable[str]) -> dict:
+    return ruleset.build_ruleset(config.enforcement, trusted, config.dns.max_addresses)
+
+
+def up(config: Config, policy_path: str | None = None, report: probes.Report | None = None) -> dict:
+    """Validate everything, then apply the ruleset in one transaction; return the record."""
+    require_root("ramfw up")
+    policy, source = load_policy(config, policy_path)
+    report = report or probes.run()
+    check_capabilities(report)
+    table = ruleset.Table(config.enforcement.table)
+    trusted = resolvers.trusted(config.dns.trusted_resolvers)
+    if policy.enabled:
+        table.apply(render(config, trusted))
+    else:
+        table.remove()
+    record = {
+        "applied_at": time.time(),
+        "config": config.path,
+        "policy_source": source,
+        "policy": policy.summary(),
+        "notes": list(policy.notes),
+        "mode": config.enforcement.mode,
+        "scope": list(config.enforcement.scope),
+        "table": config.enforcement.table,
+        "trusted_resolvers": trusted,
+        "capabilities": report.to_dict(),
+    }
+    write_record(config, record)
+    return record
+
+
+def write_record(config: Config, record: dict) -> None:
+    run_dir = Path(config.daemon.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(config.daemon.state_file)
+
+
+def read_record(config: Config) -> dict | None:
+    try:
+        return json.loads(Path(config.daemon.state_file).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def down(config: Config) -> None:
+    """Remove everything ramfw added; safe to repeat, after a crash too."""
+    require_root("ramfw down")
+    ruleset.Table(config.enforcement.table).remove()
+    try:
+        os.unlink(config.daemon.state_file)
+    except FileNotFoundError:
+        pass
+
+
+def learn(config: Config, elements: Iterable[ruleset.Element], refresh_by_readd: bool = True) -> None:
+    """Program addresses into the allowed sets (what the daemon does for each DNS reply)."""
+    ruleset.Table(config.enforcement.table).add_elements(elements, refresh_by_readd)
+
+
+def status(config: Config, now: float | None = None) -> dict:
+    """What is enforced, read from the kernel and from the record ``up`` left."""
+    now = time.time() if now is None else now
+    record = read_record(config)
+    state = ruleset.Table(config.enforcement.table).state() if os.geteuid() == 0 else None
+    result: dict = {"enforcing": bool(state and state.exists), "record": record}
+    if record and not record["policy"]["enabled"]:
+        result["message"] = (f"registry access is not restricted: organization "
+                             f"{record['policy']['organization']} has registryAccess.enabled false")
+    elif state is None:
+        result["message"] = "run as root to read the kernel's state"
+    elif not state.exists:
+        result["message"] = "ramfw is not enforcing: no ramfw table in this network namespace"
+    else:
+        result["message"] = f"ramfw is enforcing in {state.mode} mode"
+        result["mode"] = state.mode
+        result["counters"] = state.counters
+        learned: dict[str, list] = {}
+        for item in state.learned:
+            learned.setdefault(item.name or "(unnamed)", []).append(
+                {"address": item.address, "expires_in": item.expires})
+        result["learned"] = learned
+        result["trusted_resolvers"] = list(state.resolvers)
+    return result
+
+
+def doctor() -> probes.Report:
+    require_root("ramfw doctor")
+    return probes.run()
+
+
+def lint(path: str, config: Config) -> tuple[Policy, list[str]]:
+    policy = policy_mod.from_file(path, config.policy.max_registries)
+    return policy, policy_mod.lint(policy)
+
+
+__all__ = ["up", "down", "status", "doctor", "lint", "learn", "load_policy", "PolicyError"]

@@ -1,0 +1,117 @@
+"""The ramfw command: parses arguments, calls the library or the daemon, prints.
+
+Exit codes: 0 success; 1 not enforcing (status) or an unexpected failure; 2 invalid policy,
+configuration or command line; 3 the kernel lacks what ramfw needs; 4 nftables refused a
+transaction; 5 the daemon could not be reached; 6 root is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__, api
+from . import config as config_mod
+from .errors import RamfwError
+
+
+def _print_status(result: dict) -> None:
+    print(result["message"])
+    record = result.get("record")
+    if record:
+        pol = record["policy"]
+        print(f"policy:    {pol['organization']} ({pol['entries']} entries, Docker Hub "
+              f"{'allowed' if pol['allowDockerHub'] else 'blocked'}) from {record['policy_source']}")
+        print(f"scope:     {', '.join(record['scope'])}")
+        caps = record.get("capabilities", {})
+        if caps:
+            print(f"kernel:    {caps.get('kernel')}; DNS hold: {caps.get('queue_mechanism')}")
+        for note in record.get("notes", []):
+            print(f"note:      {note}")
+    for name, values in (result.get("counters") or {}).items():
+        print(f"counter:   {name} {values['packets']}")
+    for name, items in (result.get("learned") or {}).items():
+        shown = ", ".join(f"{i['address']} ({i['expires_in']}s)" for i in items[:8])
+        more = f" and {len(items) - 8} more" if len(items) > 8 else ""
+        print(f"learned:   {name}: {shown}{more}")
+    for line in result.get("recent_blocks", []):
+        print(f"blocked:   {line}")
+
+
+def _print_doctor(report) -> None:
+    print(f"kernel {report.kernel}: at least 5.4, ok")
+    for cap in report.capabilities:
+        mark = "yes" if cap.ok else "NO "
+        print(f"  [{mark}] {cap.name:16} {cap.detail}")
+        if not cap.ok:
+            print(f"        {'':16} cost: {cap.cost}")
+    print(f"DNS replies are held by: {report.queue_mechanism}")
+    missing = [n for n in api.REQUIRED if not report.has(n)]
+    print("ramfw cannot enforce here" if missing else "ramfw can enforce here")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ramfw", description="Registry firewall for the container VM.")
+    parser.add_argument("--version", action="version", version=f"ramfw {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="apply the ruleset for a policy")
+    up.add_argument("--policy", help="policy JSON file (default: the configured source)")
+    down = commands.add_parser("down", help="remove everything ramfw added")
+    status = commands.add_parser("status", help="what is enforced, learned and blocked")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    commands.add_parser("doctor", help="what this kernel can do and what ramfw will use")
+    pol = commands.add_parser("policy", help="policy tools")
+    pol_commands = pol.add_subparsers(dest="policy_command", required=True)
+    lint = pol_commands.add_parser("lint", help="validate a policy file and warn about gaps")
+    lint.add_argument("file")
+    for sub in (up, down, status, lint):
+        sub.add_argument("--config", help=f"configuration file (default: {config_mod.DEFAULT_PATH})")
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except RamfwError as err:
+        print(f"ramfw: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args) -> int:
+    if args.command == "doctor":
+        report = api.doctor()
+        _print_doctor(report)
+        return 0 if all(report.has(n) for n in api.REQUIRED) else 3
+    config = config_mod.load(args.config)
+    if args.command == "up":
+        record = api.up(config, args.policy)
+        pol = record["policy"]
+        state = "enforcing" if pol["enabled"] else "not restricting (registryAccess.enabled is false)"
+        print(f"ramfw {state}: {pol['organization']}, {pol['entries']} entries, "
+              f"mode {record['mode']}, scope {', '.join(record['scope'])}")
+        for note in record["notes"]:
+            print(f"note: {note}", file=sys.stderr)
+        return 0
+    if args.command == "down":
+        api.down(config)
+        print("ramfw removed")
+        return 0
+    if args.command == "status":
+        result = api.status(config)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            _print_status(result)
+        return 0 if result["enforcing"] else 1
+    if args.command == "policy":
+        policy, warnings = api.lint(args.file, config)
+        print(f"{args.file}: valid: organization {policy.organization}, "
+              f"{len(policy.registries)} registries, {len(policy.matcher)} entries in force")
+        for warning in warnings:
+            print(f"warning: {warning}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The local configuration: how this VM runs ramfw (TOML, every field has a working default).
+
+Unknown sections or fields and wrong types are errors, never ignored: a typo in a security
+setting must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import ConfigError
+from .policy import DEFAULT_MAX_REGISTRIES
+
+DEFAULT_PATH = Path("/etc/ramfw/ramfw.toml")
+MODES = ("enforce", "audit")
+SCOPES = ("engine", "containers", "host")
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    source: str = "/etc/ramfw/policy.json"
+    cache: str = "/var/lib/ramfw/policy.json"
+    refresh_interval: int = 300
+    max_registries: int = DEFAULT_MAX_REGISTRIES
+
+
+@dataclass(frozen=True)
+class EnforcementSettings:
+    mode: str = "enforce"
+    scope: tuple[str, ...] = ("engine",)
+    registry_ports: tuple[int, ...] = (80, 443, 5000)
+    table: str = "ramfw"
+    mark: int = 0x52410000
+    mark_mask: int = 0xFFFF0000
+    nflog_group: int = 5241
+    engine_processes: tuple[str, ...] = ("dockerd", "containerd", "buildkitd")
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    trusted_resolvers: tuple[str, ...] = ()
+    ttl_min: int = 30
+    ttl_max: int = 3600
+    ttl_grace: int = 60
+    max_addresses_per_name: int = 1000
+    max_addresses: int = 100_000
+    queue_num: int = 5241
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    run_dir: str = "/run/ramfw"
+
+    @property
+    def socket(self) -> str:
+        return f"{self.run_dir}/control.sock"
+
+    @property
+    def state_file(self) -> str:
+        return f"{self.run_dir}/state.json"
+
+
+@dataclass(frozen=True)
+class Config:
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    enforcement: EnforcementSettings = field(default_factory=EnforcementSettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    path: str = "(defaults)"
+
+
+def _section(cls, data: object, name: str, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{where}: [{name}] has no setting {key!r}; known: {', '.join(known)}")
+        default = known[key].default
+        values[key] = _coerce(value, default, f"{where}: {name}.{key}")
+    return cls(**values)
+
+
+def _coerce(value: object, default: object, where: str):
+    if isinstance(default, tuple):
+        items = [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{where} must be a list")
+        kind = type(default[0]) if default else str
+        for item in items:
+            if not isinstance(item, kind) or isinstance(item, bool):
+                raise ConfigError(f"{where}: {item!r} is not a {kind.__name__}")
+        return tuple(items)
+    if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, type(default)):
+        raise ConfigError(f"{where} must be a {type(default).__name__}, not {type(value).__name__}")
+    return value
+
+
+def _validate(config: Config) -> Config:
+    where = config.path
+    e, d, p = config.enforcement, config.dns, config.policy
+    if e.mode not in MODES:
+        raise ConfigError(f"{where}: enforcement.mode is {e.mode!r}; use one of {', '.join(MODES)}")
+    for scope in e.scope:
+        if scope not in SCOPES:
+            raise ConfigError(f"{where}: enforcement.scope {scope!r} is unknown; use {', '.join(SCOPES)}")
+    for port in e.registry_ports:
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{where}: enforcement.registry_ports: {port} is not a port")
+    if not e.table.replace("_", "").replace("-", "").isalnum() or len(e.table) > 32:
+        raise ConfigError(f"{where}: enforcement.table {e.table!r}: use letters, digits, - and _")
+    for name in ("mark", "mark_mask"):
+        if not 0 < getattr(e, name) <= 0xFFFFFFFF:
+            raise ConfigError(f"{where}: enforcement.{name} must be a 32-bit value other than 0")
+    if e.mark & ~e.mark_mask:
+        raise ConfigError(f"{where}: enforcement.mark has bits outside enforcement.mark_mask")
+    if not 0 <= e.nflog_group <= 65535 or not 0 <= d.queue_num <= 65535:
+        raise ConfigError(f"{where}: nflog_group and queue_num are 16-bit numbers")
+    if not 0 < d.ttl_min <= d.ttl_max:
+        raise ConfigError(f"{where}: dns.ttl_min must be positive and at most dns.ttl_max")
+    if d.ttl_grace < 0 or d.max_addresses_per_name < 1 or d.max_addresses < 1:
+        raise ConfigError(f"{where}: dns.ttl_grace, max_addresses_per_name and max_addresses must be positive")
+    for resolver in d.trusted_resolvers:
+        try:
+            ipaddress.ip_address(resolver)
+        except ValueError:
+            raise ConfigError(f"{where}: dns.trusted_resolvers: {resolver!r} is not an IP address") from None
+    if p.max_registries < 1 or p.refresh_interval < 1:
+        raise ConfigError(f"{where}: policy.max_registries and policy.refresh_interval must be positive")
+    return config
+
+
+def from_text(text: str, where: str = "config") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{where}: not valid TOML: {err}") from None
+    sections = {"policy": PolicySettings, "enforcement": EnforcementSettings, "dns": DnsSettings,
+                "daemon": DaemonSettings}
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section [{unknown[0]}]; known: {', '.join(sections)}")
+    parts = {name: _section(cls, data.get(name, {}), name, where) for name, cls in sections.items()}
+    return _validate(Config(**parts, path=where))
+
+
+def load(path: str | Path | None = None) -> Config:
+    """The configuration at ``path``; the defaults when no path is given and none is installed."""
+    if path is None:
+        if not DEFAULT_PATH.exists():
+            return Config()
+        path = DEFAULT_PATH
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the configuration: {getattr(err, 'strerror', None) or err}") from None
+    return from_text(text, str(path))

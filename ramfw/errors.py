@@ -1,0 +1,41 @@
+"""One error root for everything ramfw reports to a user.
+
+Each subclass carries the exit code the CLI uses for it; its message states the rule that
+was broken and what is allowed, in one or two lines.
+"""
+
+
+class RamfwError(Exception):
+    """Base of every error ramfw expects and explains."""
+
+    exit_code = 1
+
+
+class PolicyError(RamfwError):
+    """The organization policy is malformed; nothing of it is applied."""
+
+    exit_code = 2
+
+
+class ConfigError(RamfwError):
+    """The local configuration is malformed; nothing of it is applied."""
+
+    exit_code = 2
+
+
+class KernelError(RamfwError):
+    """The kernel lacks something ramfw cannot enforce without."""
+
+    exit_code = 3
+
+
+class NftablesError(RamfwError):
+    """libnftables refused a transaction; the kernel state is as it was before it."""
+
+    exit_code = 4
+
+
+class DaemonError(RamfwError):
+    """The daemon could not be reached or refused a request."""
+
+    exit_code = 5

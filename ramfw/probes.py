@@ -1,0 +1,249 @@
+"""Kernel capability probes: find out what this kernel can do by trying it, never by version.
+
+Every probe that creates kernel objects runs in a child process inside a throw-away network
+namespace (``unshare --net``), so the host's ruleset and network are never touched. The kernel
+version is checked first: below 5.4 ramfw refuses plainly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import KernelError
+
+MIN_KERNEL = (5, 4)
+_PROBE_TABLE = "ramfw_probe"
+
+
+@dataclass(frozen=True)
+class Capability:
+    name: str
+    ok: bool
+    detail: str
+    cost: str  # what a missing one costs the user
+
+
+@dataclass(frozen=True)
+class Report:
+    kernel: str
+    capabilities: tuple[Capability, ...]
+
+    def has(self, name: str) -> bool:
+        return any(c.name == name and c.ok for c in self.capabilities)
+
+    @property
+    def queue_mechanism(self) -> str:
+        """How DNS replies are held: native nft queue, xt NFQUEUE, or a passive snooper."""
+        if self.has("nft_queue"):
+            return "nft-queue"
+        if self.has("xt_nfqueue"):
+            return "xt-nfqueue"
+        return "passive"
+
+    @property
+    def refresh_by_readd(self) -> bool:
+        return self.has("element_refresh")
+
+    def to_dict(self) -> dict:
+        return {"kernel": self.kernel, "queue_mechanism": self.queue_mechanism,
+                "capabilities": [asdict(c) for c in self.capabilities]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        return cls(data["kernel"], tuple(Capability(**c) for c in data["capabilities"]))
+
+
+COSTS = {
+    "nf_tables": "ramfw cannot enforce anything on this kernel",
+    "element_timeout": "ramfw cannot enforce: learned addresses could never expire",
+    "reject": "blocked connections would time out instead of failing at once",
+    "element_refresh": "none: ramfw re-arms addresses with add, delete, add in one transaction",
+    "nft_queue": "none if xt_nfqueue works; otherwise the first connection to a new address can be lost",
+    "xt_nfqueue": "none if nft_queue works; otherwise the first connection to a new address can be lost",
+    "nfnetlink_queue": "DNS replies cannot be held: the first connection to a new address can be lost",
+    "nflog": "blocked connections are counted but not named in status and log",
+    "cgroup_bpf": "engine scope is unavailable: use host scope",
+    "btf": "none today; CO-RE programs would need it",
+    "bcc": "none: the engine-scope program is loaded without a compiler",
+}
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    release = release or platform.release()
+    found = re.match(r"(\d+)\.(\d+)", release)
+    if not found:
+        raise KernelError(f"cannot read the kernel version from {release!r}")
+    return int(found[1]), int(found[2])
+
+
+def check_kernel(release: str | None = None) -> None:
+    version = kernel_version(release)
+    if version < MIN_KERNEL:
+        raise KernelError(
+            f"kernel {release or platform.release()} is too old: ramfw needs Linux "
+            f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]} or later (nftables sets with timeouts)"
+        )
+
+
+def _nft_try(nft, commands: list[dict]) -> tuple[bool, str]:
+    rc, _, error = nft.json_cmd({"nftables": commands})
+    return rc == 0, error.strip().splitlines()[0] if error.strip() else ""
+
+
+def _table_probes() -> list[Capability]:
+    """Run inside the throw-away namespace: try each nftables feature ramfw uses."""
+    try:
+        import nftables
+    except ImportError:
+        return [Capability("nf_tables", False, "python3-nftables is not installed", COSTS["nf_tables"])]
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    t = {"family": "inet", "table": _PROBE_TABLE}
+    caps = []
+    ok, err = _nft_try(nft, [{"add": {"table": {"family": "inet", "name": _PROBE_TABLE}}},
+                             {"add": {"chain": {**t, "name": "out", "type": "filter",
+                                                "hook": "output", "prio": 0, "policy": "accept"}}}])
+    caps.append(Capability("nf_tables", ok, "inet family, base chains" if ok else err, COSTS["nf_tables"]))
+    if not ok:
+        return caps
+    ok, err = _nft_try(nft, [
+        {"add": {"set": {**t, "name": "s", "type": "ipv4_addr", "flags": ["timeout"]}}},
+        {"add": {"element": {**t, "name": "s", "elem": [{"elem": {"val": "192.0.2.1", "timeout": 10}}]}}}])
+    caps.append(Capability("element_timeout", ok, "sets with per-element timeouts" if ok else err,
+                           COSTS["element_timeout"]))
+    if ok:
+        _nft_try(nft, [{"add": {"element": {**t, "name": "s",
+                                            "elem": [{"elem": {"val": "192.0.2.1", "timeout": 1000}}]}}}])
+        rc, out, _ = nft.json_cmd({"nftables": [{"list": {"set": {**t, "name": "s"}}}]})
+        expires = 0
+        for item in (out or {}).get("nftables", []):
+            for elem in item.get("set", {}).get("elem", []):
+                expires = elem.get("elem", {}).get("expires", 0) if isinstance(elem, dict) else 0
+        refreshed = expires > 100
+        caps.append(Capability("element_refresh", refreshed,
+                               "adding an element again re-arms its timeout" if refreshed
+                               else "adding an element again keeps its old timeout",
+                               COSTS["element_refresh"]))
+    rule = lambda *expr: {"add": {"rule": {**t, "chain": "out", "expr": list(expr)}}}  # noqa: E731
+    ok, err = _nft_try(nft, [rule({"reject": {"type": "tcp reset"}})])
+    caps.append(Capability("reject", ok, "reject with tcp reset / icmpx" if ok else err, COSTS["reject"]))
+    ok, err = _nft_try(nft, [rule({"queue": {"num": 7, "flags": ["bypass"]}})])
+    caps.append(Capability("nft_queue", ok, "native nft queue" if ok else f"native nft queue: {err}",
+                           COSTS["nft_queue"]))
+    ok, detail = _xt_nfqueue_probe()
+    caps.append(Capability("xt_nfqueue", ok, detail, COSTS["xt_nfqueue"]))
+    ok, err = _nft_try(nft, [rule({"log": {"group": 7}})])
+    caps.append(Capability("nflog", ok, "log to an NFLOG group" if ok else err, COSTS["nflog"]))
+    _nft_try(nft, [{"delete": {"table": {"family": "inet", "name": _PROBE_TABLE}}}])
+    return caps
+
+
+def _xt_nfqueue_probe() -> tuple[bool, str]:
+    binary = shutil.which("iptables-nft")
+    if binary is None:
+        return False, "iptables-nft is not installed, so the xt NFQUEUE target cannot be tried"
+    args = ["-t", "mangle", "-A", "INPUT", "-p", "udp", "--sport", "53",
+            "-j", "NFQUEUE", "--queue-num", "7", "--queue-bypass"]
+    result = subprocess.run([binary, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        return False, f"xt NFQUEUE target: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'refused'}"
+    subprocess.run([binary, "-t", "mangle", "-F"], capture_output=True)
+    subprocess.run([binary, "-t", "mangle", "-X"], capture_output=True)
+    return True, "xt NFQUEUE target through nft compat"
+
+
+def _nfnetlink_queue_probe() -> Capability:
+    from . import queue
+
+    try:
+        queue.probe()
+    except OSError as err:
+        return Capability("nfnetlink_queue", False, f"cannot bind a netfilter queue: {err.strerror}",
+                          COSTS["nfnetlink_queue"])
+    return Capability("nfnetlink_queue", True, "netfilter queue over netlink", COSTS["nfnetlink_queue"])
+
+
+_BPF_PROG_LOAD = 5
+_BPF_PROG_TYPE_CGROUP_SOCK = 9
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+
+
+def _cgroup_bpf_probe() -> Capability:
+    """Load a two-instruction cgroup socket program (r0 = 1; exit) with the bpf() syscall."""
+    number = _SYS_BPF.get(platform.machine())
+    if number is None:
+        return Capability("cgroup_bpf", False, f"unknown bpf() syscall on {platform.machine()}",
+                          COSTS["cgroup_bpf"])
+    from . import bpf
+
+    try:
+        fd = bpf.load_program(bpf.return_one_program(), _BPF_PROG_TYPE_CGROUP_SOCK, 0)
+    except OSError as err:
+        return Capability("cgroup_bpf", False, f"cgroup socket programs: {err.strerror}", COSTS["cgroup_bpf"])
+    os.close(fd)
+    cgroup2 = bpf.cgroup2_mount()
+    detail = f"cgroup socket programs; cgroup v2 at {cgroup2}" if cgroup2 else \
+        "cgroup socket programs load, but no cgroup v2 hierarchy is mounted"
+    return Capability("cgroup_bpf", cgroup2 is not None, detail, COSTS["cgroup_bpf"])
+
+
+def _btf_probe() -> Capability:
+    ok = Path("/sys/kernel/btf/vmlinux").exists()
+    return Capability("btf", ok, "/sys/kernel/btf/vmlinux" if ok else "no /sys/kernel/btf/vmlinux",
+                      COSTS["btf"])
+
+
+def _bcc_probe() -> Capability:
+    release = platform.release()
+    headers = Path(f"/lib/modules/{release}/build")
+    if not headers.exists() and not Path("/sys/kernel/kheaders.tar.xz").exists():
+        return Capability("bcc", False, f"no kernel headers ({headers} is missing, no kheaders)",
+                          COSTS["bcc"])
+    code = "from bcc import BPF; BPF(text='int f(void *ctx) { return 0; }')"
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return Capability("bcc", False, "bcc did not compile within 60 s", COSTS["bcc"])
+    if result.returncode != 0:
+        last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        return Capability("bcc", False, f"bcc cannot compile: {last}", COSTS["bcc"])
+    return Capability("bcc", True, "bcc compiles against this kernel's headers", COSTS["bcc"])
+
+
+def probe_here() -> list[Capability]:
+    """All probes, in the current network namespace (call only inside a throw-away one)."""
+    return _table_probes() + [_nfnetlink_queue_probe(), _cgroup_bpf_probe(), _btf_probe(), _bcc_probe()]
+
+
+def run() -> Report:
+    """Check the kernel version, then probe in a throw-away network namespace."""
+    check_kernel()
+    if os.geteuid() != 0:
+        raise KernelError("probing the kernel needs root (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN)")
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise KernelError("unshare (util-linux) is needed to probe in a throw-away namespace")
+    result = subprocess.run([unshare, "--net", sys.executable, "-m", "ramfw.probes"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": _package_root()})
+    if result.returncode != 0:
+        raise KernelError(f"the capability probe failed: {result.stderr.strip()[-300:]}")
+    return Report(platform.release(), tuple(Capability(**c) for c in json.loads(result.stdout)))
+
+
+def _package_root() -> str:
+    root = str(Path(__file__).resolve().parent.parent)
+    existing = os.environ.get("PYTHONPATH")
+    return f"{root}:{existing}" if existing else root
+
+
+if __name__ == "__main__":
+    print(json.dumps([asdict(c) for c in probe_here()]))

@@ -1,0 +1,242 @@
+"""The nftables table ramfw owns (``inet ramfw``): rendered whole as data, applied in one transaction.
+
+``build_*`` functions are pure and return libnftables JSON; ``Table`` is the only code that
+talks to the kernel about this table. The table has no ``owner`` flag on purpose: enforcement
+stays in the kernel when the process that applied it exits or dies (registry egress fails
+closed), and only ``ramfw down`` removes it.
+
+Layout::
+
+    output   (hook output)   established/related, loopback -> accept; in scope -> registry
+    forward  (hook forward)  established/related -> accept; in scope -> registry
+    registry                 DNS to trusted resolvers, @allow4/@allow6 -> accept;
+                             otherwise log to NFLOG, count, reject (enforce) or accept (audit)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable
+
+from .config import EnforcementSettings
+from .errors import NftablesError
+
+FAMILY = "inet"
+ALLOW = {4: "allow4", 6: "allow6"}
+RESOLVERS = {4: "resolvers4", 6: "resolvers6"}
+COUNTERS = ("blocked", "audited", "accepted")
+LOG_PREFIX = "ramfw "
+SET_TYPES = {4: "ipv4_addr", 6: "ipv6_addr"}
+
+
+@dataclass(frozen=True)
+class Element:
+    """An address to allow for ``timeout`` seconds; ``name`` is kept as the element's comment."""
+
+    address: str
+    timeout: int
+    name: str = ""
+
+
+def _match(left: dict, right: object, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> dict:
+    return {"meta": {"key": key}}
+
+
+def _payload(protocol: str, field: str) -> dict:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+_ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+_TCP_UDP = _match(_meta("l4proto"), {"set": ["tcp", "udp"]})
+_ACCEPT = {"accept": None}
+
+
+def _ports(ports: Iterable[int]) -> list[dict]:
+    return [_TCP_UDP, _match(_payload("th", "dport"), {"set": sorted(ports)})]
+
+
+def _in_scope_rules(settings: EnforcementSettings, hook: str) -> list[list[dict]]:
+    """The matches that send a packet of this hook into the registry chain."""
+    jump = {"jump": {"target": "registry"}}
+    rules = []
+    if hook == "output":
+        if "engine" in settings.scope:
+            marked = _match({"&": [_meta("mark"), settings.mark_mask]}, settings.mark)
+            rules.append([marked, jump])
+        if "host" in settings.scope:
+            rules.append(_ports(settings.registry_ports) + [jump])
+    elif "containers" in settings.scope:
+        rules.append(_ports(settings.registry_ports) + [jump])
+    return rules
+
+
+def _verdict_rules(settings: EnforcementSettings) -> list[list[dict]]:
+    log = {"log": {"prefix": LOG_PREFIX + settings.mode, "group": settings.nflog_group}}
+    if settings.mode == "audit":
+        return [[log, {"counter": "audited"}, _ACCEPT]]
+    return [
+        [log, {"counter": "blocked"}, _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}],
+        [{"reject": {"type": "icmpx", "expr": "admin-prohibited"}}],
+    ]
+
+
+def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_addresses: int) -> dict:
+    """The whole table as one transaction.
+
+    Sets are added, never deleted, so re-applying keeps every learned address; chains are
+    flushed and refilled so the rules are exactly these, whatever was there before.
+    """
+    t = {"family": FAMILY, "table": settings.table}
+    cmds: list[dict] = [{"add": {"table": {"family": FAMILY, "name": settings.table}}}]
+    for version in (4, 6):
+        cmds.append({"add": {"set": {**t, "name": ALLOW[version], "type": SET_TYPES[version],
+                                     "flags": ["timeout"], "size": max_addresses}}})
+        cmds.append({"add": {"set": {**t, "name": RESOLVERS[version], "type": SET_TYPES[version]}}})
+        cmds.append({"flush": {"set": {**t, "name": RESOLVERS[version]}}})
+    by_version = {4: [], 6: []}
+    for resolver in sorted(set(resolvers)):
+        by_version[ipaddress.ip_address(resolver).version].append(resolver)
+    for version, addresses in by_version.items():
+        if addresses:
+            cmds.append({"add": {"element": {**t, "name": RESOLVERS[version], "elem": addresses}}})
+    for counter in COUNTERS:
+        cmds.append({"add": {"counter": {**t, "name": counter}}})
+    for hook in ("output", "forward"):
+        cmds.append({"add": {"chain": {**t, "name": hook, "type": "filter", "hook": hook,
+                                       "prio": 0, "policy": "accept"}}})
+    cmds.append({"add": {"chain": {**t, "name": "registry"}}})
+    rules: dict[str, list[list[dict]]] = {
+        "output": [[_ESTABLISHED, _ACCEPT], [_match(_meta("oif"), "lo"), _ACCEPT]]
+        + _in_scope_rules(settings, "output"),
+        "forward": [[_ESTABLISHED, _ACCEPT]] + _in_scope_rules(settings, "forward"),
+        "registry": [
+            [_TCP_UDP, _match(_payload("th", "dport"), 53),
+             _match(_payload("ip", "daddr"), "@" + RESOLVERS[4]), _ACCEPT],
+            [_TCP_UDP, _match(_payload("th", "dport"), 53),
+             _match(_payload("ip6", "daddr"), "@" + RESOLVERS[6]), _ACCEPT],
+            [_match(_payload("ip", "daddr"), "@" + ALLOW[4]), {"counter": "accepted"}, _ACCEPT],
+            [_match(_payload("ip6", "daddr"), "@" + ALLOW[6]), {"counter": "accepted"}, _ACCEPT],
+        ] + _verdict_rules(settings),
+    }
+    for chain, chain_rules in rules.items():
+        cmds.append({"flush": {"chain": {**t, "name": chain}}})
+        for expr in chain_rules:
+            cmds.append({"add": {"rule": {**t, "chain": chain, "expr": expr}}})
+    return {"nftables": cmds}
+
+
+def build_remove(table: str) -> dict:
+    """Add-then-delete: removes the table whether or not it exists, so it is safe to repeat."""
+    ref = {"family": FAMILY, "name": table}
+    return {"nftables": [{"add": {"table": ref}}, {"delete": {"table": ref}}]}
+
+
+def build_elements(table: str, elements: Iterable[Element], refresh_by_readd: bool) -> dict:
+    """Add (or re-arm) elements in one transaction.
+
+    Kernels that do not refresh a timeout when an element is added again get add, delete,
+    add: the first add makes the delete safe, the last one sets the new timeout, and since it
+    is one transaction no packet sees the address missing.
+    """
+    by_version: dict[int, list[dict]] = {4: [], 6: []}
+    for element in elements:
+        elem = {"val": element.address, "timeout": element.timeout}
+        if element.name:
+            elem["comment"] = element.name[:128]
+        by_version[ipaddress.ip_address(element.address).version].append({"elem": elem})
+    cmds = []
+    for version, elems in by_version.items():
+        if not elems:
+            continue
+        ref = {"family": FAMILY, "table": table, "name": ALLOW[version]}
+        if not refresh_by_readd:
+            bare = [e["elem"]["val"] for e in elems]
+            cmds.append({"add": {"element": {**ref, "elem": bare}}})
+            cmds.append({"delete": {"element": {**ref, "elem": bare}}})
+        cmds.append({"add": {"element": {**ref, "elem": elems}}})
+    return {"nftables": cmds}
+
+
+@dataclass(frozen=True)
+class Learned:
+    address: str
+    expires: int
+    timeout: int
+    name: str
+
+
+@dataclass(frozen=True)
+class TableState:
+    exists: bool
+    mode: str = ""
+    counters: dict | None = None
+    learned: tuple[Learned, ...] = ()
+    resolvers: tuple[str, ...] = ()
+
+
+class Table:
+    """The kernel side of ramfw's table, in the calling thread's network namespace."""
+
+    def __init__(self, name: str = "ramfw"):
+        import nftables  # Debian's python3-nftables; imported here so the pure core needs none
+
+        self.name = name
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+
+    def run(self, document: dict) -> dict:
+        rc, output, error = self._nft.json_cmd(document)
+        if rc != 0:
+            raise NftablesError(f"nftables refused the transaction: {error.strip() or rc}")
+        return output or {}
+
+    def apply(self, ruleset: dict) -> None:
+        self.run(ruleset)
+
+    def remove(self) -> None:
+        self.run(build_remove(self.name))
+
+    def add_elements(self, elements: Iterable[Element], refresh_by_readd: bool = True) -> None:
+        document = build_elements(self.name, elements, refresh_by_readd)
+        if document["nftables"]:
+            self.run(document)
+
+    def state(self) -> TableState:
+        rc, output, _ = self._nft.json_cmd(
+            {"nftables": [{"list": {"table": {"family": FAMILY, "name": self.name}}}]}
+        )
+        if rc != 0:
+            return TableState(exists=False)
+        return parse_state(output)
+
+
+def parse_state(listing: dict) -> TableState:
+    """Read counters, learned elements and the mode back from ``nft -j list table``."""
+    counters, learned, resolvers, mode = {}, [], [], "enforce"
+    saw_verdict = False
+    for item in listing.get("nftables", []):
+        if "counter" in item:
+            c = item["counter"]
+            counters[c["name"]] = {"packets": c.get("packets", 0), "bytes": c.get("bytes", 0)}
+        elif "set" in item:
+            s = item["set"]
+            for elem in s.get("elem", []):
+                if s["name"] in ALLOW.values():
+                    e = elem.get("elem", {}) if isinstance(elem, dict) else {}
+                    learned.append(Learned(str(e.get("val", elem)), int(e.get("expires", 0)),
+                                           int(e.get("timeout", 0)), e.get("comment", "")))
+                elif s["name"] in RESOLVERS.values():
+                    resolvers.append(str(elem))
+        elif "rule" in item and item["rule"].get("chain") == "registry":
+            for expr in item["rule"].get("expr", []):
+                if "log" in expr:
+                    saw_verdict = True
+                    mode = expr["log"].get("prefix", "").removeprefix(LOG_PREFIX) or mode
+    return TableState(True, mode if saw_verdict else "unknown", counters,
+                      tuple(sorted(learned, key=lambda x: (x.name, x.address))), tuple(resolvers))

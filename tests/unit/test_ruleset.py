@@ -1,0 +1,127 @@
+from dataclasses import replace
+
+from ramfw import resolvers, ruleset
+from ramfw.config import EnforcementSettings
+
+BASE = EnforcementSettings()
+
+
+def commands(doc, verb, kind):
+    return [c[verb][kind] for c in doc["nftables"] if verb in c and kind in c[verb]]
+
+
+def rules(doc, chain):
+    return [r["expr"] for r in commands(doc, "add", "rule") if r["chain"] == chain]
+
+
+def test_one_transaction_owns_one_table():
+    doc = ruleset.build_ruleset(BASE, ["192.0.2.53"], 1000)
+    tables = {c.get("table") or c.get("name") for verb in ("add", "flush")
+              for kind in ("table", "set", "chain", "rule", "counter", "element")
+              for c in commands(doc, verb, kind)}
+    assert tables == {"ramfw"}
+    assert not commands(doc, "delete", "set"), "sets are kept so learned addresses survive re-apply"
+
+
+def test_allowed_sets_have_timeouts_and_a_size():
+    doc = ruleset.build_ruleset(BASE, [], 1234)
+    sets = {s["name"]: s for s in commands(doc, "add", "set")}
+    assert sets["allow4"]["type"] == "ipv4_addr" and sets["allow6"]["type"] == "ipv6_addr"
+    assert sets["allow4"]["flags"] == ["timeout"] and sets["allow4"]["size"] == 1234
+
+
+def test_output_chain_order_established_loopback_then_scope():
+    out = rules(ruleset.build_ruleset(BASE, [], 10), "output")
+    assert out[0][0]["match"]["left"] == {"ct": {"key": "state"}} and out[0][-1] == {"accept": None}
+    assert out[1][0]["match"] == {"op": "==", "left": {"meta": {"key": "oif"}}, "right": "lo"}
+    assert out[2] == [{"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, BASE.mark_mask]},
+                                 "right": BASE.mark}}, {"jump": {"target": "registry"}}]
+    assert len(out) == 3
+
+
+def test_engine_scope_leaves_forwarded_traffic_alone():
+    fwd = rules(ruleset.build_ruleset(BASE, [], 10), "forward")
+    assert all({"jump": {"target": "registry"}} not in r for r in fwd)
+
+
+def test_host_and_containers_scopes_filter_registry_ports():
+    s = replace(BASE, scope=("host", "containers"), registry_ports=(5000, 443))
+    doc = ruleset.build_ruleset(s, [], 10)
+    for chain in ("output", "forward"):
+        jumps = [r for r in rules(doc, chain) if {"jump": {"target": "registry"}} in r]
+        assert len(jumps) == 1
+        assert {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}},
+                          "right": {"set": [443, 5000]}}} in jumps[0]
+
+
+def test_registry_chain_enforce_rejects_and_counts():
+    chain = rules(ruleset.build_ruleset(BASE, ["192.0.2.53", "2001:db8::53"], 10), "registry")
+    flat = [e for r in chain for e in r]
+    assert {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                      "right": "@allow4"}} in flat
+    assert {"reject": {"type": "tcp reset"}} in flat
+    assert {"reject": {"type": "icmpx", "expr": "admin-prohibited"}} in flat
+    assert {"counter": "blocked"} in flat
+    assert chain[-1] == [{"reject": {"type": "icmpx", "expr": "admin-prohibited"}}]
+
+
+def test_registry_chain_audit_accepts_and_counts():
+    chain = rules(ruleset.build_ruleset(replace(BASE, mode="audit"), [], 10), "registry")
+    flat = [e for r in chain for e in r]
+    assert not any("reject" in e for e in flat)
+    assert chain[-1][-2:] == [{"counter": "audited"}, {"accept": None}]
+
+
+def test_resolvers_are_split_by_family_and_replaced():
+    doc = ruleset.build_ruleset(BASE, ["2001:db8::53", "192.0.2.53", "192.0.2.53"], 10)
+    elements = {e["name"]: e["elem"] for e in commands(doc, "add", "element")}
+    assert elements == {"resolvers4": ["192.0.2.53"], "resolvers6": ["2001:db8::53"]}
+    assert {s["name"] for s in commands(doc, "flush", "set")} == {"resolvers4", "resolvers6"}
+
+
+def test_elements_with_refresh_by_readd():
+    doc = ruleset.build_elements("ramfw", [ruleset.Element("203.0.113.5", 90, "ghcr.io"),
+                                           ruleset.Element("2001:db8::5", 60)], True)
+    assert doc == {"nftables": [
+        {"add": {"element": {"family": "inet", "table": "ramfw", "name": "allow4",
+                             "elem": [{"elem": {"val": "203.0.113.5", "timeout": 90, "comment": "ghcr.io"}}]}}},
+        {"add": {"element": {"family": "inet", "table": "ramfw", "name": "allow6",
+                             "elem": [{"elem": {"val": "2001:db8::5", "timeout": 60}}]}}}]}
+
+
+def test_elements_without_refresh_by_readd_are_deleted_and_added_again():
+    doc = ruleset.build_elements("ramfw", [ruleset.Element("203.0.113.5", 90)], False)
+    verbs = [next(iter(c)) for c in doc["nftables"]]
+    assert verbs == ["add", "delete", "add"]
+    assert doc["nftables"][1]["delete"]["element"]["elem"] == ["203.0.113.5"]
+
+
+def test_remove_is_add_then_delete():
+    assert ruleset.build_remove("ramfw") == {"nftables": [
+        {"add": {"table": {"family": "inet", "name": "ramfw"}}},
+        {"delete": {"table": {"family": "inet", "name": "ramfw"}}}]}
+
+
+def test_parse_state_reads_back_counters_elements_and_mode():
+    listing = {"nftables": [
+        {"metainfo": {}},
+        {"table": {"family": "inet", "name": "ramfw"}},
+        {"counter": {"name": "blocked", "packets": 3, "bytes": 180}},
+        {"set": {"name": "allow4", "elem": [{"elem": {"val": "203.0.113.5", "timeout": 90,
+                                                       "expires": 80, "comment": "ghcr.io"}}]}},
+        {"set": {"name": "resolvers4", "elem": ["192.0.2.53"]}},
+        {"rule": {"chain": "registry", "expr": [{"log": {"prefix": "ramfw audit", "group": 5241}}]}},
+    ]}
+    state = ruleset.parse_state(listing)
+    assert state.mode == "audit" and state.counters["blocked"]["packets"] == 3
+    assert state.learned == (ruleset.Learned("203.0.113.5", 80, 90, "ghcr.io"),)
+    assert state.resolvers == ("192.0.2.53",)
+
+
+def test_trusted_resolvers_default_to_resolv_conf_and_stubs(tmp_path):
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# comment\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nnameserver bogus\nsearch x\n")
+    found = resolvers.trusted((), conf)
+    assert found[:2] == ["192.0.2.53", "fe80::1"] and "127.0.0.53" in found and "127.0.0.11" in found
+    assert resolvers.trusted(("2001:db8::53",), conf) == ["2001:db8::53"]
+    assert "127.0.0.53" in resolvers.trusted((), tmp_path / "missing")
