@@ -1,0 +1,89 @@
+"""The few netfilter netlink primitives ramfw speaks directly: attributes, messages, acks.
+
+Shared by the packet queue, the NFLOG reader and the rules libnftables cannot express.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+NETLINK_NETFILTER = 12
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x400, 0x800
+NLA_F_NESTED = 0x8000
+NLMSG_ERROR = 2
+SOL_NETLINK = 270
+NETLINK_NO_ENOBUFS = 5
+HEADER = struct.Struct("=IHHII")
+NFGEN = struct.Struct("=BBH")
+_ATTR = struct.Struct("=HH")
+
+
+def attr(kind: int, data: bytes) -> bytes:
+    length = _ATTR.size + len(data)
+    return _ATTR.pack(length, kind) + data + b"\0" * (-length % 4)
+
+
+def nested(kind: int, *parts: bytes) -> bytes:
+    return attr(kind | NLA_F_NESTED, b"".join(parts))
+
+
+def u32(kind: int, value: int) -> bytes:
+    return attr(kind, struct.pack("!I", value))
+
+
+def string(kind: int, value: str) -> bytes:
+    return attr(kind, value.encode() + b"\0")
+
+
+def message(msg_type: int, flags: int, seq: int, family: int, res_id: int, attrs: bytes) -> bytes:
+    body = NFGEN.pack(family, 0, socket.htons(res_id)) + attrs
+    return HEADER.pack(HEADER.size + len(body), msg_type, flags, seq, 0) + body
+
+
+def parse_attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
+    """Top-level attributes of one message; stops quietly at anything malformed."""
+    attrs = {}
+    while offset + _ATTR.size <= end:
+        length, kind = _ATTR.unpack_from(data, offset)
+        if length < _ATTR.size or offset + length > end:
+            break
+        attrs[kind & 0x7FFF] = data[offset + _ATTR.size : offset + length]
+        offset += (length + 3) & ~3
+    return attrs
+
+
+def messages(data: bytes):
+    """(type, payload offset, end) of each message in a datagram."""
+    offset = 0
+    while offset + HEADER.size <= len(data):
+        length, msg_type, _, _, _ = HEADER.unpack_from(data, offset)
+        if length < HEADER.size or offset + length > len(data):
+            return
+        yield msg_type, offset + HEADER.size, offset + length
+        offset += (length + 3) & ~3
+
+
+def open_socket(rcvbuf: int = 8 << 20) -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
+        sock.bind((0, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def wait_acks(sock: socket.socket, count: int, what: str) -> None:
+    """Read until ``count`` acks arrived; raise OSError with the kernel's errno on a refusal."""
+    while count > 0:
+        data = sock.recv(65536)
+        for msg_type, start, _ in messages(data):
+            if msg_type == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", data, start)
+                if code:
+                    raise OSError(-code, f"{what}: {errno.errorcode.get(-code, code)}")
+                count -= 1

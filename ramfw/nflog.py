@@ -1,0 +1,60 @@
+"""NFLOG (nfnetlink_log): packets the ruleset logs to a group, read over netlink.
+
+ramfw uses one group for blocked connections (so status and the log can name them) and,
+where the kernel cannot queue, one for passively copied DNS replies.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from . import netlink
+from .netlink import NLM_F_ACK, NLM_F_REQUEST, attr, u32
+
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
+NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_TIMEOUT, NFULA_CFG_QTHRESH = 1, 2, 4, 5
+NFULA_PAYLOAD, NFULA_PREFIX = 9, 10
+NFULNL_CFG_CMD_BIND, NFULNL_CFG_CMD_UNBIND = 1, 2
+NFULNL_COPY_PACKET = 2
+_PACKET = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
+
+
+class Log:
+    """One bound NFLOG group; each logged packet arrives at once (queue threshold 1)."""
+
+    def __init__(self, group: int, copy_range: int = 0xFFFF):
+        self.group = group
+        self.sock = netlink.open_socket()
+        self._seq = 0
+        try:
+            self._config(attr(NFULA_CFG_CMD, struct.pack("B", NFULNL_CFG_CMD_BIND)))
+            self._config(attr(NFULA_CFG_MODE, struct.pack("!IBx", copy_range, NFULNL_COPY_PACKET))
+                         + u32(NFULA_CFG_QTHRESH, 1) + u32(NFULA_CFG_TIMEOUT, 0))
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _config(self, attrs: bytes) -> None:
+        self._seq += 1
+        self.sock.send(netlink.message((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK,
+                                       self._seq, 0, self.group, attrs))
+        netlink.wait_acks(self.sock, 1, f"NFLOG group {self.group}")
+
+    def receive(self, bufsize: int = 1 << 17) -> list[bytes]:
+        """Block for the next datagram; return the logged packets (network layer onwards)."""
+        data = self.sock.recv(bufsize)
+        found = []
+        for msg_type, start, end in netlink.messages(data):
+            if msg_type == _PACKET:
+                payload = netlink.parse_attrs(data, start + netlink.NFGEN.size, end).get(NFULA_PAYLOAD)
+                if payload:
+                    found.append(payload)
+        return found
+
+    def close(self) -> None:
+        try:
+            self._config(attr(NFULA_CFG_CMD, struct.pack("B", NFULNL_CFG_CMD_UNBIND)))
+        except OSError:
+            pass
+        self.sock.close()

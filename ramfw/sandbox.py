@@ -1,0 +1,192 @@
+"""A sandbox of throw-away network namespaces: a "vm" and an "internet" joined by veth.
+
+Used by the demo, the root tests and the benchmarks. Everything lives on documentation
+addresses (203.0.113.0/24, 2001:db8::/32) inside namespaces made here; ``Lab.close`` removes
+them and every process in them. The host's own network is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RAMFW = [sys.executable, "-m", "ramfw.cli"]
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+_counter = iter(range(1_000_000))
+
+VM4, NET4 = "203.0.113.1", "203.0.113.2"
+VM6, NET6 = "2001:db8::1", "2001:db8::2"
+ALLOWED4, BLOCKED4 = "203.0.113.10", "203.0.113.20"
+ALLOWED6, BLOCKED6 = "2001:db8::10", "2001:db8::20"
+
+
+def skip_reason() -> str | None:
+    """Why the root tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root for network namespaces and nftables"
+    for tool in ("ip", "nft", "unshare"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (run scripts/setup)"
+    try:
+        import nftables  # noqa: F401
+    except ImportError:
+        return "python3-nftables is not importable (run scripts/setup)"
+    return None
+
+
+def run(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, check=check, **kw)
+
+
+class Netns:
+    def __init__(self, role: str):
+        self.name = f"ramfw-sbx-{os.getpid()}-{next(_counter)}-{role}"
+        run("ip", "netns", "add", self.name)
+        self.path = f"/var/run/netns/{self.name}"
+        self.run("ip", "link", "set", "lo", "up")
+
+    def run(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return run("ip", "netns", "exec", self.name, *args, check=check, **kw)
+
+    def popen(self, *args: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kw)
+
+    @contextlib.contextmanager
+    def inside(self):
+        """Switch the calling thread into this namespace (sockets made here stay here)."""
+        with open("/proc/thread-self/ns/net") as own, open(self.path) as target:
+            if _libc.setns(target.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            try:
+                yield
+            finally:
+                if _libc.setns(own.fileno(), CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns back")
+
+    def kill_all(self) -> None:
+        pids = run("ip", "netns", "pids", self.name, check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+
+    def delete(self) -> None:
+        self.kill_all()
+        run("ip", "netns", "del", self.name, check=False)
+
+
+class TcpServers:
+    """Listening sockets inside a namespace, accepting and closing connections in a thread."""
+
+    def __init__(self, ns: Netns, addresses: list[str], ports: list[int]):
+        self.sockets = []
+        self._stop = False
+        with ns.inside():
+            for address in addresses:
+                for port in ports:
+                    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                    s = socket.socket(family, socket.SOCK_STREAM)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((address, port))
+                    s.listen(512)
+                    s.settimeout(0.2)
+                    self.sockets.append(s)
+        self.threads = [threading.Thread(target=self._serve, args=(s,), daemon=True) for s in self.sockets]
+        for t in self.threads:
+            t.start()
+
+    def _serve(self, s: socket.socket) -> None:
+        while not self._stop:
+            try:
+                conn, _ = s.accept()
+            except (TimeoutError, socket.timeout, OSError):
+                continue
+            conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        for t in self.threads:
+            t.join(timeout=2)
+        for s in self.sockets:
+            s.close()
+
+
+class Lab:
+    """vm <-veth-> internet, with test hosts on documentation addresses."""
+
+    def __init__(self):
+        self.namespaces: list[Netns] = []
+        self.servers: list[TcpServers] = []
+        try:
+            self.vm = self._ns("vm")
+            self.net = self._ns("net")
+            veth_vm, veth_net = f"rfv{os.getpid() % 100000}{len(self.namespaces)}", f"rfn{os.getpid() % 100000}{len(self.namespaces)}"
+            run("ip", "link", "add", veth_vm, "netns", self.vm.name, "type", "veth",
+                "peer", "name", veth_net, "netns", self.net.name)
+            self.vm.run("ip", "addr", "add", f"{VM4}/24", "dev", veth_vm)
+            self.vm.run("ip", "addr", "add", f"{VM6}/64", "dev", veth_vm, "nodad")
+            self.vm.run("ip", "link", "set", veth_vm, "up")
+            for address in (NET4, ALLOWED4, BLOCKED4):
+                self.net.run("ip", "addr", "add", f"{address}/24", "dev", veth_net)
+            for address in (NET6, ALLOWED6, BLOCKED6):
+                self.net.run("ip", "addr", "add", f"{address}/64", "dev", veth_net, "nodad")
+            self.net.run("ip", "link", "set", veth_net, "up")
+        except BaseException:
+            self.close()
+            raise
+
+    def _ns(self, role: str) -> Netns:
+        ns = Netns(role)
+        self.namespaces.append(ns)
+        return ns
+
+    def serve_tcp(self, addresses: list[str], ports: list[int]) -> TcpServers:
+        servers = TcpServers(self.net, addresses, ports)
+        self.servers.append(servers)
+        return servers
+
+    def ramfw(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        """Run the ramfw CLI inside the vm namespace, as a separate process."""
+        return self.vm.run(*RAMFW, *args, check=check, cwd=str(ROOT),
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def connect(self, address: str, port: int = 443, mark: int | None = None,
+                timeout: float = 3.0) -> tuple[str, float]:
+        """Open a TCP connection from the vm; return (outcome, seconds)."""
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with self.vm.inside():
+            s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if mark is not None:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            s.settimeout(timeout)
+            start = time.perf_counter()
+            try:
+                s.connect((address, port))
+                outcome = "connected"
+            except ConnectionRefusedError:
+                outcome = "refused"
+            except (TimeoutError, socket.timeout):
+                outcome = "timeout"
+            except OSError as err:
+                outcome = f"error {err.errno}"
+            return outcome, time.perf_counter() - start
+        finally:
+            s.close()
+
+    def close(self) -> None:
+        for servers in self.servers:
+            with contextlib.suppress(Exception):
+                servers.close()
+        for ns in reversed(self.namespaces):
+            ns.delete()
