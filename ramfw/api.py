@@ -120,9 +120,37 @@ def learn(config: Config, elements: Iterable[ruleset.Element], refresh_by_readd:
     ruleset.Table(config.enforcement.table).add_elements(elements, refresh_by_readd)
 
 
-def status(config: Config, now: float | None = None) -> dict:
+def status(config: Config) -> dict:
+    """The daemon's status; when it is down, the kernel's state and the record ``up`` left."""
+    from . import daemon
+    from .errors import DaemonError
+
+    try:
+        answer = daemon.request(config.daemon.socket, "status")
+    except DaemonError:
+        answer = None
+    if answer and answer.get("ok"):
+        result = answer["status"]
+        result["message"] = (f"ramfw is enforcing in {result['mode']} mode" if result["enforcing"]
+                             else "ramfw is not restricting registry access")
+        return result
+    result = kernel_status(config)
+    result["daemon"] = {"running": False}
+    result["message"] += "; the daemon is not running, so nothing new is learned"
+    return result
+
+
+def reload(config: Config) -> str:
+    from . import daemon
+
+    answer = daemon.request(config.daemon.socket, "reload", timeout=30)
+    if not answer.get("ok"):
+        raise PolicyError(answer.get("message") or answer.get("error", "reload failed"))
+    return answer["message"]
+
+
+def kernel_status(config: Config) -> dict:
     """What is enforced, read from the kernel and from the record ``up`` left."""
-    now = time.time() if now is None else now
     record = read_record(config)
     state = ruleset.Table(config.enforcement.table).state() if os.geteuid() == 0 else None
     result: dict = {"enforcing": bool(state and state.exists), "record": record}
@@ -136,13 +164,16 @@ def status(config: Config, now: float | None = None) -> dict:
     else:
         result["message"] = f"ramfw is enforcing in {state.mode} mode"
         result["mode"] = state.mode
-        result["counters"] = state.counters
+        result["counters"] = {k: v["packets"] for k, v in (state.counters or {}).items()}
         learned: dict[str, list] = {}
         for item in state.learned:
             learned.setdefault(item.name or "(unnamed)", []).append(
                 {"address": item.address, "expires_in": item.expires})
         result["learned"] = learned
         result["trusted_resolvers"] = list(state.resolvers)
+    if record:
+        result.update(policy=record["policy"], scope=record["scope"], capabilities=record["capabilities"],
+                      notes=record["notes"], dns_hold="none (no daemon)")
     return result
 
 

@@ -18,25 +18,34 @@ from .errors import RamfwError
 
 def _print_status(result: dict) -> None:
     print(result["message"])
-    record = result.get("record")
-    if record:
-        pol = record["policy"]
-        print(f"policy:    {pol['organization']} ({pol['entries']} entries, Docker Hub "
-              f"{'allowed' if pol['allowDockerHub'] else 'blocked'}) from {record['policy_source']}")
-        print(f"scope:     {', '.join(record['scope'])}")
-        caps = record.get("capabilities", {})
-        if caps:
-            print(f"kernel:    {caps.get('kernel')}; DNS hold: {caps.get('queue_mechanism')}")
-        for note in record.get("notes", []):
-            print(f"note:      {note}")
-    for name, values in (result.get("counters") or {}).items():
-        print(f"counter:   {name} {values['packets']}")
+    pol = result.get("policy")
+    if pol:
+        source = f" from {pol['source']}" if pol.get("source") else ""
+        print(f"policy:     {pol['organization']}, {pol['entries']} entries, Docker Hub "
+              f"{'allowed' if pol['allowDockerHub'] else 'blocked'}{source}")
+    if result.get("scope"):
+        print(f"scope:      {', '.join(result['scope'])}")
+    caps = result.get("capabilities") or {}
+    if caps:
+        missing = [c["name"] for c in caps.get("capabilities", []) if not c["ok"]]
+        print(f"kernel:     {caps.get('kernel')}; missing: {', '.join(missing) or 'nothing'}")
+    if result.get("dns_hold"):
+        print(f"DNS hold:   {result['dns_hold']}")
+    daemon = result.get("daemon") or {}
+    print(f"daemon:     {'running, pid ' + str(daemon['pid']) if daemon.get('running') else 'not running'}")
+    counters = result.get("counters") or {}
+    if counters:
+        print("counters:   " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
     for name, items in (result.get("learned") or {}).items():
-        shown = ", ".join(f"{i['address']} ({i['expires_in']}s)" for i in items[:8])
-        more = f" and {len(items) - 8} more" if len(items) > 8 else ""
-        print(f"learned:   {name}: {shown}{more}")
-    for line in result.get("recent_blocks", []):
-        print(f"blocked:   {line}")
+        shown = ", ".join(f"{i['address']} ({i['expires_in']}s)" for i in items[:6])
+        more = f" and {len(items) - 6} more" if len(items) > 6 else ""
+        print(f"learned:    {name}: {shown}{more}")
+    for note in result.get("notes") or []:
+        print(f"note:       {note}")
+    for block in (result.get("recent_blocks") or [])[-10:]:
+        print(f"blocked:    {block['message']} ({block['address']} port {block['port']})")
+    for error in (result.get("errors") or [])[-5:]:
+        print(f"error:      {error}")
 
 
 def _print_doctor(report) -> None:
@@ -57,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="apply the ruleset for a policy")
     up.add_argument("--policy", help="policy JSON file (default: the configured source)")
+    daemon = commands.add_parser("daemon", help="run the daemon in the foreground")
+    daemon.add_argument("--policy", help="policy JSON file (default: the configured source)")
+    reload = commands.add_parser("reload", help="make the daemon re-read the policy now")
     down = commands.add_parser("down", help="remove everything ramfw added")
     status = commands.add_parser("status", help="what is enforced, learned and blocked")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -65,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     pol_commands = pol.add_subparsers(dest="policy_command", required=True)
     lint = pol_commands.add_parser("lint", help="validate a policy file and warn about gaps")
     lint.add_argument("file")
-    for sub in (up, down, status, lint):
+    for sub in (up, daemon, reload, down, status, lint):
         sub.add_argument("--config", help=f"configuration file (default: {config_mod.DEFAULT_PATH})")
     args = parser.parse_args(argv)
     try:
@@ -91,6 +103,13 @@ def _run(args) -> int:
               f"mode {record['mode']}, scope {', '.join(record['scope'])}")
         for note in record["notes"]:
             print(f"note: {note}", file=sys.stderr)
+        return 0
+    if args.command == "daemon":
+        from . import daemon
+
+        return daemon.main(config, args.policy)
+    if args.command == "reload":
+        print(api.reload(config))
         return 0
     if args.command == "down":
         api.down(config)

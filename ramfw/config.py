@@ -48,6 +48,7 @@ class DnsSettings:
     max_addresses_per_name: int = 1000
     max_addresses: int = 100_000
     queue_num: int = 5241
+    snoop_group: int = 5242
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,10 @@ def _validate(config: Config) -> Config:
             raise ConfigError(f"{where}: enforcement.{name} must be a 32-bit value other than 0")
     if e.mark & ~e.mark_mask:
         raise ConfigError(f"{where}: enforcement.mark has bits outside enforcement.mark_mask")
-    if not 0 <= e.nflog_group <= 65535 or not 0 <= d.queue_num <= 65535:
-        raise ConfigError(f"{where}: nflog_group and queue_num are 16-bit numbers")
+    if not all(0 <= n <= 65535 for n in (e.nflog_group, d.queue_num, d.snoop_group)):
+        raise ConfigError(f"{where}: nflog_group, queue_num and snoop_group are 16-bit numbers")
+    if e.nflog_group == d.snoop_group:
+        raise ConfigError(f"{where}: enforcement.nflog_group and dns.snoop_group must differ")
     if not 0 < d.ttl_min <= d.ttl_max:
         raise ConfigError(f"{where}: dns.ttl_min must be positive and at most dns.ttl_max")
     if d.ttl_grace < 0 or d.max_addresses_per_name < 1 or d.max_addresses < 1:

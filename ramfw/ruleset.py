@@ -85,11 +85,28 @@ def _verdict_rules(settings: EnforcementSettings) -> list[list[dict]]:
     ]
 
 
-def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_addresses: int) -> dict:
+HOLDS = ("none", "nft-queue", "xt-nfqueue", "passive")
+DNS_CHAINS = {"dns_input": "input", "dns_forward": "forward"}
+DNS_PRIORITY = -150  # mangle: before anything that could accept the reply
+
+
+def _dns_rules(hold: str, queue_num: int, snoop_group: int) -> list[list[dict]]:
+    """How DNS replies reach the daemon: held in the queue, or copied to it (passive)."""
+    from_dns = [_TCP_UDP, _match(_payload("th", "sport"), 53)]
+    if hold == "nft-queue":
+        return [from_dns + [{"queue": {"num": queue_num, "flags": ["bypass"]}}]]
+    if hold == "passive":
+        return [from_dns + [{"log": {"group": snoop_group}}]]
+    return []  # xt-nfqueue: appended by xtqueue after this transaction; none: no chains used
+
+
+def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_addresses: int,
+                  hold: str = "none", queue_num: int = 0, snoop_group: int = 0) -> dict:
     """The whole table as one transaction.
 
     Sets are added, never deleted, so re-applying keeps every learned address; chains are
     flushed and refilled so the rules are exactly these, whatever was there before.
+    ``hold`` says how the daemon sees DNS replies; ``ramfw up`` alone uses none.
     """
     t = {"family": FAMILY, "table": settings.table}
     cmds: list[dict] = [{"add": {"table": {"family": FAMILY, "name": settings.table}}}]
@@ -97,19 +114,16 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         cmds.append({"add": {"set": {**t, "name": ALLOW[version], "type": SET_TYPES[version],
                                      "flags": ["timeout"], "size": max_addresses}}})
         cmds.append({"add": {"set": {**t, "name": RESOLVERS[version], "type": SET_TYPES[version]}}})
-        cmds.append({"flush": {"set": {**t, "name": RESOLVERS[version]}}})
-    by_version = {4: [], 6: []}
-    for resolver in sorted(set(resolvers)):
-        by_version[ipaddress.ip_address(resolver).version].append(resolver)
-    for version, addresses in by_version.items():
-        if addresses:
-            cmds.append({"add": {"element": {**t, "name": RESOLVERS[version], "elem": addresses}}})
+    cmds += build_resolvers(settings.table, resolvers)["nftables"]
     for counter in COUNTERS:
         cmds.append({"add": {"counter": {**t, "name": counter}}})
     for hook in ("output", "forward"):
         cmds.append({"add": {"chain": {**t, "name": hook, "type": "filter", "hook": hook,
                                        "prio": 0, "policy": "accept"}}})
     cmds.append({"add": {"chain": {**t, "name": "registry"}}})
+    for chain, hook in DNS_CHAINS.items():
+        cmds.append({"add": {"chain": {**t, "name": chain, "type": "filter", "hook": hook,
+                                       "prio": DNS_PRIORITY, "policy": "accept"}}})
     rules: dict[str, list[list[dict]]] = {
         "output": [[_ESTABLISHED, _ACCEPT], [_match(_meta("oif"), "lo"), _ACCEPT]]
         + _in_scope_rules(settings, "output"),
@@ -122,6 +136,7 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
             [_match(_payload("ip", "daddr"), "@" + ALLOW[4]), {"counter": "accepted"}, _ACCEPT],
             [_match(_payload("ip6", "daddr"), "@" + ALLOW[6]), {"counter": "accepted"}, _ACCEPT],
         ] + _verdict_rules(settings),
+        **{chain: _dns_rules(hold, queue_num, snoop_group) for chain in DNS_CHAINS},
     }
     for chain, chain_rules in rules.items():
         cmds.append({"flush": {"chain": {**t, "name": chain}}})
@@ -130,10 +145,37 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
     return {"nftables": cmds}
 
 
+def build_resolvers(table: str, resolvers: Iterable[str]) -> dict:
+    """Replace the trusted resolvers (DNS to them stays open for in-scope traffic)."""
+    t = {"family": FAMILY, "table": table}
+    cmds: list[dict] = [{"flush": {"set": {**t, "name": RESOLVERS[v]}}} for v in (4, 6)]
+    for version, addresses in _by_version(sorted(set(resolvers))).items():
+        if addresses:
+            cmds.append({"add": {"element": {**t, "name": RESOLVERS[version], "elem": addresses}}})
+    return {"nftables": cmds}
+
+
 def build_remove(table: str) -> dict:
     """Add-then-delete: removes the table whether or not it exists, so it is safe to repeat."""
     ref = {"family": FAMILY, "name": table}
     return {"nftables": [{"add": {"table": ref}}, {"delete": {"table": ref}}]}
+
+
+def _by_version(addresses: Iterable[str]) -> dict[int, list[str]]:
+    found: dict[int, list[str]] = {4: [], 6: []}
+    for address in addresses:
+        found[ipaddress.ip_address(address).version].append(address)
+    return found
+
+
+def build_delete_elements(table: str, addresses: Iterable[str]) -> dict:
+    """Remove addresses, present or not: each is added bare first so the delete cannot fail."""
+    cmds = []
+    for version, bare in _by_version(addresses).items():
+        if bare:
+            ref = {"family": FAMILY, "table": table, "name": ALLOW[version]}
+            cmds += [{"add": {"element": {**ref, "elem": bare}}}, {"delete": {"element": {**ref, "elem": bare}}}]
+    return {"nftables": cmds}
 
 
 def build_elements(table: str, elements: Iterable[Element], refresh_by_readd: bool) -> dict:
@@ -204,6 +246,12 @@ class Table:
 
     def add_elements(self, elements: Iterable[Element], refresh_by_readd: bool = True) -> None:
         document = build_elements(self.name, elements, refresh_by_readd)
+        if document["nftables"]:
+            self.run(document)
+
+    def delete_elements(self, addresses: Iterable[str]) -> None:
+        """Forget addresses at once (a reload that removed their names), missing ones included."""
+        document = build_delete_elements(self.name, addresses)
         if document["nftables"]:
             self.run(document)
 

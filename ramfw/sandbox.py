@@ -29,6 +29,8 @@ VM4, NET4 = "203.0.113.1", "203.0.113.2"
 VM6, NET6 = "2001:db8::1", "2001:db8::2"
 ALLOWED4, BLOCKED4 = "203.0.113.10", "203.0.113.20"
 ALLOWED6, BLOCKED6 = "2001:db8::10", "2001:db8::20"
+CDN4 = "203.0.113.30"
+ROGUE_DNS4 = "203.0.113.53"
 
 
 def skip_reason() -> str | None:
@@ -127,6 +129,7 @@ class Lab:
     def __init__(self):
         self.namespaces: list[Netns] = []
         self.servers: list[TcpServers] = []
+        self.processes: list[subprocess.Popen] = []
         try:
             self.vm = self._ns("vm")
             self.net = self._ns("net")
@@ -136,7 +139,7 @@ class Lab:
             self.vm.run("ip", "addr", "add", f"{VM4}/24", "dev", veth_vm)
             self.vm.run("ip", "addr", "add", f"{VM6}/64", "dev", veth_vm, "nodad")
             self.vm.run("ip", "link", "set", veth_vm, "up")
-            for address in (NET4, ALLOWED4, BLOCKED4):
+            for address in (NET4, ALLOWED4, BLOCKED4, CDN4, ROGUE_DNS4):
                 self.net.run("ip", "addr", "add", f"{address}/24", "dev", veth_net)
             for address in (NET6, ALLOWED6, BLOCKED6):
                 self.net.run("ip", "addr", "add", f"{address}/64", "dev", veth_net, "nodad")
@@ -154,6 +157,60 @@ class Lab:
         servers = TcpServers(self.net, addresses, ports)
         self.servers.append(servers)
         return servers
+
+    def start_dnsmasq(self, address: str, *options: str, ttl: int = 300) -> subprocess.Popen:
+        """A real DNS server on a test host: dnsmasq answering from the records given."""
+        proc = self.net.popen(
+            "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
+            f"--listen-address={address}", "--port=53", "--user=root", "--pid-file=",
+            f"--local-ttl={ttl}", "--cache-size=0", *options,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.processes.append(proc)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"dnsmasq exited: {proc.stderr.read().decode()}")
+            if f"{address}:53 " in self.net.run("ss", "-ulnH").stdout + " ":
+                return proc
+            time.sleep(0.05)
+        raise RuntimeError("dnsmasq did not start listening")
+
+    def start_daemon(self, config: str, *args: str) -> subprocess.Popen:
+        """`ramfw daemon` in the vm namespace; returns once its control socket answers."""
+        from . import config as config_mod
+        from .daemon import _daemon_answers
+
+        proc = self.vm.popen(*RAMFW, "daemon", "--config", config, *args, cwd=str(ROOT),
+                             env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.processes.append(proc)
+        socket_path = config_mod.load(config).daemon.socket
+        deadline = time.monotonic() + 20
+        while not _daemon_answers(socket_path):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited: {proc.stdout.read().decode()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the daemon did not answer within 20 s")
+            time.sleep(0.05)
+        return proc
+
+    def resolve(self, name: str, rdtype: str = "A", server: str = NET4, tcp: bool = False,
+                payload: int | None = None):
+        """Ask a DNS server from the vm (the reply crosses the vm's netfilter hooks)."""
+        import dns.message
+        import dns.query
+
+        query = dns.message.make_query(name, rdtype, use_edns=payload is not None,
+                                       payload=payload or 512)
+        with self.vm.inside():
+            family = socket.AF_INET6 if ":" in server else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+        with sock:
+            if tcp:
+                sock.settimeout(3)
+                sock.connect((server, 53))
+                return dns.query.tcp(query, server, timeout=3, sock=sock)
+            return dns.query.udp(query, server, timeout=3, sock=sock)
 
     def ramfw(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
         """Run the ramfw CLI inside the vm namespace, as a separate process."""
@@ -185,6 +242,10 @@ class Lab:
             s.close()
 
     def close(self) -> None:
+        for proc in self.processes:
+            with contextlib.suppress(Exception):
+                proc.kill()
+                proc.wait(timeout=5)
         for servers in self.servers:
             with contextlib.suppress(Exception):
                 servers.close()

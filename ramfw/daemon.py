@@ -1,0 +1,375 @@
+"""The root daemon: holds DNS replies, programs the allowed sets, names what it blocks.
+
+One thread, one ``selectors`` loop: the queue socket, the NFLOG sockets, the control socket
+and a wake-up socket for signals. A held reply is read, decided (``dnsreply``), its
+addresses programmed, and only then released; work that can wait (remembering names for
+block messages) runs after the release. SIGHUP or ``ramfw reload`` re-reads the policy;
+SIGTERM exits and leaves enforcement in place. Only ``ramfw down`` removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections import deque
+from pathlib import Path
+
+from . import api, dnsreply, nflog, probes, resolvers, ruleset, xtqueue
+from .config import Config
+from .errors import DaemonError, NftablesError, RamfwError
+from .queue import NF_ACCEPT, NF_DROP, Queue
+
+log = logging.getLogger("ramfw")
+HOUSEKEEPING = 1.0
+
+
+class Daemon:
+    def __init__(self, config: Config, policy_path: str | None = None):
+        self.config = config
+        self.policy_path = policy_path
+        self.stopping = False
+        self.reload_requested = False
+        self.recent_blocks: deque[dict] = deque(maxlen=50)
+        self.errors: deque[str] = deque(maxlen=20)
+        self.queue: Queue | None = None
+        self.snoop: nflog.Log | None = None
+        self.blocks: nflog.Log | None = None
+        self.control: socket.socket | None = None
+        self.started = time.time()
+
+    # -- start-up --------------------------------------------------------------------------
+    def start(self) -> None:
+        api.require_root("ramfw daemon")
+        self.policy, self.source = api.load_policy(self.config, self.policy_path)
+        self.policy_loaded = time.time()
+        self.report = probes.run()
+        api.check_capabilities(self.report)
+        self.hold = self.report.queue_mechanism
+        self.table = ruleset.Table(self.config.enforcement.table)
+        self.resolv_mtime = _mtime(resolvers.RESOLV_CONF)
+        self.trusted = resolvers.trusted(self.config.dns.trusted_resolvers)
+        self.snooper = dnsreply.Snooper(self.policy, set(self.trusted), self.config.dns)
+        # Bind the queue before the rules exist, so no reply passes (bypass) in between.
+        if self.hold in ("nft-queue", "xt-nfqueue"):
+            self.queue = Queue(self.config.dns.queue_num)
+        else:
+            self.snoop = nflog.Log(self.config.dns.snoop_group)
+        if self.report.has("nflog"):
+            self.blocks = nflog.Log(self.config.enforcement.nflog_group)
+        self.apply()
+        self._seed_from_kernel()
+        dnsreply.warm_up()
+        self._open_control()
+        log.info("ramfw daemon enforcing %s (%d entries, %s mode, DNS hold: %s)",
+                 self.policy.organization, len(self.policy.matcher), self.config.enforcement.mode, self.hold)
+        if self.hold == "passive":
+            log.warning("this kernel cannot hold DNS replies: the first connection to a new address can be lost")
+
+    def apply(self) -> None:
+        """Apply the whole ruleset, with the DNS hold this kernel allows."""
+        e, d = self.config.enforcement, self.config.dns
+        if not self.policy.enabled:
+            self.table.remove()
+        else:
+            self.table.apply(ruleset.build_ruleset(e, self.trusted, d.max_addresses, self.hold,
+                                                   d.queue_num, d.snoop_group))
+            if self.hold == "xt-nfqueue":
+                for chain in ruleset.DNS_CHAINS:
+                    try:
+                        xtqueue.add_queue_rules(ruleset.FAMILY, e.table, chain, d.queue_num)
+                    except OSError as err:
+                        raise NftablesError(f"cannot add the xt NFQUEUE rule: {err.strerror}") from None
+        api.write_record(self.config, self._record())
+
+    def _record(self) -> dict:
+        return {"applied_at": time.time(), "config": self.config.path, "policy_source": self.source,
+                "policy": self.policy.summary(), "notes": list(self.policy.notes),
+                "mode": self.config.enforcement.mode, "scope": list(self.config.enforcement.scope),
+                "table": self.config.enforcement.table, "trusted_resolvers": self.trusted,
+                "capabilities": self.report.to_dict(), "daemon_pid": os.getpid()}
+
+    def _seed_from_kernel(self) -> None:
+        """A restarted daemon picks up what the kernel still allows, with its expiry."""
+        now = time.time()
+        for item in self.table.state().learned:
+            if item.name:
+                self.snooper.learned.setdefault(item.name, {})[item.address] = now + item.expires
+                self.snooper.total += 1
+                self.snooper._remember(item.address, item.name)
+
+    def _open_control(self) -> None:
+        path = Path(self.config.daemon.socket)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            if _daemon_answers(str(path)):
+                raise DaemonError(f"another ramfw daemon is running ({path})")
+            path.unlink()
+        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.control.bind(str(path))
+        os.chmod(path, 0o600)
+        self.control.listen(16)
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> None:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        handlers = {signal.SIGHUP: self._on_sighup, signal.SIGTERM: self._on_stop, signal.SIGINT: self._on_stop}
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+        sel = selectors.DefaultSelector()
+        if self.queue:
+            sel.register(self.queue.sock, selectors.EVENT_READ, self._on_queue)
+        if self.snoop:
+            sel.register(self.snoop.sock, selectors.EVENT_READ, self._on_snoop)
+        if self.blocks:
+            sel.register(self.blocks.sock, selectors.EVENT_READ, self._on_block)
+        sel.register(self.control, selectors.EVENT_READ, self._on_control)
+        sel.register(wake_r, selectors.EVENT_READ, lambda: _drain(wake_r))
+        next_housekeeping = time.monotonic() + HOUSEKEEPING
+        try:
+            while not self.stopping:
+                for key, _ in sel.select(max(0.0, next_housekeeping - time.monotonic())):
+                    key.data()
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self.reload()
+                if time.monotonic() >= next_housekeeping:
+                    self._housekeeping()
+                    next_housekeeping = time.monotonic() + HOUSEKEEPING
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            sel.close()
+            wake_r.close()
+            wake_w.close()
+            self.close()
+
+    def _on_sighup(self, *_):
+        self.reload_requested = True
+
+    def _on_stop(self, *_):
+        self.stopping = True
+
+    def _on_queue(self) -> None:
+        try:
+            packets = self.queue.receive()
+        except OSError as err:
+            self.snooper.counters["queue_errors"] += 1
+            self._error(f"queue: {err}")
+            return
+        later = []
+        for packet in packets:
+            decision = self._decide(packet.payload)
+            if decision.elements:
+                self._program(decision.elements)
+            self.queue.verdict(packet.packet_id, NF_ACCEPT if decision.accept else NF_DROP)
+            later += decision.after
+        for wire in later:
+            self.snooper.remember_names(wire)
+
+    def _on_snoop(self) -> None:
+        for payload in self.snoop.receive():
+            decision = self._decide(payload)
+            if decision.elements:
+                self._program(decision.elements)
+            for wire in decision.after:
+                self.snooper.remember_names(wire)
+
+    def _decide(self, payload: bytes) -> dnsreply.Decision:
+        try:
+            return self.snooper.on_packet(payload, time.time())
+        except Exception as err:  # a packet must never stop the daemon; it is released
+            self.snooper.counters["errors"] += 1
+            self._error(f"reading a reply: {err!r}")
+            return dnsreply.Decision()
+
+    def _program(self, elements) -> None:
+        try:
+            self.table.add_elements(elements, self.report.refresh_by_readd)
+        except NftablesError as err:
+            self.snooper.counters["program_failed"] += 1
+            self._error(str(err))
+
+    def _on_block(self) -> None:
+        try:
+            packets = self.blocks.receive()
+        except OSError:
+            return
+        for packet in packets:
+            segment = dnsreply.parse_packet(packet)
+            if segment is None:
+                continue
+            text = self.snooper.block_message(segment.dst)
+            if self.config.enforcement.mode == "audit":
+                text = f"audit: would block: {text}"
+            log.warning("%s (%s port %d)", text, segment.dst, segment.dport)
+            self.recent_blocks.append({"time": time.time(), "message": text,
+                                       "address": segment.dst, "port": segment.dport})
+
+    def _on_control(self) -> None:
+        try:
+            conn, _ = self.control.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(2)
+            try:
+                request = json.loads(_read_line(conn) or "{}")
+                reply = self.handle(request.get("command", ""))
+            except (OSError, ValueError) as err:
+                reply = {"ok": False, "error": str(err)}
+            try:
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass
+
+    def handle(self, command: str) -> dict:
+        if command == "status":
+            return {"ok": True, "status": self.status()}
+        if command == "reload":
+            ok, message = self.reload()
+            return {"ok": ok, "message": message}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    # -- policy and housekeeping -----------------------------------------------------------
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the policy and apply it at once; a bad policy keeps the one in force."""
+        try:
+            policy, source = api.load_policy(self.config, self.policy_path)
+        except RamfwError as err:
+            self._error(f"reload refused, the policy in force stays: {err}")
+            return False, f"reload refused, the policy in force stays: {err}"
+        self.policy, self.source, self.policy_loaded = policy, source, time.time()
+        self.snooper.policy = policy
+        self.apply()
+        gone = self.snooper.forget(time.time())
+        still = {a for addresses in self.snooper.learned.values() for a in addresses}
+        drop = {a for addresses in gone.values() for a in addresses} - still
+        if drop and policy.enabled:
+            self.table.delete_elements(drop)
+        message = f"policy reloaded: {policy.organization}, {len(policy.matcher)} entries from {source}"
+        log.info(message)
+        return True, message
+
+    def _housekeeping(self) -> None:
+        mtime = _mtime(resolvers.RESOLV_CONF)
+        if mtime != self.resolv_mtime and not self.config.dns.trusted_resolvers:
+            self.resolv_mtime = mtime
+            trusted = resolvers.trusted(())
+            if trusted != self.trusted:
+                self.trusted = trusted
+                self.snooper.trusted = set(trusted)
+                try:
+                    self.table.run(ruleset.build_resolvers(self.table.name, trusted))
+                except NftablesError as err:
+                    self._error(str(err))
+                log.info("trusted resolvers now %s", ", ".join(trusted))
+
+    def _error(self, text: str) -> None:
+        log.error(text)
+        self.errors.append(text)
+
+    def status(self) -> dict:
+        now = time.time()
+        state = self.table.state()
+        learned = {name: sorted(({"address": a, "expires_in": int(expiry - now)}
+                                 for a, expiry in addresses.items() if expiry > now),
+                                key=lambda x: x["address"])
+                   for name, addresses in sorted(self.snooper.learned.items())}
+        notes = list(self.policy.notes)
+        if self.hold == "passive":
+            notes.append("DNS replies are copied, not held: the first connection to a new address can be lost")
+        notes += [f"cap reached: {cap}" for cap in self.snooper.caps_hit]
+        return {
+            "daemon": {"running": True, "pid": os.getpid(), "since": self.started},
+            "enforcing": state.exists,
+            "mode": self.config.enforcement.mode,
+            "scope": list(self.config.enforcement.scope),
+            "dns_hold": self.hold,
+            "capabilities": self.report.to_dict(),
+            "policy": {**self.policy.summary(), "source": self.source, "loaded_at": self.policy_loaded},
+            "trusted_resolvers": self.trusted,
+            "learned": {k: v for k, v in learned.items() if v},
+            "counters": {**dict(self.snooper.counters),
+                         **{k: v["packets"] for k, v in (state.counters or {}).items()},
+                         "learned_addresses": self.snooper.total},
+            "recent_blocks": list(self.recent_blocks),
+            "notes": notes,
+            "errors": list(self.errors),
+        }
+
+    def close(self) -> None:
+        for thing in (self.queue, self.snoop, self.blocks):
+            if thing is not None:
+                thing.close()
+        if self.control is not None:
+            self.control.close()
+            try:
+                os.unlink(self.config.daemon.socket)
+            except FileNotFoundError:
+                pass
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(512):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _read_line(conn: socket.socket, limit: int = 65536) -> str:
+    data = b""
+    while b"\n" not in data and len(data) < limit:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def request(path: str, command: str, timeout: float = 5.0) -> dict:
+    """Ask the daemon on its control socket; raise DaemonError when it cannot be reached."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+            return json.loads(_read_line(sock, 1 << 24))
+    except (OSError, ValueError) as err:
+        raise DaemonError(f"the ramfw daemon is not reachable at {path}: {err}") from None
+
+
+def _daemon_answers(path: str) -> bool:
+    try:
+        request(path, "status", timeout=1)
+    except DaemonError:
+        return False
+    return True
+
+
+def main(config: Config, policy_path: str | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="ramfw[%(process)d]: %(levelname)s: %(message)s")
+    daemon = Daemon(config, policy_path)
+    try:
+        daemon.start()
+    except BaseException:
+        daemon.close()
+        raise
+    daemon.run()
+    log.info("ramfw daemon stopped; enforcement stays in place until `ramfw down`")
+    return 0

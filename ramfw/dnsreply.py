@@ -1,0 +1,298 @@
+"""Reading DNS replies off the wire and deciding what they teach: the daemon's pure core.
+
+``Snooper.on_packet(packet, now)`` takes the bytes the queue hands up (IP header onwards) and
+returns a ``Decision``: the verdict, the elements to program before the reply is released,
+and work that can wait until after it is released. Nothing here does I/O, and nothing in a
+packet makes it raise: a packet it cannot read is released untouched and counted.
+
+Most replies on a developer's machine are for names that are not allowlisted. For those the
+hold path reads only the question name (a few label lengths) and releases the reply; the
+full parse that remembers which name an address belongs to runs after the release.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+
+import dns.exception
+import dns.message
+import dns.rdata
+import dns.rdatatype
+import dns.rdtypes.svcbbase
+
+from .config import DnsSettings
+from .names import Pattern
+from .policy import Policy
+from .ruleset import Element
+
+UDP, TCP = 17, 6
+TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
+MAX_TCP_FLOWS = 4096
+MAX_ADDRESS_NAMES = 65536
+_ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
+_HINT_TYPES = (dns.rdatatype.HTTPS, dns.rdatatype.SVCB)
+
+
+@dataclass(frozen=True)
+class Segment:
+    src: str
+    dst: str
+    proto: int
+    sport: int
+    dport: int
+    payload: bytes
+    seq: int = 0
+    flags: int = 0
+
+
+def parse_packet(data: bytes) -> Segment | None:
+    """The transport segment in an IPv4/IPv6 packet, or None if it cannot be read."""
+    try:
+        version = data[0] >> 4
+        if version == 4:
+            ihl = (data[0] & 0x0F) * 4
+            total = struct.unpack_from("!H", data, 2)[0]
+            if ihl < 20 or total > len(data) or struct.unpack_from("!H", data, 6)[0] & 0x3FFF:
+                return None  # short, or a fragment (conntrack reassembles before the hooks)
+            proto, family, src, dst = data[9], socket.AF_INET, data[12:16], data[16:20]
+            offset, end = ihl, total
+        elif version == 6:
+            proto, family, src, dst = data[6], socket.AF_INET6, data[8:24], data[24:40]
+            offset, end = 40, 40 + struct.unpack_from("!H", data, 4)[0]
+            while proto in (0, 43, 60):  # hop-by-hop, routing, destination options
+                proto, offset = data[offset], offset + (data[offset + 1] + 1) * 8
+            if end > len(data):
+                return None
+        else:
+            return None
+        if proto == UDP:
+            sport, dport, length = struct.unpack_from("!HHH", data, offset)
+            if length < 8 or offset + length > end:
+                return None
+            payload, seq, flags = data[offset + 8 : offset + length], 0, 0
+        elif proto == TCP:
+            sport, dport, seq = struct.unpack_from("!HHI", data, offset)
+            doff, flags = (data[offset + 12] >> 4) * 4, data[offset + 13]
+            if doff < 20 or offset + doff > end:
+                return None
+            payload = data[offset + doff : end]
+        else:
+            return None
+        return Segment(socket.inet_ntop(family, src), socket.inet_ntop(family, dst), proto,
+                       sport, dport, payload, seq, flags)
+    except (IndexError, struct.error, ValueError):
+        return None
+
+
+def question_name(wire: bytes) -> str | None:
+    """The canonical question name of a DNS response, read by hand for the fast path."""
+    if len(wire) < 12 or not wire[2] & 0x80 or struct.unpack_from("!H", wire, 4)[0] < 1:
+        return None
+    labels, offset = [], 12
+    while offset < len(wire):
+        length = wire[offset]
+        if length == 0:
+            try:
+                return ".".join(labels).lower() if labels else "."
+            except UnicodeDecodeError:
+                return None
+        if length > 63 or offset + 1 + length > len(wire):
+            return None  # compression pointers do not belong in a question
+        labels.append(wire[offset + 1 : offset + 1 + length].decode("ascii"))
+        offset += 1 + length
+    return None
+
+
+@dataclass
+class Decision:
+    accept: bool = True
+    elements: list[Element] = field(default_factory=list)
+    after: list[bytes] = field(default_factory=list)  # messages to remember names from, later
+
+
+@dataclass
+class _Flow:
+    next_seq: int
+    buffer: bytearray = field(default_factory=bytearray)
+
+
+def timeout_for(ttl: int, settings: DnsSettings) -> int:
+    """Element timeout: the TTL clamped to [ttl_min, ttl_max], plus the grace period."""
+    return min(max(ttl, settings.ttl_min), settings.ttl_max) + settings.ttl_grace
+
+
+class Snooper:
+    """What DNS replies from trusted resolvers teach about allowlisted names."""
+
+    def __init__(self, policy: Policy, trusted: set[str], settings: DnsSettings):
+        self.policy = policy
+        self.trusted = set(trusted)
+        self.settings = settings
+        self.counters: Counter[str] = Counter()
+        self.learned: dict[str, dict[str, float]] = {}  # name -> address -> expiry time
+        self.total = 0
+        self.address_names: OrderedDict[str, str] = OrderedDict()
+        self.caps_hit: deque[str] = deque(maxlen=20)
+        self._flows: OrderedDict[tuple, _Flow] = OrderedDict()
+
+    def on_packet(self, packet: bytes, now: float) -> Decision:
+        segment = parse_packet(packet)
+        if segment is None or segment.sport != 53:
+            self.counters["malformed"] += 1
+            return Decision()
+        if segment.src not in self.trusted:
+            self.counters["untrusted"] += 1
+            return Decision()
+        if segment.proto == UDP:
+            return self._on_message(segment.payload, now)
+        return self._on_tcp(segment, now)
+
+    def _on_tcp(self, segment: Segment, now: float) -> Decision:
+        key = (segment.src, segment.sport, segment.dst, segment.dport)
+        if segment.flags & (TCP_FIN | TCP_RST):
+            self._flows.pop(key, None)
+        if segment.flags & TCP_SYN:
+            self._flows[key] = _Flow((segment.seq + 1) & 0xFFFFFFFF)
+            self._trim_flows()
+            return Decision()
+        flow = self._flows.get(key)
+        if not segment.payload:
+            return Decision()
+        if flow is None:
+            self.counters["tcp_unsynced"] += 1  # began before the daemon: cannot frame it
+            return Decision()
+        ahead = (segment.seq - flow.next_seq) & 0xFFFFFFFF
+        if ahead and ahead < 0x80000000:
+            # Out of order: drop it so the server sends it again in order. Passing it would
+            # let the client assemble a message ramfw never read whole.
+            self.counters["tcp_out_of_order"] += 1
+            return Decision(accept=False)
+        behind = (flow.next_seq - segment.seq) & 0xFFFFFFFF
+        fresh = segment.payload[behind:] if behind < len(segment.payload) else b""
+        flow.buffer += fresh
+        flow.next_seq = (flow.next_seq + len(fresh)) & 0xFFFFFFFF
+        self._flows.move_to_end(key)
+        decision = Decision()
+        while len(flow.buffer) >= 2:
+            length = struct.unpack_from("!H", flow.buffer)[0]
+            if len(flow.buffer) < 2 + length:
+                break
+            message = bytes(flow.buffer[2 : 2 + length])
+            del flow.buffer[: 2 + length]
+            found = self._on_message(message, now)
+            decision.elements += found.elements
+            decision.after += found.after
+        return decision
+
+    def _trim_flows(self) -> None:
+        while len(self._flows) > MAX_TCP_FLOWS:
+            self._flows.popitem(last=False)
+
+    def _on_message(self, wire: bytes, now: float) -> Decision:
+        self.counters["replies"] += 1
+        name = question_name(wire)
+        if name is None:
+            self.counters["malformed"] += 1
+            return Decision()
+        entry = self.policy.allows(name) if self.policy.enabled else None
+        if entry is None:
+            self.counters["other_names"] += 1
+            return Decision(after=[wire])
+        return Decision(elements=self._learn(wire, name, entry, now))
+
+    def _learn(self, wire: bytes, name: str, entry: Pattern, now: float) -> list[Element]:
+        try:
+            message = dns.message.from_wire(wire, ignore_trailing=True)
+            result = message.resolve_chaining()
+        except (dns.exception.DNSException, ValueError, TypeError, IndexError, struct.error):
+            self.counters["malformed"] += 1
+            return []
+        addresses = []
+        if result.answer is not None:
+            for rdata in result.answer:
+                if rdata.rdtype in _ADDRESS_TYPES:
+                    addresses.append(rdata.address)
+                elif rdata.rdtype in _HINT_TYPES:
+                    for key in ("ipv4hint", "ipv6hint"):
+                        hint = rdata.params.get(dns.rdtypes.svcbbase.ParamKey.make(key))
+                        addresses += list(hint.addresses) if hint is not None else []
+        if not addresses:
+            return []
+        timeout = timeout_for(result.minimum_ttl, self.settings)
+        return self._admit(name, addresses, timeout, now)
+
+    def _admit(self, name: str, addresses: list[str], timeout: int, now: float) -> list[Element]:
+        """Apply the per-name and total caps; remember what is programmed."""
+        known = self.learned.setdefault(name, {})
+        expired = [a for a, expiry in known.items() if expiry <= now]
+        for address in expired:
+            del known[address]
+        self.total -= len(expired)
+        elements = []
+        for address in addresses:
+            if address not in known:
+                if len(known) >= self.settings.max_addresses_per_name:
+                    self._cap(f"{name}: more than {self.settings.max_addresses_per_name} addresses")
+                    continue
+                if self.total >= self.settings.max_addresses:
+                    self._cap(f"the allowed sets are full ({self.settings.max_addresses} addresses)")
+                    continue
+                self.total += 1
+            known[address] = now + timeout
+            self._remember(address, name)
+            elements.append(Element(address, timeout, name))
+        self.counters["learned"] += len(elements)
+        return elements
+
+    def _cap(self, what: str) -> None:
+        self.counters["capped"] += 1
+        if not self.caps_hit or self.caps_hit[-1] != what:
+            self.caps_hit.append(what)
+
+    def _remember(self, address: str, name: str) -> None:
+        self.address_names[address] = name
+        self.address_names.move_to_end(address)
+        if len(self.address_names) > MAX_ADDRESS_NAMES:
+            self.address_names.popitem(last=False)
+
+    def remember_names(self, wire: bytes) -> None:
+        """After release: note which name the addresses in a reply belong to (for block messages)."""
+        try:
+            message = dns.message.from_wire(wire, ignore_trailing=True)
+            name = message.question[0].name.to_text(omit_final_dot=True).lower()
+        except (dns.exception.DNSException, ValueError, TypeError, IndexError, struct.error):
+            return
+        for rrset in message.answer:
+            if rrset.rdtype in _ADDRESS_TYPES:
+                for rdata in rrset:
+                    self._remember(rdata.address, name)
+
+    def forget(self, now: float) -> dict[str, list[str]]:
+        """Names no longer allowed by the current policy and their addresses (for a reload)."""
+        gone = {}
+        for name in list(self.learned):
+            if not self.policy.enabled or self.policy.allows(name) is None:
+                addresses = self.learned.pop(name)
+                self.total -= len(addresses)
+                gone[name] = [a for a, expiry in addresses.items() if expiry > now]
+        return gone
+
+    def block_message(self, address: str) -> str:
+        name = self.address_names.get(address)
+        if name is None:
+            return f"registry access to {address} is not allowed (no DNS name was seen for it)"
+        return f"registry access to {name} is not allowed"
+
+
+def warm_up() -> None:
+    """Import dnspython's lazily loaded record classes now, not while the first reply is held."""
+    for rdtype in ("A", "AAAA", "CNAME", "HTTPS", "SVCB"):
+        query = dns.message.make_query("warm-up.invalid", rdtype)
+        dns.message.from_wire(dns.message.make_response(query).to_wire()).resolve_chaining()
+    dns.rdata.from_text("IN", "A", "192.0.2.1")
+    dns.rdata.from_text("IN", "AAAA", "2001:db8::1")
+    dns.rdata.from_text("IN", "CNAME", "warm-up.invalid.")
+    dns.rdata.from_text("IN", "HTTPS", '1 . ipv4hint="192.0.2.1" ipv6hint="2001:db8::1"')
