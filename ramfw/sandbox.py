@@ -88,7 +88,7 @@ class Netns:
 
 
 class TcpServers:
-    """Listening sockets inside a namespace, accepting and closing connections in a thread."""
+    """Listening sockets inside a namespace; each connection is echoed in a thread of its own."""
 
     def __init__(self, ns: Netns, addresses: list[str], ports: list[int]):
         self.sockets = []
@@ -113,7 +113,16 @@ class TcpServers:
                 conn, _ = s.accept()
             except (TimeoutError, socket.timeout, OSError):
                 continue
-            conn.close()
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            try:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self._stop = True

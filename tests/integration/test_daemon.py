@@ -1,0 +1,248 @@
+"""The daemon with a real queue, real nftables and a real DNS server (dnsmasq) on test hosts."""
+
+import json
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+
+import dns.flags
+import dns.message
+import dns.rrset
+import pytest
+
+from ramfw import config as config_mod
+from ramfw import ruleset
+from ramfw.sandbox import ALLOWED4, ALLOWED6, BLOCKED4, CDN4, NET4, NET6, ROGUE_DNS4
+
+MARK = 0x52410000
+POLICY = ["allowed-registry.test", "chained-registry.test", "big-registry.test", "split-registry.test"]
+
+
+@pytest.fixture
+def daemon_lab(lab, write_config, write_policy, tmp_path):
+    """dnsmasq on 203.0.113.2, servers on the test hosts, a config trusting that resolver."""
+    lab.serve_tcp([ALLOWED4, BLOCKED4, CDN4, ALLOWED6], [443])
+    big = [f"--host-record=big-registry.test,203.0.113.{i}" for i in range(100, 160)]
+    lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4},{ALLOWED6}",
+                      f"--host-record=blocked-registry.test,{BLOCKED4}",
+                      "--cname=chained-registry.test,edge.cdn-provider.test",
+                      f"--host-record=edge.cdn-provider.test,{CDN4}",
+                      *big, f"--host-record=big-registry.test,{ALLOWED4}", ttl=300)
+    write_policy(POLICY)
+    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}", "{NET6}"]\n')
+    lab.daemon = lab.start_daemon(lab.config)
+    lab.resolve("warm-up.test")  # first use of dnspython in this process
+    return lab
+
+
+def status(lab):
+    result = lab.ramfw("status", "--json", "--config", lab.config)
+    return json.loads(result.stdout)
+
+
+def forget(lab, *addresses):
+    with lab.vm.inside():
+        ruleset.Table("ramfw").delete_elements(addresses)
+
+
+def address_of(reply):
+    return next(r.address for rrset in reply.answer for r in rrset if hasattr(r, "address"))
+
+
+def test_resolve_then_connect_at_once_never_fails(daemon_lab):
+    lab = daemon_lab
+    failures = []
+    for i in range(1000):
+        forget(lab, ALLOWED4)
+        address = address_of(lab.resolve("allowed-registry.test"))
+        outcome, _ = lab.connect(address, mark=MARK)
+        if outcome != "connected":
+            failures.append((i, outcome))
+    assert failures == []
+    assert status(lab)["counters"]["blocked"] == 0
+
+
+def test_blocked_name_is_refused_and_named_in_status(daemon_lab):
+    lab = daemon_lab
+    address = address_of(lab.resolve("blocked-registry.test"))
+    outcome, seconds = lab.connect(address, mark=MARK)
+    assert outcome == "refused" and seconds < 0.5
+    deadline = time.monotonic() + 3
+    while not status(lab)["recent_blocks"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    result = status(lab)
+    assert result["recent_blocks"][-1]["message"] == "registry access to blocked-registry.test is not allowed"
+    text = lab.ramfw("status", "--config", lab.config).stdout
+    assert "registry access to blocked-registry.test is not allowed" in text
+
+
+def test_cname_chain_to_a_cdn_name(daemon_lab):
+    lab = daemon_lab
+    reply = lab.resolve("chained-registry.test")
+    assert address_of(reply) == CDN4
+    assert lab.connect(CDN4, mark=MARK)[0] == "connected"
+    learned = status(lab)["learned"]["chained-registry.test"]
+    assert [i["address"] for i in learned] == [CDN4]
+
+
+def test_aaaa(daemon_lab):
+    lab = daemon_lab
+    assert address_of(lab.resolve("allowed-registry.test", "AAAA")) == ALLOWED6
+    assert lab.connect(ALLOWED6, mark=MARK)[0] == "connected"
+
+
+def test_large_answer_truncated_over_udp_and_whole_over_tcp(daemon_lab):
+    lab = daemon_lab
+    udp = lab.resolve("big-registry.test")
+    assert udp.flags & dns.flags.TC
+    tcp = lab.resolve("big-registry.test", tcp=True)
+    assert len(tcp.answer[0]) == 61
+    learned = {i["address"] for i in status(lab)["learned"]["big-registry.test"]}
+    assert ALLOWED4 in learned and len(learned) == 61
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+
+
+def test_tcp_reply_split_across_segments(daemon_lab):
+    """A server that writes the reply in three segments: each is read before the last is released."""
+    lab = daemon_lab
+    with lab.net.inside():
+        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((NET6, 53))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            length = struct.unpack("!H", conn.recv(2))[0]
+            query = dns.message.from_wire(conn.recv(length))
+            reply = dns.message.make_response(query)
+            reply.answer.append(dns.rrset.from_text("split-registry.test.", 300, "IN", "A", ALLOWED4))
+            wire = reply.to_wire()
+            framed = struct.pack("!H", len(wire)) + wire
+            for piece in (framed[:1], framed[1:20], framed[20:]):
+                conn.sendall(piece)
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        forget(lab, ALLOWED4)
+        reply = lab.resolve("split-registry.test", server=NET6, tcp=True)
+        assert address_of(reply) == ALLOWED4
+        assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+def test_a_reply_from_an_untrusted_server_teaches_nothing(daemon_lab):
+    lab = daemon_lab
+    lab.start_dnsmasq(ROGUE_DNS4, f"--host-record=allowed-registry.test,{BLOCKED4}")
+    reply = lab.resolve("allowed-registry.test", server=ROGUE_DNS4)
+    assert address_of(reply) == BLOCKED4
+    assert lab.connect(BLOCKED4, mark=MARK)[0] == "refused"
+    assert status(lab)["counters"]["untrusted"] >= 1
+
+
+def test_malformed_replies_are_released_and_counted(daemon_lab):
+    lab = daemon_lab
+    with lab.vm.inside():
+        receiver = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    receiver.bind(("2001:db8::1", 0))
+    receiver.settimeout(3)
+    with lab.net.inside():
+        sender = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sender.bind((NET6, 53))
+    try:
+        for garbage in (b"", b"\x00", b"\xff" * 11, b"\x12\x34\x81\x80\x00\x01" + b"\xff" * 40):
+            sender.sendto(garbage, receiver.getsockname()[:2])
+            assert receiver.recv(2048) == garbage, "a malformed reply is released untouched"
+    finally:
+        sender.close()
+        receiver.close()
+    result = status(lab)
+    assert result["counters"]["malformed"] >= 3 and result["daemon"]["running"]
+
+
+def test_expiry_then_re_resolution(lab, write_config, write_policy):
+    lab.serve_tcp([ALLOWED4], [443])
+    lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}", ttl=1)
+    write_policy(["allowed-registry.test"])
+    config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\nttl_min = 1\nttl_max = 1\nttl_grace = 0\n')
+    lab.start_daemon(config)
+    lab.resolve("allowed-registry.test")
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+    time.sleep(2.5)
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "refused"
+    lab.resolve("allowed-registry.test")
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+
+
+def test_sigkill_fails_closed_and_a_restart_picks_up_the_kernel_state(daemon_lab):
+    lab = daemon_lab
+    lab.resolve("allowed-registry.test")
+    with lab.vm.inside():
+        established = socket.create_connection((ALLOWED4, 443), timeout=3)
+    established.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
+    try:
+        lab.daemon.send_signal(signal.SIGKILL)
+        lab.daemon.wait(5)
+        # DNS keeps answering (queue bypass) ...
+        assert address_of(lab.resolve("blocked-registry.test")) == BLOCKED4
+        assert address_of(lab.resolve("chained-registry.test")) == CDN4
+        # ... established connections keep working ...
+        established.sendall(b"ping")
+        assert established.recv(4) == b"ping"
+        # ... and nothing new is learned: unknown addresses stay closed.
+        assert lab.connect(CDN4, mark=MARK)[0] == "refused"
+        assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+        down = status(lab)
+        assert down["daemon"]["running"] is False and down["enforcing"]
+        lab.daemon = lab.start_daemon(lab.config)
+        learned = status(lab)["learned"]
+        assert [i["address"] for i in learned["allowed-registry.test"]] == [ALLOWED4]
+        established.sendall(b"pong")
+        assert established.recv(4) == b"pong"
+        lab.resolve("chained-registry.test")
+        assert lab.connect(CDN4, mark=MARK)[0] == "connected"
+    finally:
+        established.close()
+
+
+def test_sigterm_exits_and_leaves_enforcement(daemon_lab):
+    lab = daemon_lab
+    lab.daemon.send_signal(signal.SIGTERM)
+    assert lab.daemon.wait(5) == 0
+    assert lab.connect(BLOCKED4, mark=MARK)[0] == "refused"
+    assert not os.path.exists(config_mod.load(lab.config).daemon.socket)
+
+
+def test_reload_with_a_broken_policy_keeps_the_old_one(daemon_lab, write_policy):
+    lab = daemon_lab
+    write_policy(["allowed-registry.test", "https://bad.example"])
+    result = lab.ramfw("reload", "--config", lab.config)
+    assert result.returncode == 2 and "not URLs" in result.stderr and "stays" in result.stderr
+    assert status(lab)["policy"]["registries"] == POLICY
+    lab.resolve("allowed-registry.test")
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+
+
+def test_reload_applies_a_new_policy_at_once(daemon_lab, write_policy):
+    lab = daemon_lab
+    lab.resolve("allowed-registry.test")
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+    write_policy(["blocked-registry.test"])
+    lab.daemon.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while status(lab)["policy"]["registries"] != ["blocked-registry.test"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "refused", "removed names lose their addresses at once"
+    lab.resolve("blocked-registry.test")
+    assert lab.connect(BLOCKED4, mark=MARK)[0] == "connected"
