@@ -108,6 +108,16 @@ def read_record(config: Config) -> dict | None:
 def down(config: Config) -> None:
     """Remove everything ramfw added; safe to repeat, after a crash too."""
     require_root("ramfw down")
+    from . import daemon
+    from .errors import DaemonError
+
+    try:  # a running daemon would otherwise keep programming a table that is gone
+        daemon.request(config.daemon.socket, "stop", timeout=5)
+        deadline = time.monotonic() + 5
+        while Path(config.daemon.socket).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except DaemonError:
+        pass
     ruleset.Table(config.enforcement.table).remove()
     try:
         os.unlink(config.daemon.state_file)

@@ -233,6 +233,9 @@ class Daemon:
     def handle(self, command: str) -> dict:
         if command == "status":
             return {"ok": True, "status": self.status()}
+        if command == "stop":
+            self.stopping = True
+            return {"ok": True, "message": "the daemon is stopping"}
         if command == "reload":
             ok, message = self.reload()
             return {"ok": ok, "message": message}

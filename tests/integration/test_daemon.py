@@ -246,3 +246,12 @@ def test_reload_applies_a_new_policy_at_once(daemon_lab, write_policy):
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "refused", "removed names lose their addresses at once"
     lab.resolve("blocked-registry.test")
     assert lab.connect(BLOCKED4, mark=MARK)[0] == "connected"
+
+
+def test_down_stops_the_daemon_and_removes_everything(daemon_lab):
+    lab = daemon_lab
+    result = lab.ramfw("down", "--config", lab.config)
+    assert result.returncode == 0, result.stderr
+    assert lab.daemon.wait(5) == 0
+    assert lab.vm.run("nft", "list", "ruleset").stdout == ""
+    assert lab.connect(BLOCKED4, mark=MARK)[0] == "connected"
