@@ -184,7 +184,7 @@ class Lab:
             time.sleep(0.05)
         raise RuntimeError("dnsmasq did not start listening")
 
-    def start_daemon(self, config: str, *args: str) -> subprocess.Popen:
+    def start_daemon(self, config: str, *args: str, wait: float = 20) -> subprocess.Popen:
         """`ramfw daemon` in the vm namespace; returns once its control socket answers."""
         from . import config as config_mod
         from .daemon import _daemon_answers
@@ -194,12 +194,12 @@ class Lab:
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.processes.append(proc)
         socket_path = config_mod.load(config).daemon.socket
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + wait
         while not _daemon_answers(socket_path):
             if proc.poll() is not None:
                 raise RuntimeError(f"the daemon exited: {proc.stdout.read().decode()}")
             if time.monotonic() > deadline:
-                raise RuntimeError("the daemon did not answer within 20 s")
+                raise RuntimeError(f"the daemon did not answer within {wait} s")
             time.sleep(0.05)
         return proc
 

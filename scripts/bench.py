@@ -1,0 +1,184 @@
+"""ramfw benchmarks, side by side in one run, in a sandbox of network namespaces.
+
+1. Latency a held DNS reply adds (p50/p99), daemon runs and no-daemon runs interleaved, for
+   an allowlisted name and another name, next to dnsmasq --nftset forwarding the same queries.
+2. 1000 resolve-then-connect cycles: first connections refused or retransmitted.
+3. Set programming rate (batched elements per second) and one reply's programming cost.
+4. Daemon memory with 10,000 policy entries and 100,000 learned addresses.
+Prints a table and writes bench-results/bench.json. Not a test: figures, not pass/fail.
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ramfw import ruleset
+from ramfw.config import EnforcementSettings
+from ramfw.sandbox import ALLOWED4, NET4, Lab
+
+MARK = 0x52410000
+QUERIES = 400
+ROUNDS = 3
+OUT = Path(__file__).resolve().parent.parent / "bench-results"
+
+
+def pct(values, p):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+
+
+def time_queries(lab, name, server, count=QUERIES):
+    lab.resolve(name, server=server)
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        lab.resolve(name, server=server)
+        samples.append((time.perf_counter() - start) * 1e6)
+    return samples
+
+
+def write_files(tmp, entries=1, max_registries=100):
+    policy = Path(tmp, "policy.json")
+    registries = [{"address": "allowed-registry.test"}] + [
+        {"address": f"registry{i}.example.com"} for i in range(entries - 1)]
+    policy.write_text(json.dumps({"organizations": [{"name": "bench", "registryAccess": {
+        "registries": registries}}]}))
+    config = Path(tmp, "ramfw.toml")
+    config.write_text(f'[policy]\nsource = "{policy}"\ncache = "{tmp}/c.json"\nmax_registries = {max_registries}\n'
+                      f'[dns]\ntrusted_resolvers = ["{NET4}", "127.0.0.1"]\n[daemon]\nrun_dir = "{tmp}/run"\n')
+    return str(config)
+
+
+def dns_latency(lab, tmp):
+    config = write_files(tmp)
+    # dnsmasq in the vm forwarding to the test resolver, adding allowlisted answers to a set.
+    lab.vm.run("nft", "add table inet dnsmasqbench; add set inet dnsmasqbench allow4 "
+               "{ type ipv4_addr; flags timeout; timeout 5m; }")
+    forwarder = lab.vm.popen("dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                             "--listen-address=127.0.0.1", "--bind-interfaces", "--port=53", "--user=root",
+                             "--pid-file=", "--cache-size=0", f"--server={NET4}",
+                             "--nftset=/allowed-registry.test/4#inet#dnsmasqbench#allow4",
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lab.processes.append(forwarder)
+    time.sleep(0.5)
+    results = {f"{k}/{n}": [] for k in ("no_daemon", "ramfw", "dnsmasq_nftset") for n in ("allowed", "other")}
+    for _ in range(ROUNDS):
+        for daemon in (False, True):
+            proc = lab.start_daemon(config) if daemon else None
+            for name, label in (("allowed-registry.test", "allowed"), ("other-name.test", "other")):
+                results[f"{'ramfw' if daemon else 'no_daemon'}/{label}"] += time_queries(lab, name, NET4)
+                if not daemon:
+                    results[f"dnsmasq_nftset/{label}"] += time_queries(lab, name, "127.0.0.1")
+            if proc:
+                proc.terminate()
+                proc.wait(5)
+    lab.vm.run("nft", "delete table inet dnsmasqbench")
+    # dnsmasq forwarding costs a forward of its own; compare it with a direct query, as ramfw is.
+    summary = {k: {"p50_us": pct(v, 50), "p99_us": pct(v, 99), "n": len(v)} for k, v in results.items()}
+    for label in ("allowed", "other"):
+        base = summary[f"no_daemon/{label}"]
+        for k in ("ramfw", "dnsmasq_nftset"):
+            s = summary[f"{k}/{label}"]
+            s["added_p50_us"] = s["p50_us"] - base["p50_us"]
+            s["added_p99_us"] = s["p99_us"] - base["p99_us"]
+    return summary
+
+
+def race(lab, tmp):
+    config = write_files(tmp)
+    proc = lab.start_daemon(config)
+    refused = retransmitted = 0
+    lab.resolve("allowed-registry.test")
+    for _ in range(1000):
+        with lab.vm.inside():
+            ruleset.Table("ramfw").delete_elements([ALLOWED4])
+        address = lab.resolve("allowed-registry.test").answer[0][0].address
+        outcome, seconds = lab.connect(address, mark=MARK, timeout=3)
+        refused += outcome != "connected"
+        retransmitted += outcome == "connected" and seconds > 0.9
+    proc.terminate()
+    proc.wait(5)
+    return {"cycles": 1000, "failed_first_connections": refused, "retransmitted": retransmitted}
+
+
+def programming(lab):
+    with lab.vm.inside():
+        table = ruleset.Table("rambench")
+        table.apply(ruleset.build_ruleset(EnforcementSettings(table="rambench"), [], 200_000))
+        batches, size = 100, 1000
+        start = time.perf_counter()
+        for b in range(batches):
+            table.add_elements([ruleset.Element(f"10.{b}.{i // 250}.{i % 250}", 300, "bench.test")
+                                for i in range(size)])
+        rate = batches * size / (time.perf_counter() - start)
+        single = []
+        for i in range(2000):
+            start = time.perf_counter()
+            table.add_elements([ruleset.Element(f"198.51.100.{i % 250}", 300, "one.test")])
+            single.append((time.perf_counter() - start) * 1e6)
+        table.remove()
+    return {"batched_elements_per_s": round(rate), "one_reply_p50_us": pct(single, 50),
+            "one_reply_p99_us": pct(single, 99)}
+
+
+def memory(lab, tmp):
+    config = write_files(tmp, entries=10_000, max_registries=10_000)
+    proc = lab.start_daemon(config)
+    proc.terminate()
+    proc.wait(5)
+    with lab.vm.inside():
+        table = ruleset.Table("ramfw")
+        for b in range(100):
+            table.add_elements([ruleset.Element(f"10.{b}.{i // 250}.{i % 250}", 3600,
+                                                f"registry{(b * 1000 + i) % 9999}.example.com")
+                                for i in range(1000)])
+    start = time.perf_counter()
+    proc = lab.start_daemon(config, wait=300)
+    restart_s = time.perf_counter() - start
+    status = json.loads(lab.ramfw("status", "--json", "--config", config).stdout)
+    pid = status["daemon"]["pid"]
+    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith("VmRSS"))
+    proc.terminate()
+    proc.wait(5)
+    return {"policy_entries": status["policy"]["entries"], "learned_addresses": status["counters"]["learned_addresses"],
+            "rss_mb": round(rss / 1024, 1), "restart_with_100k_learned_s": round(restart_s, 1)}
+
+
+def main():
+    results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{subprocess.getoutput('nproc')} cores"}
+    only = sys.argv[1:] or ["dns_latency", "race", "programming", "memory"]
+    steps = {"dns_latency": dns_latency, "race": race, "programming": None, "memory": memory}
+    for name, fn in ((n, steps[n]) for n in only):
+        lab = Lab()
+        try:
+            lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}",
+                              "--host-record=other-name.test,203.0.113.99")
+            lab.serve_tcp([ALLOWED4], [443])
+            with tempfile.TemporaryDirectory() as tmp:
+                results[name] = programming(lab) if fn is None else fn(lab, tmp)
+        finally:
+            lab.close()
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "bench.json").write_text(json.dumps(results, indent=1))
+    if len(results) < 6:
+        return 0
+    lat = results["dns_latency"]
+    print("\nDNS reply latency (µs)          p50     p99   added p50  added p99")
+    for key in sorted(lat):
+        v = lat[key]
+        print(f"  {key:28} {v['p50_us']:7.0f} {v['p99_us']:7.0f}   {v.get('added_p50_us', 0):8.0f}  {v.get('added_p99_us', 0):8.0f}")
+    print(f"resolve-then-connect: {results['race']}")
+    print(f"set programming:      {results['programming']}")
+    print(f"daemon memory:        {results['memory']}")
+    print(f"written to {OUT / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The daemon's pure core: packets in, verdicts and elements out; time is a parameter."""
+
+import socket
+import struct
+
+import dns.message
+import dns.rrset
+
+from ramfw import policy
+from ramfw.config import DnsSettings
+from ramfw.dnsreply import Snooper, parse_packet, question_name, timeout_for
+
+RESOLVER = "192.0.2.53"
+CLIENT = "192.0.2.1"
+SETTINGS = DnsSettings(ttl_min=30, ttl_max=3600, ttl_grace=60, max_addresses_per_name=3, max_addresses=5)
+
+
+def make_policy(*names):
+    return policy.from_data({"organizations": [{"name": "t", "registryAccess": {
+        "allowDockerHub": False, "registries": [{"address": n} for n in names]}}]})
+
+
+def reply(name, *records, rdtype="A"):
+    response = dns.message.make_response(dns.message.make_query(name, rdtype))
+    for text in records:
+        owner, ttl, kind, data = text.split(" ", 3)
+        response.answer.append(dns.rrset.from_text(owner, int(ttl), "IN", kind, data))
+    return response.to_wire()
+
+
+def checksum_free_ipv4(proto, payload, src=RESOLVER, dst=CLIENT):
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, proto, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst))
+    return header + payload
+
+
+def udp(wire, src=RESOLVER, sport=53):
+    return checksum_free_ipv4(17, struct.pack("!HHHH", sport, 40000, 8 + len(wire), 0) + wire, src)
+
+
+def tcp(data, seq, flags=0x18, src=RESOLVER):
+    return checksum_free_ipv4(6, struct.pack("!HHIIBBHHH", 53, 40000, seq, 0, 5 << 4, flags, 65535, 0, 0) + data, src)
+
+
+def udp6(wire, src="2001:db8::53"):
+    segment = struct.pack("!HHHH", 53, 40000, 8 + len(wire), 0) + wire
+    return (struct.pack("!IHBB", 6 << 28, len(segment), 17, 64) + socket.inet_pton(socket.AF_INET6, src)
+            + socket.inet_pton(socket.AF_INET6, "2001:db8::1") + segment)
+
+
+def snooper(*names, trusted=(RESOLVER, "2001:db8::53")):
+    return Snooper(make_policy(*names), set(trusted), SETTINGS)
+
+
+def test_allowed_name_teaches_its_addresses_with_clamped_ttl():
+    s = snooper("ghcr.io")
+    d = s.on_packet(udp(reply("ghcr.io", "ghcr.io. 10 A 203.0.113.5", "ghcr.io. 10 A 203.0.113.6")), now=0)
+    assert d.accept and [(e.address, e.timeout, e.name) for e in d.elements] == [
+        ("203.0.113.5", 90, "ghcr.io"), ("203.0.113.6", 90, "ghcr.io")]
+    assert timeout_for(100_000, SETTINGS) == 3660 and timeout_for(300, SETTINGS) == 360
+
+
+def test_cname_chain_from_an_allowed_question_name():
+    s = snooper("registry.example")
+    wire = reply("registry.example", "registry.example. 300 CNAME edge.cdn.test.",
+                 "edge.cdn.test. 20 A 203.0.113.7")
+    assert [(e.address, e.timeout) for e in s.on_packet(udp(wire), 0).elements] == [("203.0.113.7", 90)]
+
+
+def test_question_name_decides_not_the_chain_target():
+    s = snooper("cdn.test")
+    wire = reply("evil.test", "evil.test. 300 CNAME edge.cdn.test.", "edge.cdn.test. 300 A 203.0.113.7")
+    d = s.on_packet(udp(wire), 0)
+    assert d.elements == [] and d.after == [wire]
+
+
+def test_https_record_hints():
+    s = snooper("ghcr.io")
+    wire = reply("ghcr.io", 'ghcr.io. 300 HTTPS 1 . ipv4hint="203.0.113.8" ipv6hint="2001:db8::8"',
+                 rdtype="HTTPS")
+    assert {e.address for e in s.on_packet(udp(wire), 0).elements} == {"203.0.113.8", "2001:db8::8"}
+
+
+def test_aaaa_over_ipv6():
+    s = snooper("ghcr.io")
+    d = s.on_packet(udp6(reply("ghcr.io", "ghcr.io. 300 AAAA 2001:db8::5", rdtype="AAAA")), 0)
+    assert [e.address for e in d.elements] == ["2001:db8::5"]
+
+
+def test_untrusted_source_teaches_nothing():
+    s = snooper("ghcr.io")
+    d = s.on_packet(udp(reply("ghcr.io", "ghcr.io. 300 A 203.0.113.5"), src="198.51.100.9"), 0)
+    assert d.accept and d.elements == [] and s.counters["untrusted"] == 1
+
+
+def test_malformed_packets_are_released_and_counted():
+    s = snooper("ghcr.io")
+    for packet in (b"", b"\x45", b"\x60" + b"\x00" * 10, udp(b"\x00" * 5), udp(b"\xff" * 40),
+                   udp(reply("ghcr.io", "ghcr.io. 300 A 203.0.113.5")[:30]), tcp(b"", 0, flags=0x18)[:30],
+                   udp(reply("ghcr.io"), sport=5353)):
+        d = s.on_packet(packet, 0)
+        assert d.accept and d.elements == []
+    assert s.counters["malformed"] >= 6
+
+
+def test_tcp_message_split_across_segments_is_read_whole():
+    s = snooper("ghcr.io")
+    wire = reply("ghcr.io", "ghcr.io. 300 A 203.0.113.5")
+    framed = struct.pack("!H", len(wire)) + wire
+    assert s.on_packet(tcp(b"", 999, flags=0x12), 0).accept  # SYN-ACK: data starts at 1000
+    first = s.on_packet(tcp(framed[:1], 1000), 0)
+    second = s.on_packet(tcp(framed[1:20], 1001), 0)
+    assert first.accept and second.accept and not first.elements and not second.elements
+    retransmit = s.on_packet(tcp(framed[:20], 1000), 0)
+    assert retransmit.accept and not retransmit.elements
+    last = s.on_packet(tcp(framed[20:], 1020), 0)
+    assert [e.address for e in last.elements] == ["203.0.113.5"]
+
+
+def test_tcp_out_of_order_segment_is_dropped_not_passed():
+    s = snooper("ghcr.io")
+    wire = reply("ghcr.io", "ghcr.io. 300 A 203.0.113.5")
+    framed = struct.pack("!H", len(wire)) + wire
+    s.on_packet(tcp(b"", 999, flags=0x12), 0)
+    assert s.on_packet(tcp(framed[20:], 1020), 0).accept is False
+    assert s.counters["tcp_out_of_order"] == 1
+    s.on_packet(tcp(framed[:20], 1000), 0)
+    assert [e.address for e in s.on_packet(tcp(framed[20:], 1020), 0).elements] == ["203.0.113.5"]
+
+
+def test_two_messages_in_one_segment():
+    s = snooper("a.test", "b.test")
+    one, two = reply("a.test", "a.test. 300 A 203.0.113.1"), reply("b.test", "b.test. 300 A 203.0.113.2")
+    s.on_packet(tcp(b"", 0, flags=0x12), 0)
+    data = struct.pack("!H", len(one)) + one + struct.pack("!H", len(two)) + two
+    assert [e.name for e in s.on_packet(tcp(data, 1), 0).elements] == ["a.test", "b.test"]
+
+
+def test_caps_per_name_and_total_are_kept_and_reported():
+    s = snooper("a.test", "b.test")
+    records = [f"a.test. 300 A 203.0.113.{i}" for i in range(1, 6)]
+    assert len(s.on_packet(udp(reply("a.test", *records)), 0).elements) == 3
+    assert len(s.on_packet(udp(reply("b.test", *[r.replace("a.test", "b.test") for r in records])), 0).elements) == 2
+    assert s.total == 5 and s.counters["capped"] == 5 and len(s.caps_hit) == 2
+
+
+def test_every_reply_re_arms_and_expired_addresses_free_the_cap():
+    s = snooper("a.test")
+    wire = reply("a.test", "a.test. 300 A 203.0.113.1")
+    assert len(s.on_packet(udp(wire), 0).elements) == 1
+    assert len(s.on_packet(udp(wire), 10).elements) == 1, "a cached answer re-arms the address"
+    assert s.total == 1
+    other = reply("a.test", *[f"a.test. 300 A 203.0.113.{i}" for i in (7, 8, 9)])
+    assert len(s.on_packet(udp(other), 10_000).elements) == 3
+
+
+def test_block_messages_name_the_last_host_seen():
+    s = snooper("a.test")
+    d = s.on_packet(udp(reply("blocked-registry.test", "blocked-registry.test. 300 A 203.0.113.20")), 0)
+    for wire in d.after:
+        s.remember_names(wire)
+    assert s.block_message("203.0.113.20") == "registry access to blocked-registry.test is not allowed"
+    assert "no DNS name" in s.block_message("203.0.113.99")
+
+
+def test_forget_names_a_new_policy_drops():
+    s = snooper("a.test", "b.test")
+    s.on_packet(udp(reply("a.test", "a.test. 300 A 203.0.113.1")), 0)
+    s.on_packet(udp(reply("b.test", "b.test. 300 A 203.0.113.2")), 0)
+    s.policy = make_policy("b.test")
+    assert s.forget(1) == {"a.test": ["203.0.113.1"]} and s.total == 1
+
+
+def test_question_name_fast_path():
+    assert question_name(reply("GHCR.io", "ghcr.io. 1 A 192.0.2.1")) == "ghcr.io"
+    assert question_name(dns.message.make_query("ghcr.io", "A").to_wire()) is None  # a query, not a reply
+    assert question_name(b"\x00" * 11) is None
+    assert parse_packet(udp(b"x")).payload == b"x"
