@@ -336,9 +336,9 @@ def _drain(sock: socket.socket) -> None:
 
 
 def _read_line(conn: socket.socket, limit: int = 65536) -> str:
-    data = b""
-    while b"\n" not in data and len(data) < limit:
-        chunk = conn.recv(4096)
+    data = bytearray()
+    while b"\n" not in data[-65536:] and len(data) < limit:
+        chunk = conn.recv(65536)
         if not chunk:
             break
         data += chunk
