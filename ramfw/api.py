@@ -141,8 +141,13 @@ def status(config: Config) -> dict:
         answer = None
     if answer and answer.get("ok"):
         result = answer["status"]
-        result["message"] = (f"ramfw is enforcing in {result['mode']} mode" if result["enforcing"]
-                             else "ramfw is not restricting registry access")
+        if not result["policy"]["enabled"]:
+            result["message"] = (f"registry access is not restricted: organization "
+                                 f"{result['policy']['organization']} has registryAccess.enabled false")
+        elif result["enforcing"]:
+            result["message"] = f"ramfw is enforcing in {result['mode']} mode"
+        else:
+            result["message"] = "ramfw is not enforcing: its table is missing (run `ramfw down`, then start again)"
         return result
     result = kernel_status(config)
     result["daemon"] = {"running": False}

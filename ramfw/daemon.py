@@ -164,23 +164,17 @@ class Daemon:
             self.snooper.counters["queue_errors"] += 1
             self._error(f"queue: {err}")
             return
-        later = []
         for packet in packets:
             decision = self._decide(packet.payload)
             if decision.elements:
                 self._program(decision.elements)
             self.queue.verdict(packet.packet_id, NF_ACCEPT if decision.accept else NF_DROP)
-            later += decision.after
-        for wire in later:
-            self.snooper.remember_names(wire)
 
     def _on_snoop(self) -> None:
         for payload in self.snoop.receive():
             decision = self._decide(payload)
             if decision.elements:
                 self._program(decision.elements)
-            for wire in decision.after:
-                self.snooper.remember_names(wire)
 
     def _decide(self, payload: bytes) -> dnsreply.Decision:
         try:
@@ -231,6 +225,8 @@ class Daemon:
                 pass
 
     def handle(self, command: str) -> dict:
+        if command == "ping":
+            return {"ok": True}
         if command == "status":
             return {"ok": True, "status": self.status()}
         if command == "stop":
@@ -281,7 +277,7 @@ class Daemon:
 
     def status(self) -> dict:
         now = time.time()
-        state = self.table.state()
+        counters = self.table.counters()
         learned = {name: sorted(({"address": a, "expires_in": int(expiry - now)}
                                  for a, expiry in addresses.items() if expiry > now),
                                 key=lambda x: x["address"])
@@ -292,7 +288,7 @@ class Daemon:
         notes += [f"cap reached: {cap}" for cap in self.snooper.caps_hit]
         return {
             "daemon": {"running": True, "pid": os.getpid(), "since": self.started},
-            "enforcing": state.exists,
+            "enforcing": bool(counters),
             "mode": self.config.enforcement.mode,
             "scope": list(self.config.enforcement.scope),
             "dns_hold": self.hold,
@@ -301,7 +297,7 @@ class Daemon:
             "trusted_resolvers": self.trusted,
             "learned": {k: v for k, v in learned.items() if v},
             "counters": {**dict(self.snooper.counters),
-                         **{k: v["packets"] for k, v in (state.counters or {}).items()},
+                         **counters,
                          "learned_addresses": self.snooper.total},
             "recent_blocks": list(self.recent_blocks),
             "notes": notes,
@@ -359,7 +355,7 @@ def request(path: str, command: str, timeout: float = 5.0) -> dict:
 
 def _daemon_answers(path: str) -> bool:
     try:
-        request(path, "status", timeout=1)
+        request(path, "ping", timeout=1)
     except DaemonError:
         return False
     return True

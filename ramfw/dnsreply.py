@@ -6,8 +6,9 @@ and work that can wait until after it is released. Nothing here does I/O, and no
 packet makes it raise: a packet it cannot read is released untouched and counted.
 
 Most replies on a developer's machine are for names that are not allowlisted. For those the
-hold path reads only the question name (a few label lengths) and releases the reply; the
-full parse that remembers which name an address belongs to runs after the release.
+hold path reads only the question name (a few label lengths), keeps a reference to the reply
+and releases it; only when an address is blocked are the kept replies searched for the name
+it belongs to, so the common case never pays for a full parse.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ UDP, TCP = 17, 6
 TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
 MAX_TCP_FLOWS = 4096
 MAX_ADDRESS_NAMES = 65536
+RECENT_REPLIES = 4096
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 _HINT_TYPES = (dns.rdatatype.HTTPS, dns.rdatatype.SVCB)
 
@@ -110,7 +112,6 @@ def question_name(wire: bytes) -> str | None:
 class Decision:
     accept: bool = True
     elements: list[Element] = field(default_factory=list)
-    after: list[bytes] = field(default_factory=list)  # messages to remember names from, later
 
 
 @dataclass
@@ -136,6 +137,7 @@ class Snooper:
         self.total = 0
         self.address_names: OrderedDict[str, str] = OrderedDict()
         self.caps_hit: deque[str] = deque(maxlen=20)
+        self.recent: deque[bytes] = deque(maxlen=RECENT_REPLIES)  # replies for other names
         self._flows: OrderedDict[tuple, _Flow] = OrderedDict()
 
     def on_packet(self, packet: bytes, now: float) -> Decision:
@@ -182,9 +184,7 @@ class Snooper:
                 break
             message = bytes(flow.buffer[2 : 2 + length])
             del flow.buffer[: 2 + length]
-            found = self._on_message(message, now)
-            decision.elements += found.elements
-            decision.after += found.after
+            decision.elements += self._on_message(message, now).elements
         return decision
 
     def _trim_flows(self) -> None:
@@ -200,7 +200,8 @@ class Snooper:
         entry = self.policy.allows(name) if self.policy.enabled else None
         if entry is None:
             self.counters["other_names"] += 1
-            return Decision(after=[wire])
+            self.recent.append(wire)
+            return Decision()
         return Decision(elements=self._learn(wire, name, entry, now))
 
     def _learn(self, wire: bytes, name: str, entry: Pattern, now: float) -> list[Element]:
@@ -258,17 +259,25 @@ class Snooper:
         if len(self.address_names) > MAX_ADDRESS_NAMES:
             self.address_names.popitem(last=False)
 
-    def remember_names(self, wire: bytes) -> None:
-        """After release: note which name the addresses in a reply belong to (for block messages)."""
+    def _name_from_recent(self, address: str) -> str | None:
+        """Search the kept replies, newest first, for one whose answer holds ``address``."""
         try:
-            message = dns.message.from_wire(wire, ignore_trailing=True)
-            name = message.question[0].name.to_text(omit_final_dot=True).lower()
-        except (dns.exception.DNSException, ValueError, TypeError, IndexError, struct.error):
-            return
-        for rrset in message.answer:
-            if rrset.rdtype in _ADDRESS_TYPES:
-                for rdata in rrset:
-                    self._remember(rdata.address, name)
+            packed = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+        except OSError:
+            return None
+        for wire in reversed(self.recent):
+            if packed not in wire:
+                continue
+            try:
+                message = dns.message.from_wire(wire, ignore_trailing=True)
+                name = message.question[0].name.to_text(omit_final_dot=True).lower()
+            except (dns.exception.DNSException, ValueError, TypeError, IndexError, struct.error):
+                continue
+            if any(rdata.address == address for rrset in message.answer
+                   if rrset.rdtype in _ADDRESS_TYPES for rdata in rrset):
+                self._remember(address, name)
+                return name
+        return None
 
     def forget(self, now: float) -> dict[str, list[str]]:
         """Names no longer allowed by the current policy and their addresses (for a reload)."""
@@ -281,7 +290,7 @@ class Snooper:
         return gone
 
     def block_message(self, address: str) -> str:
-        name = self.address_names.get(address)
+        name = self._name_from_recent(address) or self.address_names.get(address)
         if name is None:
             return f"registry access to {address} is not allowed (no DNS name was seen for it)"
         return f"registry access to {name} is not allowed"

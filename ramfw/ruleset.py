@@ -15,10 +15,15 @@ Layout::
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Iterable
 
+from . import netlink
 from .config import EnforcementSettings
 from .errors import NftablesError
 
@@ -178,30 +183,64 @@ def build_delete_elements(table: str, addresses: Iterable[str]) -> dict:
     return {"nftables": cmds}
 
 
-def build_elements(table: str, elements: Iterable[Element], refresh_by_readd: bool) -> dict:
-    """Add (or re-arm) elements in one transaction.
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFPROTO_INET = 1
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_TIMEOUT, NFTA_SET_ELEM_USERDATA = 1, 1, 4, 6
+NFTA_DATA_VALUE = 1
+NFTNL_UDATA_SET_ELEM_COMMENT = 0
+BATCH_ELEMENTS = 1000  # keeps one batch well under the socket's send buffer
 
-    Kernels that do not refresh a timeout when an element is added again get add, delete,
-    add: the first add makes the delete safe, the last one sets the new timeout, and since it
-    is one transaction no packet sees the address missing.
-    """
-    by_version: dict[int, list[dict]] = {4: [], 6: []}
+
+def _netlink_elements(elements: list[Element], with_data: bool) -> bytes:
+    parts = []
     for element in elements:
-        elem = {"val": element.address, "timeout": element.timeout}
-        if element.name:
-            elem["comment"] = element.name[:128]
-        by_version[ipaddress.ip_address(element.address).version].append({"elem": elem})
-    cmds = []
-    for version, elems in by_version.items():
-        if not elems:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in element.address else socket.AF_INET, element.address)
+        attrs = netlink.nested(NFTA_SET_ELEM_KEY, netlink.attr(NFTA_DATA_VALUE, packed))
+        if with_data:
+            attrs += netlink.attr(NFTA_SET_ELEM_TIMEOUT, struct.pack("!Q", element.timeout * 1000))
+            if element.name:
+                comment = element.name[:127].encode() + b"\0"
+                attrs += netlink.attr(NFTA_SET_ELEM_USERDATA,
+                                      bytes([NFTNL_UDATA_SET_ELEM_COMMENT, len(comment)]) + comment)
+        parts.append(netlink.nested(NFTA_LIST_ELEM, attrs))
+    return b"".join(parts)
+
+
+def build_elements_batch(table: str, elements: Iterable[Element], refresh_by_readd: bool, seq: int = 1) -> bytes:
+    """Add (or re-arm) elements in one raw nf_tables netlink batch.
+
+    This is the hold path: a reply waits while it runs, so it skips libnftables' JSON round
+    trip. The kernel commits the batch inside ``send``, before the reply is released.
+    Kernels that do not refresh a timeout when an element is added again get add, delete,
+    add: the first add makes the delete safe, the last sets the new timeout, and since it is
+    one transaction no packet sees the address missing.
+    """
+    by_version: dict[int, list[Element]] = {4: [], 6: []}
+    for element in elements:
+        by_version[6 if ":" in element.address else 4].append(element)
+    steps = []
+    for version, items in by_version.items():
+        if not items:
             continue
-        ref = {"family": FAMILY, "table": table, "name": ALLOW[version]}
+        head = netlink.string(NFTA_SET_ELEM_LIST_TABLE, table) + netlink.string(NFTA_SET_ELEM_LIST_SET, ALLOW[version])
         if not refresh_by_readd:
-            bare = [e["elem"]["val"] for e in elems]
-            cmds.append({"add": {"element": {**ref, "elem": bare}}})
-            cmds.append({"delete": {"element": {**ref, "elem": bare}}})
-        cmds.append({"add": {"element": {**ref, "elem": elems}}})
-    return {"nftables": cmds}
+            bare = netlink.nested(NFTA_SET_ELEM_LIST_ELEMENTS, _netlink_elements(items, False))
+            steps += [(NFT_MSG_NEWSETELEM, head + bare), (NFT_MSG_DELSETELEM, head + bare)]
+        steps.append((NFT_MSG_NEWSETELEM, head + netlink.nested(NFTA_SET_ELEM_LIST_ELEMENTS,
+                                                                 _netlink_elements(items, True))))
+    if not steps:
+        return b""
+    messages = [netlink.message(NFNL_MSG_BATCH_BEGIN, netlink.NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES, b"")]
+    for offset, (msg_type, attrs) in enumerate(steps, start=1):
+        flags = netlink.NLM_F_REQUEST | (netlink.NLM_F_CREATE if msg_type == NFT_MSG_NEWSETELEM else 0)
+        messages.append(netlink.message((NFNL_SUBSYS_NFTABLES << 8) | msg_type, flags, seq + offset,
+                                        NFPROTO_INET, 0, attrs))
+    messages.append(netlink.message(NFNL_MSG_BATCH_END, netlink.NLM_F_REQUEST, seq + len(steps) + 1, 0,
+                                    NFNL_SUBSYS_NFTABLES, b""))
+    return b"".join(messages)
 
 
 @dataclass(frozen=True)
@@ -231,6 +270,7 @@ class Table:
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
+        self._sock = None
 
     def run(self, document: dict) -> dict:
         rc, output, error = self._nft.json_cmd(document)
@@ -245,9 +285,38 @@ class Table:
         self.run(build_remove(self.name))
 
     def add_elements(self, elements: Iterable[Element], refresh_by_readd: bool = True) -> None:
-        document = build_elements(self.name, elements, refresh_by_readd)
-        if document["nftables"]:
-            self.run(document)
+        """Program elements in one raw netlink batch; raise NftablesError if the kernel refused."""
+        elements = list(elements)
+        for start in range(0, len(elements), BATCH_ELEMENTS):
+            self._send(build_elements_batch(self.name, elements[start : start + BATCH_ELEMENTS],
+                                            refresh_by_readd))
+
+    def _send(self, batch: bytes) -> None:
+        if not batch:
+            return
+        if self._sock is None:
+            self._sock = netlink.open_socket(rcvbuf=1 << 20)
+        self._sock.send(batch)
+        # Errors are queued synchronously, inside send(): nothing waiting means it committed.
+        try:
+            data = self._sock.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        for msg_type, start, _ in netlink.messages(data):
+            if msg_type == netlink.NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", data, start)
+                if code:
+                    raise NftablesError(f"programming the allowed sets failed: {os.strerror(-code)} "
+                                        f"({errno.errorcode.get(-code, code)})")
+
+    def counters(self) -> dict[str, int]:
+        rc, output, _ = self._nft.json_cmd({"nftables": [{"list": {"counters": {"family": FAMILY}}}]})
+        found = {}
+        for item in (output or {}).get("nftables", []) if rc == 0 else []:
+            c = item.get("counter")
+            if c and c.get("table") == self.name:
+                found[c["name"]] = c.get("packets", 0)
+        return found
 
     def delete_elements(self, addresses: Iterable[str]) -> None:
         """Forget addresses at once (a reload that removed their names), missing ones included."""

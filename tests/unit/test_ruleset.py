@@ -1,6 +1,9 @@
 from dataclasses import replace
 
-from ramfw import resolvers, ruleset
+import socket
+import struct
+
+from ramfw import netlink, resolvers, ruleset
 from ramfw.config import EnforcementSettings
 
 BASE = EnforcementSettings()
@@ -79,21 +82,29 @@ def test_resolvers_are_split_by_family_and_replaced():
     assert {s["name"] for s in commands(doc, "flush", "set")} == {"resolvers4", "resolvers6"}
 
 
-def test_elements_with_refresh_by_readd():
-    doc = ruleset.build_elements("ramfw", [ruleset.Element("203.0.113.5", 90, "ghcr.io"),
-                                           ruleset.Element("2001:db8::5", 60)], True)
-    assert doc == {"nftables": [
-        {"add": {"element": {"family": "inet", "table": "ramfw", "name": "allow4",
-                             "elem": [{"elem": {"val": "203.0.113.5", "timeout": 90, "comment": "ghcr.io"}}]}}},
-        {"add": {"element": {"family": "inet", "table": "ramfw", "name": "allow6",
-                             "elem": [{"elem": {"val": "2001:db8::5", "timeout": 60}}]}}}]}
+def _batch_types(batch):
+    return [msg_type for msg_type, _, _ in netlink.messages(batch)]
 
 
-def test_elements_without_refresh_by_readd_are_deleted_and_added_again():
-    doc = ruleset.build_elements("ramfw", [ruleset.Element("203.0.113.5", 90)], False)
-    verbs = [next(iter(c)) for c in doc["nftables"]]
-    assert verbs == ["add", "delete", "add"]
-    assert doc["nftables"][1]["delete"]["element"]["elem"] == ["203.0.113.5"]
+def test_elements_batch_with_refresh_by_readd_is_one_add_per_family():
+    batch = ruleset.build_elements_batch("ramfw", [ruleset.Element("203.0.113.5", 90, "ghcr.io"),
+                                                   ruleset.Element("2001:db8::5", 60)], True)
+    new = (10 << 8) | ruleset.NFT_MSG_NEWSETELEM
+    assert _batch_types(batch) == [0x10, new, new, 0x11]
+    assert b"allow4\0" in batch and b"allow6\0" in batch and b"ghcr.io\0" in batch
+    assert struct.pack("!Q", 90_000) in batch and socket.inet_aton("203.0.113.5") in batch
+
+
+def test_elements_batch_without_refresh_by_readd_adds_deletes_adds():
+    batch = ruleset.build_elements_batch("ramfw", [ruleset.Element("203.0.113.5", 90)], False)
+    new, delete = (10 << 8) | ruleset.NFT_MSG_NEWSETELEM, (10 << 8) | ruleset.NFT_MSG_DELSETELEM
+    assert _batch_types(batch) == [0x10, new, delete, new, 0x11]
+    assert ruleset.build_elements_batch("ramfw", [], True) == b""
+
+
+def test_delete_elements_adds_bare_first_so_it_cannot_fail():
+    doc = ruleset.build_delete_elements("ramfw", ["203.0.113.5"])
+    assert [next(iter(c)) for c in doc["nftables"]] == ["add", "delete"]
 
 
 def test_remove_is_add_then_delete():
