@@ -96,7 +96,7 @@ class Daemon:
     def _seed_from_kernel(self) -> None:
         """A restarted daemon picks up what the kernel still allows, with its expiry."""
         now = time.time()
-        for item in self.table.state().learned:
+        for item in self.table.learned():
             if item.name:
                 self.snooper.learned.setdefault(item.name, {})[item.address] = now + item.expires
                 self.snooper.total += 1

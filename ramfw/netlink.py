@@ -10,7 +10,8 @@ import socket
 import struct
 
 NETLINK_NETFILTER = 12
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x400, 0x800
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x300, 0x400, 0x800
+NLMSG_DONE = 3
 NLA_F_NESTED = 0x8000
 NLMSG_ERROR = 2
 SOL_NETLINK = 270
@@ -42,16 +43,20 @@ def message(msg_type: int, flags: int, seq: int, family: int, res_id: int, attrs
     return HEADER.pack(HEADER.size + len(body), msg_type, flags, seq, 0) + body
 
 
-def parse_attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
-    """Top-level attributes of one message; stops quietly at anything malformed."""
-    attrs = {}
+def iter_attrs(data: bytes, offset: int = 0, end: int | None = None):
+    """(kind, value) of each attribute in order; stops quietly at anything malformed."""
+    end = len(data) if end is None else end
     while offset + _ATTR.size <= end:
         length, kind = _ATTR.unpack_from(data, offset)
         if length < _ATTR.size or offset + length > end:
-            break
-        attrs[kind & 0x7FFF] = data[offset + _ATTR.size : offset + length]
+            return
+        yield kind & 0x7FFF, data[offset + _ATTR.size : offset + length]
         offset += (length + 3) & ~3
-    return attrs
+
+
+def parse_attrs(data: bytes, offset: int = 0, end: int | None = None) -> dict[int, bytes]:
+    """Attributes by kind (the last one wins)."""
+    return dict(iter_attrs(data, offset, end))
 
 
 def messages(data: bytes):

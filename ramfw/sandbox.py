@@ -167,11 +167,11 @@ class Lab:
         self.servers.append(servers)
         return servers
 
-    def start_dnsmasq(self, address: str, *options: str, ttl: int = 300) -> subprocess.Popen:
+    def start_dnsmasq(self, address: str, *options: str, ttl: int = 300, port: int = 53) -> subprocess.Popen:
         """A real DNS server on a test host: dnsmasq answering from the records given."""
         proc = self.net.popen(
             "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
-            f"--listen-address={address}", "--port=53", "--user=root", "--pid-file=",
+            f"--listen-address={address}", f"--port={port}", "--user=root", "--pid-file=",
             f"--local-ttl={ttl}", "--cache-size=0", *options,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.processes.append(proc)
@@ -179,7 +179,7 @@ class Lab:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"dnsmasq exited: {proc.stderr.read().decode()}")
-            if f"{address}:53 " in self.net.run("ss", "-ulnH").stdout + " ":
+            if f"{address}:{port} " in self.net.run("ss", "-ulnH").stdout + " ":
                 return proc
             time.sleep(0.05)
         raise RuntimeError("dnsmasq did not start listening")
@@ -204,7 +204,7 @@ class Lab:
         return proc
 
     def resolve(self, name: str, rdtype: str = "A", server: str = NET4, tcp: bool = False,
-                payload: int | None = None):
+                payload: int | None = None, port: int = 53):
         """Ask a DNS server from the vm (the reply crosses the vm's netfilter hooks)."""
         import dns.message
         import dns.query
@@ -217,9 +217,9 @@ class Lab:
         with sock:
             if tcp:
                 sock.settimeout(3)
-                sock.connect((server, 53))
-                return dns.query.tcp(query, server, timeout=3, sock=sock)
-            return dns.query.udp(query, server, timeout=3, sock=sock)
+                sock.connect((server, port))
+                return dns.query.tcp(query, server, timeout=3, port=port, sock=sock)
+            return dns.query.udp(query, server, timeout=3, port=port, sock=sock)
 
     def ramfw(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
         """Run the ramfw CLI inside the vm namespace, as a separate process."""

@@ -8,7 +8,7 @@ import dns.rrset
 
 from ramfw import policy
 from ramfw.config import DnsSettings
-from ramfw.dnsreply import Snooper, parse_packet, question_name, timeout_for
+from ramfw.dnsreply import Snooper, fast_chain, parse_packet, question_name, timeout_for
 
 RESOLVER = "192.0.2.53"
 CLIENT = "192.0.2.1"
@@ -175,3 +175,46 @@ def test_question_name_fast_path():
     assert question_name(dns.message.make_query("ghcr.io", "A").to_wire()) is None  # a query, not a reply
     assert question_name(b"\x00" * 11) is None
     assert parse_packet(udp(b"x")).payload == b"x"
+
+
+def test_fast_chain_agrees_with_dnspython_resolve_chaining():
+    """The hand-read hold path must give exactly what dnspython's resolve_chaining gives."""
+    import random
+
+    rng = random.Random(7)
+    for case in range(400):
+        rdtype = rng.choice(["A", "AAAA"])
+        qname = rng.choice(["Registry.Example.", "ghcr.io.", "a.b.c.d.test."])
+        response = dns.message.make_response(dns.message.make_query(qname, rdtype))
+        owner = qname
+        for hop in range(rng.randrange(0, 4)):
+            target = f"hop{hop}.cdn{case % 5}.test."
+            response.answer.append(dns.rrset.from_text(owner.upper() if hop % 2 else owner,
+                                                       rng.randrange(0, 5000), "IN", "CNAME", target))
+            owner = target
+        if rng.random() < 0.9:
+            count = rng.randrange(1, 6)
+            datas = [f"203.0.113.{rng.randrange(256)}" if rdtype == "A" else f"2001:db8::{rng.randrange(65536):x}"
+                     for _ in range(count)]
+            response.answer.append(dns.rrset.from_text_list(owner, rng.randrange(0, 5000), "IN", rdtype, datas))
+        if rng.random() < 0.3:  # unrelated records must not change the answer
+            response.answer.append(dns.rrset.from_text("elsewhere.test.", 1, "IN", "A", "198.51.100.1"))
+        wire = response.to_wire()
+        expected = dns.message.from_wire(wire).resolve_chaining()
+        fast = fast_chain(wire)
+        assert fast is not None
+        addresses, ttl = fast
+        want = [r.address for r in expected.answer] if expected.answer is not None else []
+        assert sorted(addresses) == sorted(set(want)), case
+        if want:
+            assert ttl == expected.minimum_ttl, case
+
+
+def test_fast_chain_leaves_the_rest_to_dnspython():
+    https = reply("ghcr.io", 'ghcr.io. 300 HTTPS 1 . ipv4hint="203.0.113.8"', rdtype="HTTPS")
+    assert fast_chain(https) is None
+    assert fast_chain(b"\x00" * 12) is None
+    loop = bytearray(reply("ghcr.io", "ghcr.io. 300 A 203.0.113.5"))
+    start = 12 + len(b"\x04ghcr\x02io\x00") + 4  # the answer's owner: make it point at itself
+    loop[start:start + 2] = bytes([0xC0, start])
+    assert fast_chain(bytes(loop)) is None
