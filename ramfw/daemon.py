@@ -100,7 +100,6 @@ class Daemon:
             if item.name:
                 self.snooper.learned.setdefault(item.name, {})[item.address] = now + item.expires
                 self.snooper.total += 1
-                self.snooper._remember(item.address, item.name)
 
     def _open_control(self) -> None:
         path = Path(self.config.daemon.socket)

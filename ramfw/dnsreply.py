@@ -323,7 +323,6 @@ class Snooper:
                     continue
                 self.total += 1
             known[address] = now + timeout
-            self._remember(address, name)
             elements.append(Element(address, timeout, name))
         self.counters["learned"] += len(elements)
         return elements

@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from . import netlink
 from .config import EnforcementSettings
@@ -252,13 +252,12 @@ class Learned:
     name: str
 
 
-def _read_dump(sock: socket.socket, family: int) -> list[Learned]:
-    found: list[Learned] = []
+def _read_dump(sock: socket.socket, family: int) -> Iterator[Learned]:
     while True:
         data = sock.recv(1 << 20)
         for msg_type, start, end in netlink.messages(data):
             if msg_type in (netlink.NLMSG_DONE, netlink.NLMSG_ERROR):
-                return found
+                return
             attrs = netlink.parse_attrs(data, start + netlink.NFGEN.size, end)
             for _, elem in netlink.iter_attrs(attrs.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
                 e = netlink.parse_attrs(elem)
@@ -273,7 +272,7 @@ def _read_dump(sock: socket.socket, family: int) -> list[Learned]:
                 name = ""
                 if len(udata) >= 2 and udata[0] == NFTNL_UDATA_SET_ELEM_COMMENT:
                     name = udata[2 : 2 + udata[1]].rstrip(b"\0").decode(errors="replace")
-                found.append(Learned(address, expires, timeout, name))
+                yield Learned(address, expires, timeout, name)
 
 
 @dataclass(frozen=True)
@@ -334,17 +333,15 @@ class Table:
                     raise NftablesError(f"programming the allowed sets failed: {os.strerror(-code)} "
                                         f"({errno.errorcode.get(-code, code)})")
 
-    def learned(self) -> list[Learned]:
-        """The allowed sets' elements, read with a netlink dump (a JSON listing of 100,000
-        elements costs hundreds of MB); empty when the table does not exist."""
-        found = []
+    def learned(self) -> Iterator[Learned]:
+        """The allowed sets' elements, streamed from a netlink dump (a JSON listing of 100,000
+        elements costs hundreds of MB); nothing when the table does not exist."""
         with netlink.open_socket() as sock:
             for version, set_name in ALLOW.items():
                 head = netlink.string(NFTA_SET_ELEM_LIST_TABLE, self.name) + netlink.string(NFTA_SET_ELEM_LIST_SET, set_name)
                 sock.send(netlink.message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
                                           netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP, version, NFPROTO_INET, 0, head))
-                found += _read_dump(sock, socket.AF_INET if version == 4 else socket.AF_INET6)
-        return found
+                yield from _read_dump(sock, socket.AF_INET if version == 4 else socket.AF_INET6)
 
     def counters(self) -> dict[str, int]:
         rc, output, _ = self._nft.json_cmd({"nftables": [{"list": {"counters": {"family": FAMILY}}}]})

@@ -16,11 +16,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from ramfw import ruleset
+from ramfw import probes, ruleset, xtqueue
 from ramfw.config import EnforcementSettings
 from ramfw.sandbox import ALLOWED4, NET4, Lab
 
 MARK = 0x52410000
+FLOOR_READER = """
+from ramfw.queue import Queue
+q = Queue(5241)
+print("ready", flush=True)
+while True:
+    for p in q.receive():
+        q.verdict(p.packet_id)
+"""
 QUERIES = 400
 ROUNDS = 3
 OUT = Path(__file__).resolve().parent.parent / "bench-results"
@@ -85,7 +93,24 @@ def dns_latency(lab, tmp):
     results = {}
     records = (f"--host-record=allowed-registry.test,{ALLOWED4}", "--host-record=other-name.test,203.0.113.99")
     lab.start_dnsmasq(NET4, *records, port=5353)
-    proc = lab.start_daemon(write_files(tmp))
+    # The floor: a bare reader that accepts every packet at once, through the same rules.
+    config = write_files(tmp)
+    hold = probes.run().queue_mechanism
+    reader = lab.vm.popen(sys.executable, "-c", FLOOR_READER, stdout=subprocess.PIPE,
+                          env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    lab.processes.append(reader)
+    reader.stdout.readline()
+    with lab.vm.inside():
+        table = ruleset.Table("ramfw")
+        table.apply(ruleset.build_ruleset(EnforcementSettings(), [], 1000, hold, 5241, 5242))
+        if hold == "xt-nfqueue":
+            for chain in ruleset.DNS_CHAINS:
+                xtqueue.add_queue_rules("inet", "ramfw", chain, 5241)
+    results["bare_queue_reader/other"] = summary(*paired(lab, "other-name.test", (NET4, 53), (NET4, 5353)))
+    reader.kill()
+    reader.wait()
+    lab.vm.run("nft", "delete table inet ramfw")
+    proc = lab.start_daemon(config)
     for name, label in (("allowed-registry.test", "allowed"), ("other-name.test", "other")):
         results[f"ramfw/{label}"] = summary(*paired(lab, name, (NET4, 53), (NET4, 5353)))
     proc.terminate()
@@ -159,14 +184,20 @@ def memory(lab, tmp):
     start = time.perf_counter()
     proc = lab.start_daemon(config, wait=300)
     restart_s = time.perf_counter() - start
+    pid = next(p for p in map(int, lab.vm.run("ip", "netns", "pids", lab.vm.name).stdout.split())
+               if b"daemon" in Path(f"/proc/{p}/cmdline").read_bytes())
+
+    def rss():
+        return next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("VmRSS"))
+    rss_running = rss()
     status = json.loads(lab.ramfw("status", "--json", "--config", config).stdout)
-    pid = status["daemon"]["pid"]
-    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-               if line.startswith("VmRSS"))
+    rss_after_status = rss()
     proc.terminate()
     proc.wait(5)
     return {"policy_entries": status["policy"]["entries"], "learned_addresses": status["counters"]["learned_addresses"],
-            "rss_mb": round(rss / 1024, 1), "restart_with_100k_learned_s": round(restart_s, 1)}
+            "rss_mb": round(rss_running / 1024, 1), "rss_after_full_status_mb": round(rss_after_status / 1024, 1),
+            "restart_with_100k_learned_s": round(restart_s, 1)}
 
 
 def main():
