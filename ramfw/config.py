@@ -49,6 +49,7 @@ class DnsSettings:
     max_addresses: int = 100_000
     queue_num: int = 5241
     snoop_group: int = 5242
+    hold: str = "auto"  # auto: the kernel's best; passive: copy replies, never hold them
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ def _validate(config: Config) -> Config:
         raise ConfigError(f"{where}: nflog_group, queue_num and snoop_group are 16-bit numbers")
     if e.nflog_group == d.snoop_group:
         raise ConfigError(f"{where}: enforcement.nflog_group and dns.snoop_group must differ")
+    if d.hold not in ("auto", "passive"):
+        raise ConfigError(f"{where}: dns.hold is {d.hold!r}; use auto or passive")
     if not 0 < d.ttl_min <= d.ttl_max:
         raise ConfigError(f"{where}: dns.ttl_min must be positive and at most dns.ttl_max")
     if d.ttl_grace < 0 or d.max_addresses_per_name < 1 or d.max_addresses < 1:

@@ -49,7 +49,7 @@ class Daemon:
         self.policy_loaded = time.time()
         self.report = probes.run()
         api.check_capabilities(self.report)
-        self.hold = self.report.queue_mechanism
+        self.hold = "passive" if self.config.dns.hold == "passive" else self.report.queue_mechanism
         self.table = ruleset.Table(self.config.enforcement.table)
         self.resolv_mtime = _mtime(resolvers.RESOLV_CONF)
         self.trusted = resolvers.trusted(self.config.dns.trusted_resolvers)
@@ -185,7 +185,7 @@ class Daemon:
 
     def _program(self, elements) -> None:
         try:
-            self.table.add_elements(elements, self.report.refresh_by_readd)
+            self.table.add_elements(elements, self.report.refresh_by_readd, clear_pending=self.hold == "passive")
         except NftablesError as err:
             self.snooper.counters["program_failed"] += 1
             self._error(str(err))
@@ -283,7 +283,9 @@ class Daemon:
                    for name, addresses in sorted(self.snooper.learned.items())}
         notes = list(self.policy.notes)
         if self.hold == "passive":
-            notes.append("DNS replies are copied, not held: the first connection to a new address can be lost")
+            notes.append("DNS replies are copied, not held: the first connection to a new address can be "
+                         "lost; mitigation: a first SYN to an unknown address is dropped, not reset, so its "
+                         "retransmission (1 s later) passes once the reply has been read")
         notes += [f"cap reached: {cap}" for cap in self.snooper.caps_hit]
         return {
             "daemon": {"running": True, "pid": os.getpid(), "since": self.started},

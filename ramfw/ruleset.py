@@ -29,8 +29,10 @@ from .errors import NftablesError
 
 FAMILY = "inet"
 ALLOW = {4: "allow4", 6: "allow6"}
+PENDING = {4: "pending4", 6: "pending6"}
+PENDING_TIMEOUT = 3  # seconds: covers one SYN retransmission (1 s) with room to spare
 RESOLVERS = {4: "resolvers4", 6: "resolvers6"}
-COUNTERS = ("blocked", "audited", "accepted")
+COUNTERS = ("blocked", "audited", "accepted", "deferred")
 LOG_PREFIX = "ramfw "
 SET_TYPES = {4: "ipv4_addr", 6: "ipv6_addr"}
 
@@ -80,11 +82,24 @@ def _in_scope_rules(settings: EnforcementSettings, hook: str) -> list[list[dict]
     return rules
 
 
-def _verdict_rules(settings: EnforcementSettings) -> list[list[dict]]:
+def _verdict_rules(settings: EnforcementSettings, hold: str) -> list[list[dict]]:
     log = {"log": {"prefix": LOG_PREFIX + settings.mode, "group": settings.nflog_group}}
     if settings.mode == "audit":
         return [[log, {"counter": "audited"}, _ACCEPT]]
-    return [
+    grace = []
+    if hold == "passive":
+        # Replies are only copied, so the daemon may learn an address just after the client
+        # connects. A first SYN to an unknown address is dropped and remembered for a few
+        # seconds: its retransmission passes if the address was learned meanwhile, and is
+        # rejected otherwise. Blocked connections then fail after about one second.
+        syn = _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "syn")
+        for version, proto in ((4, "ip"), (6, "ip6")):
+            daddr = _payload(proto, "daddr")
+            grace.append([_match(_meta("nfproto"), "ipv4" if version == 4 else "ipv6"),
+                          _match(daddr, "@" + PENDING[version], "!="), syn,
+                          {"set": {"op": "add", "elem": daddr, "set": "@" + PENDING[version]}},
+                          {"counter": "deferred"}, {"drop": None}])
+    return grace + [
         [log, {"counter": "blocked"}, _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}],
         [{"reject": {"type": "icmpx", "expr": "admin-prohibited"}}],
     ]
@@ -119,6 +134,9 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         cmds.append({"add": {"set": {**t, "name": ALLOW[version], "type": SET_TYPES[version],
                                      "flags": ["timeout"], "size": max_addresses}}})
         cmds.append({"add": {"set": {**t, "name": RESOLVERS[version], "type": SET_TYPES[version]}}})
+        cmds.append({"add": {"set": {**t, "name": PENDING[version], "type": SET_TYPES[version],
+                                     "flags": ["timeout"], "timeout": PENDING_TIMEOUT,
+                                     "size": 65536}}})
     cmds += build_resolvers(settings.table, resolvers)["nftables"]
     for counter in COUNTERS:
         cmds.append({"add": {"counter": {**t, "name": counter}}})
@@ -140,7 +158,7 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
              _match(_payload("ip6", "daddr"), "@" + RESOLVERS[6]), _ACCEPT],
             [_match(_payload("ip", "daddr"), "@" + ALLOW[4]), {"counter": "accepted"}, _ACCEPT],
             [_match(_payload("ip6", "daddr"), "@" + ALLOW[6]), {"counter": "accepted"}, _ACCEPT],
-        ] + _verdict_rules(settings),
+        ] + _verdict_rules(settings, hold),
         **{chain: _dns_rules(hold, queue_num, snoop_group) for chain in DNS_CHAINS},
     }
     for chain, chain_rules in rules.items():
@@ -210,14 +228,16 @@ def _netlink_elements(elements: list[Element], with_data: bool) -> bytes:
     return b"".join(parts)
 
 
-def build_elements_batch(table: str, elements: Iterable[Element], refresh_by_readd: bool, seq: int = 1) -> bytes:
+def build_elements_batch(table: str, elements: Iterable[Element], refresh_by_readd: bool, seq: int = 1,
+                         clear_pending: bool = False) -> bytes:
     """Add (or re-arm) elements in one raw nf_tables netlink batch.
 
     This is the hold path: a reply waits while it runs, so it skips libnftables' JSON round
     trip. The kernel commits the batch inside ``send``, before the reply is released.
     Kernels that do not refresh a timeout when an element is added again get add, delete,
     add: the first add makes the delete safe, the last sets the new timeout, and since it is
-    one transaction no packet sees the address missing.
+    one transaction no packet sees the address missing. ``clear_pending`` (passive hold)
+    also takes the addresses out of the pending sets, so their next first SYN is deferred again.
     """
     by_version: dict[int, list[Element]] = {4: [], 6: []}
     for element in elements:
@@ -232,6 +252,10 @@ def build_elements_batch(table: str, elements: Iterable[Element], refresh_by_rea
             steps += [(NFT_MSG_NEWSETELEM, head + bare), (NFT_MSG_DELSETELEM, head + bare)]
         steps.append((NFT_MSG_NEWSETELEM, head + netlink.nested(NFTA_SET_ELEM_LIST_ELEMENTS,
                                                                  _netlink_elements(items, True))))
+        if clear_pending:
+            pending = (netlink.string(NFTA_SET_ELEM_LIST_TABLE, table) + netlink.string(NFTA_SET_ELEM_LIST_SET, PENDING[version])
+                       + netlink.nested(NFTA_SET_ELEM_LIST_ELEMENTS, _netlink_elements(items, False)))
+            steps += [(NFT_MSG_NEWSETELEM, pending), (NFT_MSG_DELSETELEM, pending)]
     if not steps:
         return b""
     messages = [netlink.message(NFNL_MSG_BATCH_BEGIN, netlink.NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES, b"")]
@@ -308,12 +332,13 @@ class Table:
     def remove(self) -> None:
         self.run(build_remove(self.name))
 
-    def add_elements(self, elements: Iterable[Element], refresh_by_readd: bool = True) -> None:
+    def add_elements(self, elements: Iterable[Element], refresh_by_readd: bool = True,
+                     clear_pending: bool = False) -> None:
         """Program elements in one raw netlink batch; raise NftablesError if the kernel refused."""
         elements = list(elements)
         for start in range(0, len(elements), BATCH_ELEMENTS):
             self._send(build_elements_batch(self.name, elements[start : start + BATCH_ELEMENTS],
-                                            refresh_by_readd))
+                                            refresh_by_readd, clear_pending=clear_pending))
 
     def _send(self, batch: bytes) -> None:
         if not batch:

@@ -255,3 +255,23 @@ def test_down_stops_the_daemon_and_removes_everything(daemon_lab):
     assert lab.daemon.wait(5) == 0
     assert lab.vm.run("nft", "list", "ruleset").stdout == ""
     assert lab.connect(BLOCKED4, mark=MARK)[0] == "connected"
+
+
+def test_passive_snooping_learns_and_softens_the_race(lab, write_config, write_policy):
+    """Where the kernel cannot queue, replies are copied (NFLOG): forced here with dns.hold."""
+    lab.serve_tcp([ALLOWED4, BLOCKED4], [443])
+    lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}",
+                      f"--host-record=blocked-registry.test,{BLOCKED4}")
+    write_policy(["allowed-registry.test"])
+    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\nhold = "passive"\n')
+    lab.start_daemon(lab.config)
+    for _ in range(20):
+        forget(lab, ALLOWED4)
+        outcome, seconds = lab.connect(address_of(lab.resolve("allowed-registry.test")), mark=MARK)
+        assert outcome == "connected" and seconds < 2.5
+    outcome, seconds = lab.connect(address_of(lab.resolve("blocked-registry.test")), mark=MARK)
+    assert outcome == "refused" and 0.5 < seconds < 2.5, "blocked: one retransmission, then a reset"
+    result = status(lab)
+    assert result["dns_hold"] == "passive"
+    assert any("first connection to a new address can be lost" in n for n in result["notes"])
+    assert "DNS hold:   passive" in lab.ramfw("status", "--config", lab.config).stdout

@@ -136,3 +136,18 @@ def test_trusted_resolvers_default_to_resolv_conf_and_stubs(tmp_path):
     assert found[:2] == ["192.0.2.53", "fe80::1"] and "127.0.0.53" in found and "127.0.0.11" in found
     assert resolvers.trusted(("2001:db8::53",), conf) == ["2001:db8::53"]
     assert "127.0.0.53" in resolvers.trusted((), tmp_path / "missing")
+
+
+def test_passive_hold_copies_replies_and_defers_first_syns():
+    doc = ruleset.build_ruleset(BASE, [], 10, "passive", 1, 2)
+    assert rules(doc, "dns_input")[0][-1] == {"log": {"group": 2}}
+    flat = [e for r in rules(doc, "registry") for e in r]
+    assert {"set": {"op": "add", "elem": {"payload": {"protocol": "ip", "field": "daddr"}}, "set": "@pending4"}} in flat
+    assert {"drop": None} in flat
+
+
+def test_native_queue_hold_uses_bypass():
+    doc = ruleset.build_ruleset(BASE, [], 10, "nft-queue", 7, 2)
+    for chain in ruleset.DNS_CHAINS:
+        assert rules(doc, chain)[0][-1] == {"queue": {"num": 7, "flags": ["bypass"]}}
+    assert rules(ruleset.build_ruleset(BASE, [], 10, "xt-nfqueue", 7, 2), "dns_input") == []
