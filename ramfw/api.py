@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import policy as policy_mod
-from . import probes, resolvers, ruleset
+from . import policysource, probes, resolvers, ruleset
 from .config import Config
 from .errors import KernelError, PolicyError, RamfwError
 from .policy import Policy
@@ -34,20 +34,28 @@ def require_root(what: str) -> None:
 def load_policy(config: Config, path: str | None = None) -> tuple[Policy, str]:
     """The policy to enforce and where it came from.
 
-    An explicit path must load. The configured source falls back to the last good cached
-    copy, then to the restrictive default (Docker Hub only): never open because a policy
-    is missing.
+    An explicit path must load. The configured source (a file, or a URL whose poller keeps
+    the cache current) falls back to the last good cached copy, then to the restrictive
+    default (Docker Hub only): never open because a policy is missing.
     """
     limit = config.policy.max_registries
     if path is not None:
         return policy_mod.from_file(path, limit), path
     source = config.policy.source
-    if Path(source).exists():
+    if not policysource.is_url(source) and Path(source).exists():
         return policy_mod.from_file(source, limit), source
     cache = config.policy.cache
     if Path(cache).exists():
-        return policy_mod.from_file(cache, limit), f"{cache} (cached; {source} is missing)"
-    return policy_mod.default(), f"built-in default, Docker Hub only ({source} is missing)"
+        what = "a cached copy of" if policysource.is_url(source) else "cached;"
+        return policy_mod.from_file(cache, limit), f"{cache} ({what} {source})"
+    return policy_mod.default(), f"built-in default, Docker Hub only ({source} has not been read)"
+
+
+def url_source(config: Config) -> "policysource.UrlSource | None":
+    if not policysource.is_url(config.policy.source):
+        return None
+    p = config.policy
+    return policysource.UrlSource(p.source, p.cache, p.ca_file, p.max_registries)
 
 
 def check_capabilities(report: probes.Report) -> None:
@@ -65,6 +73,9 @@ def render(config: Config, trusted: Iterable[str]) -> dict:
 def up(config: Config, policy_path: str | None = None, report: probes.Report | None = None) -> dict:
     """Validate everything, then apply the ruleset in one transaction; return the record."""
     require_root("ramfw up")
+    source_url = url_source(config) if policy_path is None else None
+    if source_url is not None:
+        source_url.refresh()
     policy, source = load_policy(config, policy_path)
     report = report or probes.run()
     check_capabilities(report)

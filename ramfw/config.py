@@ -25,6 +25,7 @@ class PolicySettings:
     cache: str = "/var/lib/ramfw/policy.json"
     refresh_interval: int = 300
     max_registries: int = DEFAULT_MAX_REGISTRIES
+    ca_file: str = ""  # extra CA for an HTTPS source (a private PKI)
 
 
 @dataclass(frozen=True)

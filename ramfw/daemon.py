@@ -15,6 +15,7 @@ import os
 import selectors
 import signal
 import socket
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -41,10 +42,14 @@ class Daemon:
         self.blocks: nflog.Log | None = None
         self.control: socket.socket | None = None
         self.started = time.time()
+        self._poll_now = threading.Event()
 
     # -- start-up --------------------------------------------------------------------------
     def start(self) -> None:
         api.require_root("ramfw daemon")
+        self.url_source = api.url_source(self.config) if self.policy_path is None else None
+        if self.url_source is not None:
+            self.url_source.refresh()
         self.policy, self.source = api.load_policy(self.config, self.policy_path)
         self.policy_loaded = time.time()
         self.report = probes.run()
@@ -130,6 +135,9 @@ class Daemon:
             sel.register(self.blocks.sock, selectors.EVENT_READ, self._on_block)
         sel.register(self.control, selectors.EVENT_READ, self._on_control)
         sel.register(wake_r, selectors.EVENT_READ, lambda: _drain(wake_r))
+        self._wake = wake_w
+        if self.url_source is not None:
+            threading.Thread(target=self._poll_policy, name="policy-poller", daemon=True).start()
         next_housekeeping = time.monotonic() + HOUSEKEEPING
         try:
             while not self.stopping:
@@ -149,6 +157,20 @@ class Daemon:
             wake_r.close()
             wake_w.close()
             self.close()
+
+    def _poll_policy(self) -> None:
+        """Background: poll the policy URL; a new valid policy wakes the loop to reload."""
+        while not self.stopping:
+            self._poll_now.wait(self.config.policy.refresh_interval)
+            self._poll_now.clear()
+            if self.url_source.refresh():
+                self.reload_requested = True
+                try:
+                    self._wake.send(b"r")
+                except OSError:
+                    pass
+            if self.url_source.last_error and self.url_source.last_error not in self.errors:
+                self._error(self.url_source.last_error)
 
     def _on_sighup(self, *_):
         self.reload_requested = True
@@ -239,6 +261,7 @@ class Daemon:
     # -- policy and housekeeping -----------------------------------------------------------
     def reload(self) -> tuple[bool, str]:
         """Re-read the policy and apply it at once; a bad policy keeps the one in force."""
+        self._poll_now.set()  # a URL source is fetched again in the background, then reloaded
         try:
             policy, source = api.load_policy(self.config, self.policy_path)
         except RamfwError as err:
@@ -294,7 +317,9 @@ class Daemon:
             "scope": list(self.config.enforcement.scope),
             "dns_hold": self.hold,
             "capabilities": self.report.to_dict(),
-            "policy": {**self.policy.summary(), "source": self.source, "loaded_at": self.policy_loaded},
+            "policy": {**self.policy.summary(), "source": self.source, "loaded_at": self.policy_loaded,
+                       **({"url": self.url_source.url, "url_error": self.url_source.last_error}
+                          if self.url_source else {})},
             "trusted_resolvers": self.trusted,
             "learned": {k: v for k, v in learned.items() if v},
             "counters": {**dict(self.snooper.counters),

@@ -7,6 +7,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 
 import dns.flags
 import dns.message
@@ -275,3 +276,95 @@ def test_passive_snooping_learns_and_softens_the_race(lab, write_config, write_p
     assert result["dns_hold"] == "passive"
     assert any("first connection to a new address can be lost" in n for n in result["notes"])
     assert "DNS hold:   passive" in lab.ramfw("status", "--config", lab.config).stdout
+
+
+@pytest.fixture
+def policy_server(lab, tmp_path):
+    """An HTTPS policy server on a test host, with a throw-away CA, that honours ETags."""
+    import hashlib
+    import http.server
+    import ssl
+    import subprocess
+
+    ca_key, ca, key, csr, cert = (tmp_path / n for n in ("ca.key", "ca.crt", "srv.key", "srv.csr", "srv.crt"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+                    "-days", "1", "-subj", "/CN=ramfw test CA"], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+                    "-subj", "/CN=policy"], check=True, capture_output=True)
+    ext = tmp_path / "ext.cnf"
+    ext.write_text(f"subjectAltName = IP:{NET4}\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+                    "-out", cert, "-days", "1", "-extfile", ext], check=True, capture_output=True)
+    state = {"body": b"", "seen_etags": []}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            etag = '"' + hashlib.sha256(state["body"]).hexdigest()[:16] + '"'
+            state["seen_etags"].append(self.headers.get("If-None-Match"))
+            if self.headers.get("If-None-Match") == etag:
+                self.send_response(304)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("ETag", etag)
+            self.send_header("Content-Length", str(len(state["body"])))
+            self.end_headers()
+            self.wfile.write(state["body"])
+
+        def log_message(self, *args):
+            pass
+
+    with lab.net.inside():
+        server = http.server.ThreadingHTTPServer((NET4, 8443), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state["ca"] = str(ca)
+    state["url"] = f"https://{NET4}:8443/policy.json"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_policy_from_an_https_url_with_etag_and_a_cache(lab, policy_server, tmp_path):
+    def serve(registries):
+        policy_server["body"] = json.dumps({"organizations": [{"name": "acme", "registryAccess": {
+            "registries": [{"address": r} for r in registries]}}]}).encode()
+
+    def wait_for(predicate):
+        deadline = time.monotonic() + 10
+        while not predicate(status(lab)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+    lab.serve_tcp([ALLOWED4, BLOCKED4], [443])
+    lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}",
+                      f"--host-record=blocked-registry.test,{BLOCKED4}")
+    serve(["allowed-registry.test"])
+    lab.config = str(tmp_path / "url.toml")
+    Path(lab.config).write_text(
+        f'[policy]\nsource = "{policy_server["url"]}"\ncache = "{tmp_path}/cache/policy.json"\n'
+        f'refresh_interval = 1\nca_file = "{policy_server["ca"]}"\n'
+        f'[dns]\ntrusted_resolvers = ["{NET4}"]\n[daemon]\nrun_dir = "{tmp_path}/run-url"\n')
+    lab.daemon = lab.start_daemon(lab.config)
+    assert status(lab)["policy"]["registries"] == ["allowed-registry.test"]
+    serve(["allowed-registry.test", "blocked-registry.test"])
+    wait_for(lambda s: s["policy"]["registries"] == ["allowed-registry.test", "blocked-registry.test"])
+    assert any(etag for etag in policy_server["seen_etags"]), "polls send If-None-Match"
+    lab.resolve("blocked-registry.test")
+    assert lab.connect(BLOCKED4, mark=MARK)[0] == "connected"
+    policy_server["body"] = b"{ broken"
+    wait_for(lambda s: "invalid policy" in s["policy"].get("url_error", ""))
+    assert status(lab)["policy"]["registries"] == ["allowed-registry.test", "blocked-registry.test"]
+    # Unreachable source at start: the cached last good policy is enforced, never nothing.
+    lab.daemon.terminate()
+    lab.daemon.wait(5)
+    Path(lab.config).write_text(Path(lab.config).read_text().replace(":8443/", ":8444/"))
+    lab.daemon = lab.start_daemon(lab.config)
+    result = status(lab)
+    assert result["policy"]["registries"] == ["allowed-registry.test", "blocked-registry.test"]
+    assert "cached" in result["policy"]["source"] and "unreachable" in result["policy"]["url_error"]
