@@ -13,6 +13,7 @@ it belongs to, so the common case never pays for a full parse.
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from collections import Counter, OrderedDict, deque
@@ -29,6 +30,7 @@ from .names import Pattern
 from .policy import Policy
 from .ruleset import Element
 
+log = logging.getLogger("ramfw")
 UDP, TCP = 17, 6
 TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
 MAX_TCP_FLOWS = 4096
@@ -331,6 +333,7 @@ class Snooper:
         self.counters["capped"] += 1
         if not self.caps_hit or self.caps_hit[-1] != what:
             self.caps_hit.append(what)
+            log.warning("cap reached, address not allowed: %s", what)
 
     def _remember(self, address: str, name: str) -> None:
         self.address_names[address] = name

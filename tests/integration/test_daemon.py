@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ def daemon_lab(lab, write_config, write_policy, tmp_path):
                       f"--host-record=edge.cdn-provider.test,{CDN4}",
                       *big, f"--host-record=big-registry.test,{ALLOWED4}", ttl=300)
     write_policy(POLICY)
-    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}", "{NET6}"]\n')
+    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}", "{NET6}", "127.0.0.53"]\n')
     lab.daemon = lab.start_daemon(lab.config)
     lab.resolve("warm-up.test")  # first use of dnspython in this process
     return lab
@@ -179,10 +180,33 @@ def test_expiry_then_re_resolution(lab, write_config, write_policy):
     lab.start_daemon(config)
     lab.resolve("allowed-registry.test")
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
-    time.sleep(2.5)
-    assert lab.connect(ALLOWED4, mark=MARK)[0] == "refused"
+    with lab.vm.inside():
+        established = socket.create_connection((ALLOWED4, 443), timeout=3)
+    established.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
+    with established:
+        time.sleep(2.5)
+        assert lab.connect(ALLOWED4, mark=MARK)[0] == "refused"
+        established.sendall(b"still")
+        assert established.recv(5) == b"still", "established connections survive expiry"
     lab.resolve("allowed-registry.test")
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+
+
+def test_a_local_caching_stub_on_loopback_re_arms_addresses(daemon_lab):
+    """systemd-resolved, Docker's embedded DNS and WSL2 answer from loopback, often from cache."""
+    lab = daemon_lab
+    lab.vm.run("ip", "addr", "add", "127.0.0.53/8", "dev", "lo", check=False)
+    stub = lab.vm.popen("dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
+                        "--listen-address=127.0.0.53", "--port=53", "--user=root", "--pid-file=",
+                        f"--server={NET4}", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lab.processes.append(stub)
+    time.sleep(0.3)
+    assert address_of(lab.resolve("allowed-registry.test", server="127.0.0.53")) == ALLOWED4
+    for _ in range(3):  # answered from the stub's cache, over loopback: still read, still re-armed
+        forget(lab, ALLOWED4)
+        assert lab.connect(ALLOWED4, mark=MARK)[0] == "refused"
+        assert address_of(lab.resolve("allowed-registry.test", server="127.0.0.53")) == ALLOWED4
+        assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
 
 
 def test_sigkill_fails_closed_and_a_restart_picks_up_the_kernel_state(daemon_lab):
