@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"  # the C sources, for bcc
 BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_CGROUP_SOCK = 9
 BPF_CGROUP_INET_SOCK_CREATE = 2
@@ -26,6 +27,7 @@ _EXIT = 0x05 | 0x90  # BPF_JMP | BPF_EXIT
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
 
 
 def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
@@ -79,3 +81,126 @@ def cgroup2_mount() -> str | None:
         if len(parts) > 2 and parts[2] == "cgroup2":
             return parts[1]
     return None
+
+
+BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_PROG_QUERY = 6, 7, 8, 9, 16
+BPF_F_ALLOW_MULTI = 2
+BPF_FS = Path("/sys/fs/bpf")
+_MARK_OFFSET = 16  # offsetof(struct bpf_sock, mark): bound_dev_if, family, type, protocol, mark
+
+
+def mark_program(mark: int) -> bytes:
+    """cgroup/sock_create: mark every socket the cgroup's processes create (bpf/mark.bpf.c)."""
+    return b"".join([
+        insn(_MOV32_IMM, dst=2, imm=_s32(mark)),  # r2 = mark (32-bit move, zero-extended)
+        insn(_STX_W, dst=1, src=2, off=_MARK_OFFSET),  # r1 = struct bpf_sock *; sk->mark = r2
+        insn(_MOV64_IMM, dst=0, imm=1),  # r0 = 1: allow the socket
+        insn(_EXIT),
+    ])
+
+
+def _s32(value: int) -> int:
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+def attach(cgroup: str, prog_fd: int) -> None:
+    """Attach to a cgroup v2 directory as sock_create, beside any other programs there."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        bpf(BPF_PROG_ATTACH, struct.pack("<IIII", fd, prog_fd, BPF_CGROUP_INET_SOCK_CREATE,
+                                         BPF_F_ALLOW_MULTI).ljust(32, b"\0"))
+    finally:
+        os.close(fd)
+
+
+def detach(cgroup: str, prog_fd: int) -> None:
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        bpf(BPF_PROG_DETACH, struct.pack("<IIII", fd, prog_fd, BPF_CGROUP_INET_SOCK_CREATE, 0).ljust(32, b"\0"))
+    finally:
+        os.close(fd)
+
+
+def pin(prog_fd: int, path: Path) -> None:
+    name = ctypes.create_string_buffer(str(path).encode())
+    bpf(BPF_OBJ_PIN, struct.pack("<QII", ctypes.addressof(name), prog_fd, 0).ljust(32, b"\0"))
+
+
+def pinned(path: Path) -> int:
+    """A file descriptor for the program pinned at ``path``; OSError if there is none."""
+    name = ctypes.create_string_buffer(str(path).encode())
+    return bpf(BPF_OBJ_GET, struct.pack("<QII", ctypes.addressof(name), 0, 0).ljust(32, b"\0"))
+
+
+def ensure_bpffs(root: Path = BPF_FS) -> None:
+    """bpffs holds the pins that let the attachment outlive the daemon; mount it if needed."""
+    if any(line.split()[2:3] == ["bpf"] and line.split()[1] == str(root)
+           for line in Path("/proc/self/mounts").read_text().splitlines()):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    if _libc.mount(b"bpf", str(root).encode(), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot mount bpffs at {root}: {os.strerror(err)}")
+
+
+class EngineMark:
+    """The sock_create program that marks the engine's sockets, attached to its cgroup.
+
+    Pinned under bpffs, so it stays attached when the daemon exits (fail closed) and a
+    restarted daemon attaches its new program before detaching the old one: the engine's new
+    sockets are never created unmarked. ``remove`` detaches and unpins.
+    """
+
+    def __init__(self, cgroup: str, mark: int, bpffs: Path = BPF_FS,
+                 state_file: Path = Path("/run/ramfw/engine_mark.cgroup")):
+        self.cgroup, self.mark, self.bpffs = cgroup, mark, bpffs
+        self.pin_dir = bpffs / "ramfw"
+        self.pin_path = self.pin_dir / "engine_mark"
+        self.state_file = state_file  # which cgroup the pinned program is attached to
+
+    def apply(self) -> None:
+        ensure_bpffs(self.bpffs)
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        fd = load_program(mark_program(self.mark), BPF_PROG_TYPE_CGROUP_SOCK, BPF_CGROUP_INET_SOCK_CREATE,
+                          b"ramfw_mark")
+        try:
+            attach(self.cgroup, fd)
+            old = self._take_pin()
+            pin(fd, self.pin_path)
+            if old is not None:
+                old_fd, old_cgroup = old
+                try:
+                    detach(old_cgroup, old_fd)
+                except OSError:
+                    pass
+                os.close(old_fd)
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            self.state_file.write_text(self.cgroup)
+        finally:
+            os.close(fd)
+
+    def _take_pin(self) -> tuple[int, str] | None:
+        try:
+            fd = pinned(self.pin_path)
+        except OSError:
+            return None
+        self.pin_path.unlink()
+        try:
+            cgroup = self.state_file.read_text()
+        except OSError:
+            cgroup = self.cgroup
+        return fd, cgroup
+
+    def remove(self) -> None:
+        """Detach and unpin; safe to repeat."""
+        old = self._take_pin()
+        if old is not None:
+            fd, cgroup = old
+            try:
+                detach(cgroup, fd)
+            except OSError:
+                pass
+            os.close(fd)
+        self.state_file.unlink(missing_ok=True)
+        if self.pin_dir.exists() and not any(self.pin_dir.iterdir()):
+            self.pin_dir.rmdir()

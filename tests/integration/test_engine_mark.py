@@ -1,0 +1,97 @@
+"""Engine scope: the sock_create program marks the sockets of one cgroup's processes only."""
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ramfw import bpf
+from ramfw.sandbox import ALLOWED4, BLOCKED4
+
+MARK = 0x52410000
+CONNECT = """
+import socket, sys
+s = socket.socket()
+s.settimeout(3)
+try:
+    s.connect((sys.argv[1], 443))
+    print("connected")
+except ConnectionRefusedError:
+    print("refused")
+"""
+
+
+@pytest.fixture
+def cgroup():
+    mount = bpf.cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup v2 hierarchy is mounted here")
+    try:
+        fd = bpf.load_program(bpf.mark_program(MARK), bpf.BPF_PROG_TYPE_CGROUP_SOCK,
+                              bpf.BPF_CGROUP_INET_SOCK_CREATE)
+        os.close(fd)
+    except OSError as err:
+        pytest.skip(f"cgroup socket programs cannot be loaded here: {err}")
+    path = Path(mount) / f"ramfw-test-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        for pid in (path / "cgroup.procs").read_text().split():
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
+        path.rmdir()
+
+
+def run_in(lab, cgroup, address):
+    """A process in the vm's network namespace, optionally placed in ``cgroup`` before exec."""
+    def enter():
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+    result = subprocess.run(["nsenter", f"--net={lab.vm.path}", sys.executable, "-c", CONNECT, address],
+                            capture_output=True, text=True, preexec_fn=enter, timeout=10)
+    return result.stdout.strip()
+
+
+def test_hand_assembled_program_marks_only_the_engine_cgroup(lab, write_config, tmp_path, cgroup):
+    lab.serve_tcp([ALLOWED4, BLOCKED4], [443])
+    assert lab.ramfw("up", "--config", write_config()).returncode == 0
+    bpffs = tmp_path / "bpffs"  # a private bpffs, unmounted after: the host's is not touched
+    engine = bpf.EngineMark(str(cgroup), MARK, bpffs=bpffs, state_file=tmp_path / "engine.cgroup")
+    try:
+        engine.apply()
+        assert run_in(lab, cgroup, BLOCKED4) == "refused", "the engine's sockets are marked and filtered"
+        assert run_in(lab, None, BLOCKED4) == "connected", "other processes are untouched"
+        engine.apply()  # a restart: new program attached before the old one is detached
+        assert run_in(lab, cgroup, BLOCKED4) == "refused"
+    finally:
+        engine.remove()
+        engine.remove()
+        subprocess.run(["umount", str(bpffs)], check=False)
+    assert run_in(lab, cgroup, BLOCKED4) == "connected", "detached cleanly"
+
+
+def test_bcc_loads_the_c_source_and_marks_the_same_way(lab, write_config, cgroup):
+    release = os.uname().release
+    if not Path(f"/lib/modules/{release}/build").exists() and not Path("/sys/kernel/kheaders.tar.xz").exists():
+        pytest.skip(f"bcc cannot compile here: no kernel headers for {release} (the hand-assembled path is tested)")
+    import ctypes
+
+    from bcc import BPF
+
+    program = BPF(src_file=str(bpf.SOURCE_DIR / "mark.bpf.c"))
+    program["ramfw_config"][ctypes.c_int(0)] = ctypes.c_uint32(MARK)
+    function = program.load_func("ramfw_mark", BPF.CGROUP_SOCK)
+    lab.serve_tcp([BLOCKED4], [443])
+    assert lab.ramfw("up", "--config", write_config()).returncode == 0
+    bpf.attach(str(cgroup), function.fd)
+    try:
+        assert run_in(lab, cgroup, BLOCKED4) == "refused"
+        assert run_in(lab, None, BLOCKED4) == "connected"
+    finally:
+        bpf.detach(str(cgroup), function.fd)
