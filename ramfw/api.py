@@ -130,6 +130,10 @@ def down(config: Config) -> None:
     except DaemonError:
         pass
     ruleset.Table(config.enforcement.table).remove()
+    from . import bpf
+
+    bpf.EngineMark("", config.enforcement.mark, Path(config.enforcement.bpffs),
+                   Path(config.daemon.run_dir) / "engine_mark.cgroup").remove()
     try:
         os.unlink(config.daemon.state_file)
     except FileNotFoundError:

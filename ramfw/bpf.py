@@ -143,6 +143,17 @@ def ensure_bpffs(root: Path = BPF_FS) -> None:
         raise OSError(err, f"cannot mount bpffs at {root}: {os.strerror(err)}")
 
 
+def load_mark_with_bcc(mark: int) -> int:
+    """Compile bpf/mark.bpf.c with bcc, set the mark in its map; return a duplicate program fd."""
+    from bcc import BPF
+
+    program = BPF(src_file=str(SOURCE_DIR / "mark.bpf.c"))
+    program["ramfw_config"][ctypes.c_int(0)] = ctypes.c_uint32(mark)
+    fd = os.dup(program.load_func("ramfw_mark", BPF.CGROUP_SOCK).fd)
+    program.cleanup()
+    return fd
+
+
 class EngineMark:
     """The sock_create program that marks the engine's sockets, attached to its cgroup.
 
@@ -152,17 +163,17 @@ class EngineMark:
     """
 
     def __init__(self, cgroup: str, mark: int, bpffs: Path = BPF_FS,
-                 state_file: Path = Path("/run/ramfw/engine_mark.cgroup")):
-        self.cgroup, self.mark, self.bpffs = cgroup, mark, bpffs
-        self.pin_dir = bpffs / "ramfw"
+                 state_file: Path = Path("/run/ramfw/engine_mark.cgroup"), use_bcc: bool = False):
+        self.cgroup, self.mark, self.bpffs, self.use_bcc = cgroup, mark, Path(bpffs), use_bcc
+        self.pin_dir = self.bpffs / "ramfw"
         self.pin_path = self.pin_dir / "engine_mark"
         self.state_file = state_file  # which cgroup the pinned program is attached to
 
     def apply(self) -> None:
         ensure_bpffs(self.bpffs)
         self.pin_dir.mkdir(parents=True, exist_ok=True)
-        fd = load_program(mark_program(self.mark), BPF_PROG_TYPE_CGROUP_SOCK, BPF_CGROUP_INET_SOCK_CREATE,
-                          b"ramfw_mark")
+        fd = load_mark_with_bcc(self.mark) if self.use_bcc else load_program(
+            mark_program(self.mark), BPF_PROG_TYPE_CGROUP_SOCK, BPF_CGROUP_INET_SOCK_CREATE, b"ramfw_mark")
         try:
             attach(self.cgroup, fd)
             old = self._take_pin()

@@ -31,6 +31,10 @@ def _print_status(result: dict) -> None:
         print(f"kernel:     {caps.get('kernel')}; missing: {', '.join(missing) or 'nothing'}")
     if result.get("dns_hold"):
         print(f"DNS hold:   {result['dns_hold']}")
+    eng = result.get("engine") or {}
+    if eng:
+        where = f" on cgroup {eng['cgroup']}" if eng.get("cgroup") else ""
+        print(f"engine:     {'marked' if eng.get('attached') else 'NOT marked'}{where}, loader: {eng.get('loader')}")
     daemon = result.get("daemon") or {}
     print(f"daemon:     {'running, pid ' + str(daemon['pid']) if daemon.get('running') else 'not running'}")
     counters = result.get("counters") or {}

@@ -38,6 +38,9 @@ class EnforcementSettings:
     mark_mask: int = 0xFFFF0000
     nflog_group: int = 5241
     engine_processes: tuple[str, ...] = ("dockerd", "containerd", "buildkitd")
+    engine_cgroup: str = ""  # a cgroup v2 path; empty: the cgroup the engine processes are in
+    dedicated_cgroup: bool = False  # move an engine found in the root cgroup into its own
+    bpffs: str = "/sys/fs/bpf"
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,8 @@ class Daemon:
         if self.report.has("nflog"):
             self.blocks = nflog.Log(self.config.enforcement.nflog_group)
         self.apply()
+        self.engine_state: dict = {}
+        self._attach_engine()
         self._seed_from_kernel()
         dnsreply.warm_up()
         self._open_control()
@@ -90,6 +92,45 @@ class Daemon:
                     except OSError as err:
                         raise NftablesError(f"cannot add the xt NFQUEUE rule: {err.strerror}") from None
         api.write_record(self.config, self._record())
+
+    def _attach_engine(self) -> None:
+        """Engine scope: mark the engine's sockets with the sock_create program."""
+        e = self.config.enforcement
+        if "engine" not in e.scope or self.engine_state.get("attached"):
+            return
+        loader = "bcc" if self.report.has("bcc") else "hand-assembled (no compiler needed)"
+        if not self.report.has("cgroup_bpf"):
+            self.engine_state = {"attached": False, "loader": loader,
+                                 "note": "engine scope is unavailable on this kernel: cgroup eBPF is missing; "
+                                         "use scope host"}
+            return
+        from . import bpf, engine
+
+        found = engine.locate(bpf.cgroup2_mount(), e.engine_cgroup, e.engine_processes, e.dedicated_cgroup)
+        if found is None:
+            self.engine_state = {"attached": False, "loader": loader,
+                                 "note": f"no engine process ({', '.join(e.engine_processes)}) found yet; "
+                                         "looking again every few seconds"}
+            return
+        if found.note and found.path == bpf.cgroup2_mount():
+            self.engine_state = {"attached": False, "loader": loader, "cgroup": found.path, "note": found.note}
+            return
+        try:
+            self._engine_mark(found.path).apply()
+        except OSError as err:
+            self.engine_state = {"attached": False, "loader": loader, "cgroup": found.path,
+                                 "note": f"cannot attach the engine-scope program: {err}"}
+            self._error(self.engine_state["note"])
+            return
+        self.engine_state = {"attached": True, "loader": loader, "cgroup": found.path, "note": found.note}
+        log.info("engine scope: marking sockets of cgroup %s (%s)", found.path, loader)
+
+    def _engine_mark(self, cgroup: str):
+        from . import bpf
+
+        return bpf.EngineMark(cgroup, self.config.enforcement.mark, Path(self.config.enforcement.bpffs),
+                              Path(self.config.daemon.run_dir) / "engine_mark.cgroup",
+                              use_bcc=self.report.has("bcc"))
 
     def _record(self) -> dict:
         return {"applied_at": time.time(), "config": self.config.path, "policy_source": self.source,
@@ -280,6 +321,8 @@ class Daemon:
         return True, message
 
     def _housekeeping(self) -> None:
+        if "engine" in self.config.enforcement.scope and not self.engine_state.get("attached"):
+            self._attach_engine()
         mtime = _mtime(resolvers.RESOLV_CONF)
         if mtime != self.resolv_mtime and not self.config.dns.trusted_resolvers:
             self.resolv_mtime = mtime
@@ -310,12 +353,15 @@ class Daemon:
                          "lost; mitigation: a first SYN to an unknown address is dropped, not reset, so its "
                          "retransmission (1 s later) passes once the reply has been read")
         notes += [f"cap reached: {cap}" for cap in self.snooper.caps_hit]
+        if self.engine_state.get("note"):
+            notes.append(f"engine scope: {self.engine_state['note']}")
         return {
             "daemon": {"running": True, "pid": os.getpid(), "since": self.started},
             "enforcing": bool(counters),
             "mode": self.config.enforcement.mode,
             "scope": list(self.config.enforcement.scope),
             "dns_hold": self.hold,
+            "engine": self.engine_state,
             "capabilities": self.report.to_dict(),
             "policy": {**self.policy.summary(), "source": self.source, "loaded_at": self.policy_loaded,
                        **({"url": self.url_source.url, "url_error": self.url_source.last_error}

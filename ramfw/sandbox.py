@@ -59,10 +59,14 @@ class Netns:
         self.run("ip", "link", "set", "lo", "up")
 
     def run(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        return run("ip", "netns", "exec", self.name, *args, check=check, **kw)
+        return run(*self.prefix(), *args, check=check, **kw)
 
     def popen(self, *args: str, **kw) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kw)
+        return subprocess.Popen([*self.prefix(), *args], **kw)
+
+    def prefix(self) -> list[str]:
+        """Enter only the network namespace (`ip netns exec` would remount /sys and hide cgroups)."""
+        return ["nsenter", f"--net={self.path}"]
 
     @contextlib.contextmanager
     def inside(self):
