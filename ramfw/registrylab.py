@@ -1,0 +1,293 @@
+"""Real registries and a real Docker engine inside the sandbox (for the end-to-end tests,
+the demo and the docker pull benchmark).
+
+"The internet" namespace runs Debian's docker-registry behind small TLS fronts, one per test
+host, with certificates from a throw-away CA:
+
+    allowed-registry.test, blocked-registry.test  203.0.113.10 / .20   plain registries
+    redirect-registry.test                        203.0.113.40         blob GETs answer 307 to
+    blobs.redirect-cdn.test                       203.0.113.30         ... this CDN host
+    /files/<name> on every host                                        for Dockerfile ADD <url>
+
+"The VM" runs dockerd in a cgroup of its own (the engine cgroup), in a private mount
+namespace that sees the test CA, a resolv.conf pointing at the test DNS server and its own
+/etc/hosts. Nothing is installed on, or left behind on, the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import http.client
+import http.server
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tarfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from .sandbox import ALLOWED4, BLOCKED4, CDN4, NET4, Lab
+
+REDIRECT4 = "203.0.113.40"
+HOSTS = {
+    "allowed-registry.test": ALLOWED4,
+    "blocked-registry.test": BLOCKED4,
+    "redirect-registry.test": REDIRECT4,
+    "blobs.redirect-cdn.test": CDN4,
+}
+HOSTS_FILE_ONLY = "hosts-file-registry.test"  # reachable only through /etc/hosts (-> blocked)
+IMAGE = "test/image:1"
+_BLOB = re.compile(r"/v2/.+/blobs/sha256:[0-9a-f]{64}")
+
+
+def tools_missing() -> str | None:
+    for tool in ("dockerd", "docker", "docker-registry", "skopeo", "openssl", "containerd", "runc"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (scripts/setup installs docker.io, docker-registry, skopeo)"
+    return None
+
+
+class _Front(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, lab: Lab, address: str, redirect_to: str | None):
+        self.lab, self.redirect_to = lab, redirect_to
+        with lab.net.inside():
+            super().__init__((address, 443), _FrontHandler)
+
+
+class _FrontHandler(http.server.BaseHTTPRequestHandler):
+    """Proxies to the registry; answers /files/ itself; redirects blob GETs when told to."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return bytes(data)
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _reply(self, status: int, headers: dict, body: bytes, length: str | None = None) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", length if length is not None else str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _handle(self) -> None:
+        body = self._body()
+        if self.path.startswith("/files/"):
+            return self._reply(200, {"Content-Type": "text/plain"}, f"hello from {self.headers['Host']}\n".encode())
+        if self.server.redirect_to and self.command == "GET" and _BLOB.fullmatch(self.path.split("?")[0]):
+            return self._reply(307, {"Location": f"https://{self.server.redirect_to}{self.path}"}, b"")
+        with self.server.lab.net.inside():
+            upstream = http.client.HTTPConnection("127.0.0.1", 5000, timeout=30)
+            upstream.connect()
+        try:
+            upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for key, value in self.headers.items():  # repeated headers (Accept) stay repeated
+                if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    upstream.putheader(key, value)
+            upstream.putheader("X-Forwarded-Proto", "https")
+            upstream.putheader("Content-Length", str(len(body)))
+            upstream.endheaders(body)
+            response = upstream.getresponse()
+            data = response.read()
+            passed = {k: v for k, v in response.getheaders()
+                      if k.lower() not in ("content-length", "transfer-encoding", "connection")}
+            length = response.getheader("Content-Length") if self.command == "HEAD" else None
+            self._reply(response.status, passed, data, length)
+        finally:
+            upstream.close()
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+
+class RegistryLab:
+    """Registries, DNS and dockerd for end-to-end runs; ``close`` undoes everything."""
+
+    def __init__(self, lab: Lab, workdir: Path, layers: int = 3, layer_bytes: int = 256 * 1024):
+        self.lab, self.dir = lab, Path(workdir)
+        self.fronts: list[_Front] = []
+        self.dockerd: subprocess.Popen | None = None
+        self.cgroup: Path | None = None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lab.net.run("ip", "addr", "add", f"{REDIRECT4}/24", "dev", self._net_if())
+        self._certificates()
+        self._registry()
+        for name, address in HOSTS.items():
+            self._front(address, "blobs.redirect-cdn.test" if name == "redirect-registry.test" else None)
+        names = [f"--host-record={n},{a}" for n, a in HOSTS.items()]
+        lab.start_dnsmasq(NET4, *names)
+        self._push_image(layers, layer_bytes)
+
+    def _net_if(self) -> str:
+        out = self.lab.net.run("ip", "-o", "link", "show", "type", "veth").stdout
+        return out.split(":")[1].strip().split("@")[0]
+
+    # -- the internet --------------------------------------------------------------------
+    def _certificates(self) -> None:
+        d = self.dir
+        sans = ",".join([f"DNS:{n}" for n in [*HOSTS, HOSTS_FILE_ONLY]] + [f"IP:{BLOCKED4}"])
+        (d / "san.cnf").write_text(f"subjectAltName = {sans}\n")
+        steps = [
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+             "-days", "2", "-subj", "/CN=ramfw sandbox CA"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+             "-subj", "/CN=registry.test"],
+            ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.crt", "-days", "2", "-extfile", "san.cnf"],
+        ]
+        for step in steps:
+            subprocess.run(["openssl", *step], cwd=d, check=True, capture_output=True)
+        self.ca = d / "ca.crt"
+
+    def _registry(self) -> None:
+        (self.dir / "registry").mkdir(exist_ok=True)
+        config = self.dir / "registry.yml"
+        config.write_text(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+            f"    rootdirectory: {self.dir / 'registry'}\n  delete:\n    enabled: true\n"
+            "http:\n  addr: 127.0.0.1:5000\n")
+        proc = self.lab.net.popen("docker-registry", "serve", str(config),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.lab.processes.append(proc)
+        _wait(lambda: "127.0.0.1:5000 " in self.lab.net.run("ss", "-tlnH").stdout + " ", "docker-registry")
+
+    def _front(self, address: str, redirect_to: str | None) -> None:
+        server = _Front(self.lab, address, redirect_to)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.dir / "server.crt", self.dir / "server.key")
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.fronts.append(server)
+
+    def _push_image(self, layers: int, layer_bytes: int) -> None:
+        """Build an OCI image by hand (no engine needed) and push it with skopeo."""
+        layout = self.dir / "oci"
+        blobs = layout / "blobs" / "sha256"
+        blobs.mkdir(parents=True, exist_ok=True)
+
+        def blob(data: bytes) -> dict:
+            digest = hashlib.sha256(data).hexdigest()
+            (blobs / digest).write_bytes(data)
+            return {"digest": f"sha256:{digest}", "size": len(data)}
+
+        diff_ids, layer_descriptors = [], []
+        for index in range(layers):
+            raw = io.BytesIO()
+            with tarfile.open(fileobj=raw, mode="w") as tar:
+                content = os.urandom(layer_bytes)
+                info = tarfile.TarInfo(f"layer{index}.bin")
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+            diff_ids.append("sha256:" + hashlib.sha256(raw.getvalue()).hexdigest())
+            layer_descriptors.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                      **blob(gzip.compress(raw.getvalue(), mtime=0))})
+        config = blob(json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                                  "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode())
+        manifest = blob(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+                                    "layers": layer_descriptors}).encode())
+        (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+        (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", **manifest,
+             "annotations": {"org.opencontainers.image.ref.name": "1"}}]}))
+        self.lab.net.run("skopeo", "copy", "--quiet", "--format", "v2s2", "--dest-tls-verify=false", f"oci:{layout}:1",
+                         f"docker://127.0.0.1:5000/{IMAGE}")
+
+    # -- the VM: dockerd in the engine cgroup ---------------------------------------------
+    def start_dockerd(self, cgroup2: str) -> Path:
+        """dockerd in a cgroup of its own; returns that cgroup's directory."""
+        self.cgroup = Path(cgroup2) / f"ramfw-sbx-engine-{uuid.uuid4().hex[:8]}"
+        self.cgroup.mkdir()
+        root = self.dir / "vm"
+        etc_docker = root / "etc-docker"
+        for host in [*HOSTS, HOSTS_FILE_ONLY, BLOCKED4]:
+            (etc_docker / "certs.d" / host).mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.ca, etc_docker / "certs.d" / host / "ca.crt")
+        (root / "resolv.conf").write_text(f"nameserver {NET4}\n")
+        (root / "hosts").write_text(f"127.0.0.1 localhost\n{BLOCKED4} {HOSTS_FILE_ONLY}\n")
+        system_cas = Path("/etc/ssl/certs/ca-certificates.crt")
+        bundle = root / "ca-certificates.crt"
+        bundle.write_text((system_cas.read_text() if system_cas.exists() else "") + self.ca.read_text())
+        self.socket = root / "docker.sock"
+        mounts = [(root / "resolv.conf", "/etc/resolv.conf"), (root / "hosts", "/etc/hosts"),
+                  (etc_docker, "/etc/docker")]
+        if system_cas.exists():
+            mounts.append((bundle, str(system_cas)))
+        if not Path("/etc/docker").is_dir():
+            raise RuntimeError("/etc/docker is missing: reinstall docker.io")
+        script = "; ".join(f"mount --bind {src} {dst}" for src, dst in mounts)
+        script += (f"; exec nsenter --net={self.lab.vm.path} dockerd --data-root {root}/data "
+                   f"--exec-root {root}/exec --pidfile {root}/docker.pid -H unix://{self.socket} "
+                   "--storage-driver=vfs --iptables=false --ip-masq=false --bridge=none "
+                   "--userland-proxy=false --log-level=error")
+        cgroup_procs = self.cgroup / "cgroup.procs"
+
+        def enter_cgroup():
+            cgroup_procs.write_text(str(os.getpid()))
+
+        self.dockerd = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                                        preexec_fn=enter_cgroup, stdout=subprocess.DEVNULL,
+                                        stderr=open(root / "dockerd.log", "wb"))
+        _wait(lambda: self.docker("version", check=False).returncode == 0 or self.dockerd.poll() is not None,
+              "dockerd", timeout=60)
+        if self.dockerd.poll() is not None:
+            raise RuntimeError(f"dockerd exited: {(root / 'dockerd.log').read_text()[-2000:]}")
+        return self.cgroup
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 120, **env) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker", "-H", f"unix://{self.socket}", *args], capture_output=True, text=True,
+                              check=check, timeout=timeout, env={**os.environ, **env})
+
+    def close(self) -> None:
+        if self.dockerd is not None and self.dockerd.poll() is None:
+            self.dockerd.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.dockerd.wait(20)
+        if self.cgroup is not None and self.cgroup.exists():
+            for _ in range(50):
+                pids = (self.cgroup / "cgroup.procs").read_text().split()
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+                time.sleep(0.1)
+            with contextlib.suppress(OSError):
+                self.cgroup.rmdir()
+        for server in self.fronts:
+            with contextlib.suppress(Exception):
+                server.shutdown()
+                server.server_close()
+        shutil.rmtree(self.dir / "vm", ignore_errors=True)
+
+
+def _wait(ready, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start within {timeout} s")
+        time.sleep(0.1)

@@ -1,0 +1,143 @@
+"""End to end: a real Docker engine pulling, pushing and building through ramfw."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ramfw import bpf, registrylab
+from ramfw.registrylab import HOSTS_FILE_ONLY, IMAGE, RegistryLab
+from ramfw.sandbox import BLOCKED4, NET4, Lab, skip_reason
+
+POLICY = ["allowed-registry.test", "redirect-registry.test"]
+
+
+def write_policy(path: Path, registries):
+    path.write_text(json.dumps({"organizations": [{"name": "acme", "registryAccess": {
+        "registries": [{"address": r} for r in registries]}}]}))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    reason = skip_reason() or registrylab.tools_missing()
+    if reason is None and bpf.cgroup2_mount() is None:
+        reason = "no cgroup v2 hierarchy is mounted"
+    if reason:
+        pytest.skip(reason)
+    tmp = tmp_path_factory.mktemp("e2e")
+    bpffs = tmp / "bpffs"
+    lab = Lab()
+    registries = None
+    try:
+        registries = RegistryLab(lab, tmp / "registries")
+        cgroup = registries.start_dockerd(bpf.cgroup2_mount())
+        lab.policy = tmp / "policy.json"
+        write_policy(lab.policy, POLICY)
+        lab.config = str(tmp / "ramfw.toml")
+        Path(lab.config).write_text(
+            f'[policy]\nsource = "{lab.policy}"\ncache = "{tmp}/cache.json"\n'
+            f'[enforcement]\nengine_cgroup = "{cgroup}"\nbpffs = "{bpffs}"\n'
+            f'[dns]\ntrusted_resolvers = ["{NET4}"]\n[daemon]\nrun_dir = "{tmp}/run"\n')
+        lab.daemon = lab.start_daemon(lab.config)
+        lab.registries = registries
+        yield lab
+    finally:
+        try:
+            lab.ramfw("down", "--config", lab.config) if hasattr(lab, "config") else None
+        finally:
+            if registries is not None:
+                registries.close()
+            lab.close()
+            subprocess.run(["umount", str(bpffs)], capture_output=True)
+
+
+def status(world):
+    return json.loads(world.ramfw("status", "--json", "--config", world.config).stdout)
+
+
+def fresh(world):
+    """No images: every pull downloads its layers again."""
+    ids = world.registries.docker("images", "-q").stdout.split()
+    if ids:
+        world.registries.docker("rmi", "-f", *set(ids), check=False)
+
+
+def pull(world, reference):
+    start = time.monotonic()
+    result = world.registries.docker("pull", reference, check=False)
+    return result, time.monotonic() - start
+
+
+def blocks(world):
+    return [b["message"] for b in status(world)["recent_blocks"]]
+
+
+def wait_for_block(world, message):
+    deadline = time.monotonic() + 5
+    while message not in blocks(world):
+        assert time.monotonic() < deadline, blocks(world)
+        time.sleep(0.1)
+
+
+def test_engine_scope_is_attached(world):
+    engine = status(world)["engine"]
+    assert engine["attached"] and engine["loader"].startswith(("bcc", "hand-assembled"))
+
+
+def test_pull_from_the_allowed_registry_succeeds(world):
+    fresh(world)
+    result, _ = pull(world, f"allowed-registry.test/{IMAGE}")
+    assert result.returncode == 0, result.stderr
+
+
+def test_pull_from_the_blocked_registry_fails_at_once_and_says_why(world):
+    result, seconds = pull(world, f"blocked-registry.test/{IMAGE}")
+    assert result.returncode != 0 and "connection refused" in result.stderr
+    assert seconds < 1.5
+    wait_for_block(world, "registry access to blocked-registry.test is not allowed")
+    text = world.ramfw("status", "--config", world.config).stdout
+    assert "registry access to blocked-registry.test is not allowed" in text
+
+
+def test_redirected_blobs_need_their_cdn_name(world):
+    fresh(world)
+    result, _ = pull(world, f"redirect-registry.test/{IMAGE}")
+    assert result.returncode != 0
+    wait_for_block(world, "registry access to blobs.redirect-cdn.test is not allowed")
+    write_policy(world.policy, POLICY + ["redirect-cdn.test"])
+    try:
+        assert world.ramfw("reload", "--config", world.config).returncode == 0
+        result, _ = pull(world, f"redirect-registry.test/{IMAGE}")
+        assert result.returncode == 0, result.stderr
+    finally:
+        write_policy(world.policy, POLICY)
+        world.ramfw("reload", "--config", world.config)
+
+
+def test_push_is_restricted_like_pull(world):
+    fresh(world)
+    assert pull(world, f"allowed-registry.test/{IMAGE}")[0].returncode == 0
+    docker = world.registries.docker
+    docker("tag", f"allowed-registry.test/{IMAGE}", "allowed-registry.test/test/pushed:1")
+    docker("tag", f"allowed-registry.test/{IMAGE}", "blocked-registry.test/test/pushed:1")
+    assert docker("push", "allowed-registry.test/test/pushed:1", check=False).returncode == 0
+    blocked = docker("push", "blocked-registry.test/test/pushed:1", check=False)
+    assert blocked.returncode != 0 and "connection refused" in blocked.stderr
+
+
+def test_dockerfile_add_url_is_restricted(world, tmp_path):
+    for host, ok in (("allowed-registry.test", True), ("blocked-registry.test", False)):
+        context = tmp_path / host
+        context.mkdir()
+        (context / "Dockerfile").write_text(f"FROM scratch\nADD https://{host}/files/hello.txt /hello.txt\n")
+        result = world.registries.docker("build", "--no-cache", "-q", str(context), check=False,
+                                         DOCKER_BUILDKIT="0")
+        assert (result.returncode == 0) is ok, result.stderr
+
+
+def test_hosts_file_and_hard_coded_addresses_do_not_get_through(world):
+    for reference in (f"{HOSTS_FILE_ONLY}/{IMAGE}", f"{BLOCKED4}/{IMAGE}"):
+        result, _ = pull(world, reference)
+        assert result.returncode != 0 and "connection refused" in result.stderr, result.stderr
