@@ -203,7 +203,7 @@ def _btf_probe() -> Capability:
 
 def _bcc_probe() -> Capability:
     release = platform.release()
-    headers = Path(f"/lib/modules/{release}/build")
+    headers = Path(os.environ.get("BCC_KERNEL_SOURCE") or f"/lib/modules/{release}/build")
     if not headers.exists() and not Path("/sys/kernel/kheaders.tar.xz").exists():
         return Capability("bcc", False, f"no kernel headers ({headers} is missing, no kheaders)",
                           COSTS["bcc"])
