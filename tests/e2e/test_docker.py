@@ -141,3 +141,49 @@ def test_hosts_file_and_hard_coded_addresses_do_not_get_through(world):
     for reference in (f"{HOSTS_FILE_ONLY}/{IMAGE}", f"{BLOCKED4}/{IMAGE}"):
         result, _ = pull(world, reference)
         assert result.returncode != 0 and "connection refused" in result.stderr, result.stderr
+
+
+def skopeo_in_distribution(world, reference):
+    """skopeo in a "distribution" of its own: separate mount and PID namespaces, the VM's network."""
+    vm = world.registries.dir / "vm"
+    certs = vm / "etc-docker" / "certs.d" / reference.split("/")[0]
+    script = (f"mount --bind {vm / 'resolv.conf'} /etc/resolv.conf; exec nsenter --net={world.vm.path} "
+              f"skopeo inspect --raw --cert-dir {certs} docker://{reference}")
+    return subprocess.run(["unshare", "-m", "-p", "--fork", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=60)
+
+
+def restart_daemon(world, config):
+    world.daemon.terminate()
+    assert world.daemon.wait(10) == 0
+    world.daemon = world.start_daemon(config)
+
+
+def test_a_client_outside_the_engine_is_untouched_in_engine_scope_and_blocked_in_host_scope(world, tmp_path):
+    reference = f"blocked-registry.test/{IMAGE}"
+    assert skopeo_in_distribution(world, reference).returncode == 0, "engine scope: skopeo is not the engine"
+    host_config = tmp_path / "host.toml"
+    host_config.write_text(Path(world.config).read_text().replace(
+        "[enforcement]\n", '[enforcement]\nscope = ["engine", "host"]\n'))
+    restart_daemon(world, str(host_config))
+    try:
+        for distribution in range(2):  # two distributions, one daemon for the whole VM
+            result = skopeo_in_distribution(world, reference)
+            assert result.returncode != 0 and "connection refused" in result.stderr, (distribution, result.stderr)
+        allowed = skopeo_in_distribution(world, f"allowed-registry.test/{IMAGE}")
+        assert allowed.returncode == 0, allowed.stderr
+    finally:
+        restart_daemon(world, world.config)
+
+
+def test_the_engine_stays_marked_while_the_daemon_restarts(world):
+    world.daemon.terminate()
+    assert world.daemon.wait(10) == 0
+    try:
+        result, _ = pull(world, f"blocked-registry.test/{IMAGE}")
+        assert result.returncode != 0 and "connection refused" in result.stderr, "still marked, still blocked"
+    finally:
+        world.daemon = world.start_daemon(world.config)
+    assert status(world)["engine"]["attached"]
+    fresh(world)
+    assert pull(world, f"allowed-registry.test/{IMAGE}")[0].returncode == 0
