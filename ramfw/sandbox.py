@@ -30,6 +30,7 @@ VM6, NET6 = "2001:db8::1", "2001:db8::2"
 ALLOWED4, BLOCKED4 = "203.0.113.10", "203.0.113.20"
 ALLOWED6, BLOCKED6 = "2001:db8::10", "2001:db8::20"
 CDN4 = "203.0.113.30"
+BRIDGE4, CONTAINER4 = "198.51.100.1", "198.51.100.2"
 ROGUE_DNS4 = "203.0.113.53"
 
 
@@ -166,6 +167,21 @@ class Lab:
         self.namespaces.append(ns)
         return ns
 
+    def add_container(self) -> Netns:
+        """A "container" behind the vm, whose traffic the vm forwards (as a container bridge does)."""
+        container = self._ns("ctr")
+        inside, outside = f"rfc{os.getpid() % 100000}", f"rfb{os.getpid() % 100000}"
+        run("ip", "link", "add", inside, "netns", container.name, "type", "veth", "peer", "name", outside,
+            "netns", self.vm.name)
+        container.run("ip", "addr", "add", f"{CONTAINER4}/24", "dev", inside)
+        container.run("ip", "link", "set", inside, "up")
+        container.run("ip", "route", "add", "default", "via", BRIDGE4)
+        self.vm.run("ip", "addr", "add", f"{BRIDGE4}/24", "dev", outside)
+        self.vm.run("ip", "link", "set", outside, "up")
+        self.vm.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.net.run("ip", "route", "add", "198.51.100.0/24", "via", VM4)
+        return container
+
     def serve_tcp(self, addresses: list[str], ports: list[int]) -> TcpServers:
         servers = TcpServers(self.net, addresses, ports)
         self.servers.append(servers)
@@ -208,14 +224,14 @@ class Lab:
         return proc
 
     def resolve(self, name: str, rdtype: str = "A", server: str = NET4, tcp: bool = False,
-                payload: int | None = None, port: int = 53):
+                payload: int | None = None, port: int = 53, source: Netns | None = None):
         """Ask a DNS server from the vm (the reply crosses the vm's netfilter hooks)."""
         import dns.message
         import dns.query
 
         query = dns.message.make_query(name, rdtype, use_edns=payload is not None,
                                        payload=payload or 512)
-        with self.vm.inside():
+        with (source or self.vm).inside():
             family = socket.AF_INET6 if ":" in server else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
         with sock:
@@ -231,10 +247,10 @@ class Lab:
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
 
     def connect(self, address: str, port: int = 443, mark: int | None = None,
-                timeout: float = 3.0) -> tuple[str, float]:
-        """Open a TCP connection from the vm; return (outcome, seconds)."""
+                timeout: float = 3.0, source: Netns | None = None) -> tuple[str, float]:
+        """Open a TCP connection from the vm (or ``source``); return (outcome, seconds)."""
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        with self.vm.inside():
+        with (source or self.vm).inside():
             s = socket.socket(family, socket.SOCK_STREAM)
         try:
             if mark is not None:

@@ -392,3 +392,19 @@ def test_policy_from_an_https_url_with_etag_and_a_cache(lab, policy_server, tmp_
     result = status(lab)
     assert result["policy"]["registries"] == ["allowed-registry.test", "blocked-registry.test"]
     assert "cached" in result["policy"]["source"] and "unreachable" in result["policy"]["url_error"]
+
+
+def test_containers_scope_filters_forwarded_traffic(lab, write_config, write_policy):
+    """Traffic the vm forwards from a container bridge, as buildx's docker-container driver makes."""
+    container = lab.add_container()
+    lab.serve_tcp([ALLOWED4, BLOCKED4], [443])
+    lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}",
+                      f"--host-record=blocked-registry.test,{BLOCKED4}")
+    write_policy(["allowed-registry.test"])
+    config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n', scope=["containers"], registry_ports=[443])
+    lab.start_daemon(config)
+    for name, expected in (("allowed-registry.test", "connected"), ("blocked-registry.test", "refused")):
+        address = address_of(lab.resolve(name, source=container))
+        outcome, seconds = lab.connect(address, source=container)
+        assert outcome == expected and seconds < 0.5, (name, outcome)
+    assert lab.connect(BLOCKED4, 443)[0] == "connected", "the vm's own traffic is not in containers scope"
