@@ -123,9 +123,9 @@ def down(config: Config) -> None:
     from .errors import DaemonError
 
     try:  # a running daemon would otherwise keep programming a table that is gone
-        daemon.request(config.daemon.socket, "stop", timeout=5)
+        daemon.request(config, "stop", timeout=5)
         deadline = time.monotonic() + 5
-        while Path(config.daemon.socket).exists() and time.monotonic() < deadline:
+        while daemon.answers(config) and time.monotonic() < deadline:
             time.sleep(0.02)
     except DaemonError:
         pass
@@ -151,7 +151,7 @@ def status(config: Config) -> dict:
     from .errors import DaemonError
 
     try:
-        answer = daemon.request(config.daemon.socket, "status")
+        answer = daemon.request(config, "status")
     except DaemonError:
         answer = None
     if answer and answer.get("ok"):
@@ -173,7 +173,7 @@ def status(config: Config) -> dict:
 def reload(config: Config) -> str:
     from . import daemon
 
-    answer = daemon.request(config.daemon.socket, "reload", timeout=30)
+    answer = daemon.request(config, "reload", timeout=30)
     if not answer.get("ok"):
         raise PolicyError(answer.get("message") or answer.get("error", "reload failed"))
     return answer["message"]

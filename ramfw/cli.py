@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     daemon = commands.add_parser("daemon", help="run the daemon in the foreground")
     daemon.add_argument("--policy", help="policy JSON file (default: the configured source)")
     reload = commands.add_parser("reload", help="make the daemon re-read the policy now")
+    boot = commands.add_parser("boot", help="WSL2 boot entry: load modules, start one daemon")
+    boot.add_argument("--install", metavar="COMMAND", help="add COMMAND to /etc/wsl.conf [boot] instead")
+    boot.add_argument("--wsl-conf", default="/etc/wsl.conf", help=argparse.SUPPRESS)
+    boot.add_argument("--log", default="/var/log/ramfw.log", help="the daemon's log file")
     down = commands.add_parser("down", help="remove everything ramfw added")
     status = commands.add_parser("status", help="what is enforced, learned and blocked")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     pol_commands = pol.add_subparsers(dest="policy_command", required=True)
     lint = pol_commands.add_parser("lint", help="validate a policy file and warn about gaps")
     lint.add_argument("file")
-    for sub in (up, daemon, reload, down, status, lint):
+    for sub in (up, daemon, reload, boot, down, status, lint):
         sub.add_argument("--config", help=f"configuration file (default: {config_mod.DEFAULT_PATH})")
     args = parser.parse_args(argv)
     try:
@@ -112,6 +116,16 @@ def _run(args) -> int:
         from . import daemon
 
         return daemon.main(config, args.policy)
+    if args.command == "boot":
+        from pathlib import Path
+
+        from . import boot
+
+        if args.install:
+            print(boot.install(args.install, Path(args.wsl_conf)))
+        else:
+            print(boot.boot(config, args.config, args.log))
+        return 0
     if args.command == "reload":
         print(api.reload(config))
         return 0

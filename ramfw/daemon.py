@@ -15,6 +15,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -41,6 +42,7 @@ class Daemon:
         self.snoop: nflog.Log | None = None
         self.blocks: nflog.Log | None = None
         self.control: socket.socket | None = None
+        self.lock: socket.socket | None = None
         self.started = time.time()
         self._poll_now = threading.Event()
 
@@ -148,12 +150,21 @@ class Daemon:
                 self.snooper.total += 1
 
     def _open_control(self) -> None:
+        """The control socket: a file for this system, and an abstract socket for the network
+        namespace. The abstract one is also the lock that keeps one daemon per namespace, which
+        is what WSL2 needs: its distributions share one network namespace, not one /run."""
+        self.lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.lock.bind(abstract_address(self.config))
+        except OSError:
+            self.lock.close()
+            self.lock = None
+            raise DaemonError("another ramfw daemon is running in this network namespace "
+                              "(`ramfw status` talks to it)") from None
+        self.lock.listen(16)
         path = Path(self.config.daemon.socket)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            if _daemon_answers(str(path)):
-                raise DaemonError(f"another ramfw daemon is running ({path})")
-            path.unlink()
+        path.unlink(missing_ok=True)
         self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.control.bind(str(path))
         os.chmod(path, 0o600)
@@ -174,7 +185,8 @@ class Daemon:
             sel.register(self.snoop.sock, selectors.EVENT_READ, self._on_snoop)
         if self.blocks:
             sel.register(self.blocks.sock, selectors.EVENT_READ, self._on_block)
-        sel.register(self.control, selectors.EVENT_READ, self._on_control)
+        sel.register(self.control, selectors.EVENT_READ, lambda: self._on_control(self.control))
+        sel.register(self.lock, selectors.EVENT_READ, lambda: self._on_control(self.lock))
         sel.register(wake_r, selectors.EVENT_READ, lambda: _drain(wake_r))
         self._wake = wake_w
         if self.url_source is not None:
@@ -269,16 +281,22 @@ class Daemon:
             self.recent_blocks.append({"time": time.time(), "message": text,
                                        "address": segment.dst, "port": segment.dport})
 
-    def _on_control(self) -> None:
+    def _on_control(self, listener: socket.socket) -> None:
         try:
-            conn, _ = self.control.accept()
+            conn, _ = listener.accept()
         except OSError:
             return
         with conn:
             conn.settimeout(2)
             try:
                 request = json.loads(_read_line(conn) or "{}")
-                reply = self.handle(request.get("command", ""))
+                _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                 struct.calcsize("3i")))
+                command = request.get("command", "")
+                if uid != 0 and command not in ("ping", "status"):
+                    reply = {"ok": False, "error": f"{command} needs root"}
+                else:
+                    reply = self.handle(command)
             except (OSError, ValueError) as err:
                 reply = {"ok": False, "error": str(err)}
             try:
@@ -386,6 +404,8 @@ class Daemon:
                 os.unlink(self.config.daemon.socket)
             except FileNotFoundError:
                 pass
+        if self.lock is not None:
+            self.lock.close()
 
 
 def _mtime(path: Path) -> float:
@@ -413,21 +433,29 @@ def _read_line(conn: socket.socket, limit: int = 65536) -> str:
     return data.decode(errors="replace").strip()
 
 
-def request(path: str, command: str, timeout: float = 5.0) -> dict:
-    """Ask the daemon on its control socket; raise DaemonError when it cannot be reached."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(json.dumps({"command": command}).encode() + b"\n")
-            return json.loads(_read_line(sock, 1 << 24))
-    except (OSError, ValueError) as err:
-        raise DaemonError(f"the ramfw daemon is not reachable at {path}: {err}") from None
+def abstract_address(config: Config) -> str:
+    return f"\0ramfw/{config.enforcement.table}"
 
 
-def _daemon_answers(path: str) -> bool:
+def request(config: Config, command: str, timeout: float = 5.0) -> dict:
+    """Ask the daemon (its socket file, else the namespace's abstract socket); DaemonError if
+    neither answers."""
+    failures = []
+    for address in (config.daemon.socket, abstract_address(config)):
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(address)
+                sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+                return json.loads(_read_line(sock, 1 << 26))
+        except (OSError, ValueError) as err:
+            failures.append(str(err))
+    raise DaemonError(f"the ramfw daemon is not reachable ({config.daemon.socket}: {failures[0]})")
+
+
+def answers(config: Config) -> bool:
     try:
-        request(path, "ping", timeout=1)
+        request(config, "ping", timeout=1)
     except DaemonError:
         return False
     return True

@@ -81,6 +81,17 @@ class Netns:
                 if _libc.setns(own.fileno(), CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), "setns back")
 
+    def processes(self, word: bytes) -> list[int]:
+        """Processes in this namespace whose command line holds ``word``."""
+        found = []
+        for pid in run("ip", "netns", "pids", self.name, check=False).stdout.split():
+            try:
+                if word in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                    found.append(int(pid))
+            except OSError:
+                continue
+        return found
+
     def kill_all(self) -> None:
         pids = run("ip", "netns", "pids", self.name, check=False).stdout.split()
         for pid in pids:
@@ -207,15 +218,15 @@ class Lab:
     def start_daemon(self, config: str, *args: str, wait: float = 20) -> subprocess.Popen:
         """`ramfw daemon` in the vm namespace; returns once its control socket answers."""
         from . import config as config_mod
-        from .daemon import _daemon_answers
+        from .daemon import answers
 
         proc = self.vm.popen(*RAMFW, "daemon", "--config", config, *args, cwd=str(ROOT),
                              env={**os.environ, "PYTHONPATH": str(ROOT)},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.processes.append(proc)
-        socket_path = config_mod.load(config).daemon.socket
+        loaded = config_mod.load(config)
         deadline = time.monotonic() + wait
-        while not _daemon_answers(socket_path):
+        while not answers(loaded):
             if proc.poll() is not None:
                 raise RuntimeError(f"the daemon exited: {proc.stdout.read().decode()}")
             if time.monotonic() > deadline:

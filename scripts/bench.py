@@ -184,8 +184,7 @@ def memory(lab, tmp):
     start = time.perf_counter()
     proc = lab.start_daemon(config, wait=300)
     restart_s = time.perf_counter() - start
-    pid = next(p for p in map(int, lab.vm.run("ip", "netns", "pids", lab.vm.name).stdout.split())
-               if b"daemon" in Path(f"/proc/{p}/cmdline").read_bytes())
+    pid = lab.vm.processes(b"daemon")[0]
 
     def rss():
         return next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()

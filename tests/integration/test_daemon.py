@@ -40,8 +40,8 @@ def daemon_lab(lab, write_config, write_policy, tmp_path):
     return lab
 
 
-def status(lab):
-    result = lab.ramfw("status", "--json", "--config", lab.config)
+def status(lab, config=None):
+    result = lab.ramfw("status", "--json", "--config", config or lab.config)
     return json.loads(result.stdout)
 
 
@@ -408,3 +408,29 @@ def test_containers_scope_filters_forwarded_traffic(lab, write_config, write_pol
         outcome, seconds = lab.connect(address, source=container)
         assert outcome == expected and seconds < 0.5, (name, outcome)
     assert lab.connect(BLOCKED4, 443)[0] == "connected", "the vm's own traffic is not in containers scope"
+
+
+def test_wsl_boot_from_two_distributions_starts_one_daemon(lab, write_config, write_policy, tmp_path):
+    """Two "distributions" (own mount namespaces, the VM's network) boot at once: one daemon."""
+    write_policy(["allowed-registry.test"])
+    config = lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n')
+    boot = str(Path(__file__).resolve().parents[2] / "scripts" / "wsl-boot")
+    runs = [subprocess.Popen(["unshare", "-m", "--propagation", "private", *lab.vm.prefix(), boot,
+                              "--config", config, "--log", str(tmp_path / f"ramfw{i}.log")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [run.communicate(timeout=60) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    daemons = lab.vm.processes(b"daemon")
+    assert len(daemons) == 1, outputs
+    again = subprocess.run([*lab.vm.prefix(), boot, "--config", config], capture_output=True, text=True)
+    assert again.returncode == 0 and "already running" in again.stdout
+    assert status(lab)["daemon"]["running"]
+
+
+def test_wsl_boot_install_is_idempotent(tmp_path):
+    boot = str(Path(__file__).resolve().parents[2] / "scripts" / "wsl-boot")
+    conf = tmp_path / "wsl.conf"
+    conf.write_text("[network]\nhostname = dev\n")
+    for _ in range(2):
+        assert subprocess.run([boot, "--install", "--wsl-conf", str(conf)], capture_output=True).returncode == 0
+    assert conf.read_text().count("wsl-boot") == 1 and "[network]" in conf.read_text()
