@@ -46,8 +46,12 @@ def _print_status(result: dict) -> None:
         print(f"learned:    {name}: {shown}{more}")
     for note in result.get("notes") or []:
         print(f"note:       {note}")
-    for block in (result.get("recent_blocks") or [])[-10:]:
-        print(f"blocked:    {block['message']} ({block['address']} port {block['port']})")
+    seen: dict[str, int] = {}
+    for block in result.get("recent_blocks") or []:
+        line = f"{block['message']} ({block['address']} port {block['port']})"
+        seen[line] = seen.pop(line, 0) + 1  # re-inserted: the most recent come last
+    for line, count in list(seen.items())[-10:]:
+        print(f"blocked:    {line}" + (f" x{count}" if count > 1 else ""))
     for error in (result.get("errors") or [])[-5:]:
         print(f"error:      {error}")
 

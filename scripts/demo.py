@@ -1,62 +1,70 @@
 """The main job: ramfw end to end in a sandbox of network namespaces, then cleaned up.
 
-A "vm" namespace runs the ramfw daemon; an "internet" namespace runs a real DNS server
-(dnsmasq) and two registries' addresses on documentation addresses. The engine's traffic is
-stood in for by sockets carrying ramfw's mark (the engine-scope eBPF sets it on the real
-engine). The host's own network and ruleset are never touched.
+A "vm" namespace runs a real Docker engine (in a cgroup of its own) and the ramfw daemon; an
+"internet" namespace runs a real DNS server and real registries (Debian's docker-registry,
+TLS from a throw-away CA) on documentation addresses. The engine pulls from an allowed and a
+blocked registry, and from one whose blobs redirect to a CDN name; ramfw status explains
+each block. The host's own network, ruleset and Docker are never touched.
 """
 
 import json
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ramfw.sandbox import ALLOWED4, BLOCKED4, NET4, Lab
+from ramfw import bpf
+from ramfw.registrylab import IMAGE, RegistryLab
+from ramfw.sandbox import NET4, Lab
 
-MARK = 0x52410000
 
-
-def show(title, text):
+def show(title, text=""):
     print(f"\n=== {title}")
-    print(text.rstrip())
+    if text.strip():
+        print(text.rstrip())
 
 
 def main() -> int:
+    if bpf.cgroup2_mount() is None:
+        print("demo: no cgroup v2 hierarchy is mounted here, so the engine cannot be scoped", file=sys.stderr)
+        return 3
     lab = Lab()
-    try:
-        with tempfile.TemporaryDirectory(prefix="ramfw-demo-") as tmp:
+    registries = None
+    with tempfile.TemporaryDirectory(prefix="ramfw-demo-") as tmp:
+        config = Path(tmp, "ramfw.toml")
+        try:
+            registries = RegistryLab(lab, Path(tmp, "registries"))
+            cgroup = registries.start_dockerd(bpf.cgroup2_mount())
             policy = Path(tmp, "policy.json")
             policy.write_text(json.dumps({"organizations": [{"name": "acme", "registryAccess": {
-                "enabled": True, "allowDockerHub": True,
-                "registries": [{"address": "allowed-registry.test", "nickname": "Approved"}]}}]}, indent=1))
-            config = Path(tmp, "ramfw.toml")
+                "enabled": True, "allowDockerHub": True, "registries": [
+                    {"address": "allowed-registry.test", "nickname": "Approved"},
+                    {"address": "redirect-registry.test", "nickname": "Redirects its blobs"}]}}]}, indent=1))
             config.write_text(f'[policy]\nsource = "{policy}"\ncache = "{tmp}/cache.json"\n'
+                              f'[enforcement]\nengine_cgroup = "{cgroup}"\nbpffs = "{tmp}/bpffs"\n'
                               f'[dns]\ntrusted_resolvers = ["{NET4}"]\n[daemon]\nrun_dir = "{tmp}/run"\n')
-            lab.serve_tcp([ALLOWED4, BLOCKED4], [443])
-            lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}",
-                              f"--host-record=blocked-registry.test,{BLOCKED4}")
-            show("policy (Docker Hub allowed by default, plus one registry)", policy.read_text())
+            show("the organization's policy (Docker Hub is allowed by default)", policy.read_text())
             show("ramfw policy lint", lab.ramfw("policy", "lint", str(policy)).stdout)
             lab.start_daemon(str(config))
             show("ramfw daemon started; ramfw status", lab.ramfw("status", "--config", str(config)).stdout)
-            lab.resolve("warm-up.test")
-            print("\n=== the engine resolves and connects (its sockets carry ramfw's mark)")
-            for name in ("allowed-registry.test", "blocked-registry.test"):
-                reply = lab.resolve(name)
-                address = reply.answer[0][0].address
-                outcome, seconds = lab.connect(address, mark=MARK)
-                print(f"{name:24} -> {address:14} port 443: {outcome} in {seconds * 1000:.1f} ms")
-            outcome, _ = lab.connect(BLOCKED4)
-            print(f"{'(a process outside the engine)':24} -> {BLOCKED4:14} port 443: {outcome} (engine scope)")
-            time.sleep(0.2)
+            for name in ("allowed-registry.test", "blocked-registry.test", "redirect-registry.test"):
+                images = registries.docker("images", "-q").stdout.split()
+                if images:  # no cached layers: every pull downloads its blobs
+                    registries.docker("rmi", "-f", *set(images), check=False)
+                start = time.monotonic()
+                result = registries.docker("pull", f"{name}/{IMAGE}", check=False)
+                outcome = "pulled" if result.returncode == 0 else "FAILED: " + result.stderr.strip()[-160:]
+                show(f"docker pull {name}/{IMAGE}  ({time.monotonic() - start:.2f} s)", outcome)
+            time.sleep(0.3)
             show("ramfw status", lab.ramfw("status", "--config", str(config)).stdout)
-            result = lab.ramfw("down", "--config", str(config))
-            show("ramfw down", result.stdout + lab.vm.run("nft", "list", "ruleset").stdout
-                 + "(the vm's ruleset is empty again)")
-    finally:
-        lab.close()
-    print("\nsandbox removed; the host's network was not touched")
+            show("ramfw down", lab.ramfw("down", "--config", str(config)).stdout)
+        finally:
+            if registries is not None:
+                registries.close()
+            lab.close()
+            subprocess.run(["umount", f"{tmp}/bpffs"], capture_output=True)
+    print("\nsandbox removed; the host's network, ruleset and Docker were not touched")
     return 0
 
 
