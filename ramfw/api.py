@@ -1,4 +1,4 @@
-"""The library API the CLI (and anyone else) calls: up, down, status, doctor, lint, learn.
+"""The library API the CLI (and anyone else) calls: up, down, status, reload, doctor, lint.
 
 This module wires the pure core (policy, ruleset rendering) to the kernel objects; it keeps
 no state of its own beyond a small JSON record of what ``up`` applied, in the run directory,
@@ -140,11 +140,6 @@ def down(config: Config) -> None:
         pass
 
 
-def learn(config: Config, elements: Iterable[ruleset.Element], refresh_by_readd: bool = True) -> None:
-    """Program addresses into the allowed sets (what the daemon does for each DNS reply)."""
-    ruleset.Table(config.enforcement.table).add_elements(elements, refresh_by_readd)
-
-
 def status(config: Config) -> dict:
     """The daemon's status; when it is down, the kernel's state and the record ``up`` left."""
     from . import daemon
@@ -217,4 +212,4 @@ def lint(path: str, config: Config) -> tuple[Policy, list[str]]:
     return policy, policy_mod.lint(policy)
 
 
-__all__ = ["up", "down", "status", "doctor", "lint", "learn", "load_policy", "PolicyError"]
+__all__ = ["up", "down", "status", "reload", "doctor", "lint", "load_policy"]
