@@ -64,6 +64,11 @@ def _print_doctor(report) -> None:
         if not cap.ok:
             print(f"        {'':16} cost: {cap.cost}")
     print(f"DNS replies are held by: {report.queue_mechanism}")
+    if report.has("cgroup_bpf"):
+        loader = "bcc (compiles bpf/mark.bpf.c)" if report.has("bcc") else "hand-assembled, no compiler needed"
+        print(f"engine scope: available; its eBPF program is loaded {loader}")
+    else:
+        print("engine scope: NOT available here (no cgroup eBPF or no cgroup v2): use scope host")
     missing = [n for n in api.REQUIRED if not report.has(n)]
     print("ramfw cannot enforce here" if missing else "ramfw can enforce here")
 

@@ -187,3 +187,15 @@ def test_the_engine_stays_marked_while_the_daemon_restarts(world):
     assert status(world)["engine"]["attached"]
     fresh(world)
     assert pull(world, f"allowed-registry.test/{IMAGE}")[0].returncode == 0
+
+
+def test_zz_down_detaches_the_engine_program_and_removes_the_table(world):
+    """Runs last in this module: after `ramfw down`, nothing of ramfw filters the engine."""
+    result = world.ramfw("down", "--config", world.config)
+    assert result.returncode == 0, result.stderr
+    assert world.daemon.wait(10) == 0
+    assert world.vm.run("nft", "list", "ruleset").stdout == ""
+    assert not any((Path(world.config).parent / "bpffs" / "ramfw").glob("*"))
+    fresh(world)
+    result, _ = pull(world, f"blocked-registry.test/{IMAGE}")
+    assert result.returncode == 0, "nothing is left to block it: " + result.stderr

@@ -138,6 +138,7 @@ def test_doctor_reports_this_kernel(lab):
     assert result.returncode == 0, result.stderr
     assert "nf_tables" in result.stdout and "DNS replies are held by" in result.stdout
     assert "ramfw can enforce here" in result.stdout
+    assert "engine scope: available; its eBPF program is loaded" in result.stdout
     assert "ramfw-sbx" not in lab.vm.run("nft", "list", "tables").stdout
 
 
