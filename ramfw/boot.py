@@ -49,12 +49,11 @@ def boot(config: Config, config_path: str | None, log_file: str) -> str:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + 30
     while not daemon.answers(config):
-        if proc.poll() is not None:
-            if daemon.answers(config):
-                break  # another distribution's boot won the race: that daemon serves everyone
-            raise api.RamfwError(f"the ramfw daemon exited at start; see {log_file}")
+        # If ours exited, another distribution's boot may have won the race: its daemon,
+        # still starting, serves everyone once it answers.
         if time.monotonic() > deadline:
-            raise api.RamfwError(f"the ramfw daemon did not answer within 30 s; see {log_file}")
+            state = "exited" if proc.poll() is not None else "did not answer within 30 s"
+            raise api.RamfwError(f"the ramfw daemon {state}; see {log_file}")
         time.sleep(0.1)
     missing = f" (modules not loadable, probably built in or absent: {', '.join(failed)})" if failed else ""
     return f"ramfw daemon running; DNS hold: {report.queue_mechanism}{missing}"

@@ -52,22 +52,26 @@ def bpf(cmd: int, attr: bytes) -> int:
 
 
 def load_program(code: bytes, prog_type: int, expected_attach_type: int, name: bytes = b"ramfw") -> int:
-    """Load a program; return its file descriptor."""
+    """Load a program; return its file descriptor. On a refusal, load again with the
+    verifier's log and put its last line in the error."""
     insns = ctypes.create_string_buffer(code, len(code))
     license_ = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(4096)
-    attr = struct.pack(
-        "<IIQQIIQII16sII", prog_type, len(code) // 8, ctypes.addressof(insns),
-        ctypes.addressof(license_), 1, len(log), ctypes.addressof(log), 0, 0, name[:15], 0,
-        expected_attach_type,
-    ).ljust(128, b"\0")
+
+    def attempt(log_level: int, log) -> int:
+        return bpf(BPF_PROG_LOAD, struct.pack(
+            "<IIQQIIQII16sII", prog_type, len(code) // 8, ctypes.addressof(insns), ctypes.addressof(license_),
+            log_level, len(log) if log is not None else 0, ctypes.addressof(log) if log is not None else 0,
+            0, 0, name[:15], 0, expected_attach_type).ljust(128, b"\0"))
+
     try:
-        return bpf(BPF_PROG_LOAD, attr)
+        return attempt(0, None)
     except OSError as err:
-        detail = log.value.decode(errors="replace").strip().splitlines()
-        if detail:
-            raise OSError(err.errno, f"{err.strerror}: {detail[-1]}") from None
-        raise
+        log = ctypes.create_string_buffer(1 << 20)
+        try:
+            return attempt(1, log)
+        except OSError:
+            lines = log.value.decode(errors="replace").strip().splitlines()
+            raise OSError(err.errno, f"{err.strerror}: {lines[-1] if lines else 'no verifier log'}") from None
 
 
 def cgroup2_mount() -> str | None:

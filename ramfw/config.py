@@ -54,6 +54,7 @@ class DnsSettings:
     queue_num: int = 5241
     snoop_group: int = 5242
     hold: str = "auto"  # auto: the kernel's best; passive: copy replies, never hold them
+    prefilter: bool = True  # hold only replies that may be for allowlisted names (eBPF), where possible
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class Daemon:
     # -- start-up --------------------------------------------------------------------------
     def start(self) -> None:
         api.require_root("ramfw daemon")
+        self._take_lock()  # first: a second daemon in this namespace stops before touching anything
         self.url_source = api.url_source(self.config) if self.policy_path is None else None
         if self.url_source is not None:
             self.url_source.refresh()
@@ -62,9 +63,15 @@ class Daemon:
         self.trusted = resolvers.trusted(self.config.dns.trusted_resolvers)
         self.snooper = dnsreply.Snooper(self.policy, set(self.trusted), self.config.dns)
         # Bind the queue before the rules exist, so no reply passes (bypass) in between.
+        self.prefilter = None
         if self.hold in ("nft-queue", "xt-nfqueue"):
             self.queue = Queue(self.config.dns.queue_num)
-        else:
+            if self.config.dns.prefilter and self.report.has("dns_prefilter"):
+                from .dnsfilter import DnsFilter
+
+                self.prefilter = DnsFilter()
+                self.prefilter.update(self.policy.patterns())
+        if self.hold == "passive" or self.prefilter is not None:
             self.snoop = nflog.Log(self.config.dns.snoop_group)
         if self.report.has("nflog"):
             self.blocks = nflog.Log(self.config.enforcement.nflog_group)
@@ -85,14 +92,17 @@ class Daemon:
         if not self.policy.enabled:
             self.table.remove()
         else:
-            self.table.apply(ruleset.build_ruleset(e, self.trusted, d.max_addresses, self.hold,
-                                                   d.queue_num, d.snoop_group))
-            if self.hold == "xt-nfqueue":
+            in_netlink = self.hold == "xt-nfqueue" or (self.hold == "nft-queue" and self.prefilter is not None)
+            self.table.apply(ruleset.build_ruleset(e, self.trusted, d.max_addresses,
+                                                   "none" if in_netlink else self.hold, d.queue_num, d.snoop_group))
+            if in_netlink:
+                rules = xtqueue.hold_rules(d.queue_num, self.hold == "nft-queue",
+                                           self.prefilter.prog_fd if self.prefilter else None, d.snoop_group)
                 for chain in ruleset.DNS_CHAINS:
                     try:
-                        xtqueue.add_queue_rules(ruleset.FAMILY, e.table, chain, d.queue_num)
+                        xtqueue.add_rules(ruleset.FAMILY, e.table, chain, rules)
                     except OSError as err:
-                        raise NftablesError(f"cannot add the xt NFQUEUE rule: {err.strerror}") from None
+                        raise NftablesError(f"cannot add the DNS hold rules: {err.strerror}") from None
         api.write_record(self.config, self._record())
 
     def _attach_engine(self) -> None:
@@ -149,10 +159,10 @@ class Daemon:
                 self.snooper.learned.setdefault(item.name, {})[item.address] = now + item.expires
                 self.snooper.total += 1
 
-    def _open_control(self) -> None:
-        """The control socket: a file for this system, and an abstract socket for the network
-        namespace. The abstract one is also the lock that keeps one daemon per namespace, which
-        is what WSL2 needs: its distributions share one network namespace, not one /run."""
+    def _take_lock(self) -> None:
+        """An abstract socket of the network namespace: the lock that keeps one daemon per
+        namespace (what WSL2 needs: its distributions share a network namespace, not /run),
+        and a control socket every distribution can reach."""
         self.lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.lock.bind(abstract_address(self.config))
@@ -162,6 +172,9 @@ class Daemon:
             raise DaemonError("another ramfw daemon is running in this network namespace "
                               "(`ramfw status` talks to it)") from None
         self.lock.listen(16)
+
+    def _open_control(self) -> None:
+        """The control socket: a file for this system, beside the namespace's abstract one."""
         path = Path(self.config.daemon.socket)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
@@ -195,12 +208,12 @@ class Daemon:
         try:
             while not self.stopping:
                 for key, _ in sel.select(max(0.0, next_housekeeping - time.monotonic())):
-                    key.data()
+                    self._guarded(key.data)
                 if self.reload_requested:
                     self.reload_requested = False
-                    self.reload()
+                    self._guarded(self.reload)
                 if time.monotonic() >= next_housekeeping:
-                    self._housekeeping()
+                    self._guarded(self._housekeeping)
                     next_housekeeping = time.monotonic() + HOUSEKEEPING
         finally:
             signal.set_wakeup_fd(old_wakeup)
@@ -225,6 +238,15 @@ class Daemon:
             if self.url_source.last_error and self.url_source.last_error not in self.errors:
                 self._error(self.url_source.last_error)
 
+    def _guarded(self, step) -> None:
+        """Whatever goes wrong in one step is logged and counted; the daemon keeps running,
+        and with it the enforcement and the DNS it holds."""
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001 - the daemon must outlive its own bugs
+            self.snooper.counters["errors"] += 1
+            self._error(f"{getattr(step, '__name__', 'step')}: {err!r}")
+
     def _on_sighup(self, *_):
         self.reload_requested = True
 
@@ -238,17 +260,25 @@ class Daemon:
             self.snooper.counters["queue_errors"] += 1
             self._error(f"queue: {err}")
             return
+        self.snooper.counters["held"] += len(packets)
         for packet in packets:
             decision = self._decide(packet.payload)
             if decision.elements:
                 self._program(decision.elements)
             self.queue.verdict(packet.packet_id, NF_ACCEPT if decision.accept else NF_DROP)
 
-    def _on_snoop(self) -> None:
-        for payload in self.snoop.receive():
+    def _on_snoop(self) -> bool:
+        """Read copied replies (passive hold, or those the prefilter let pass); False if none."""
+        try:
+            payloads = self.snoop.receive()
+        except OSError:
+            return False
+        self.snooper.counters["copied"] += len(payloads)
+        for payload in payloads:
             decision = self._decide(payload)
             if decision.elements:
                 self._program(decision.elements)
+        return True
 
     def _decide(self, payload: bytes) -> dnsreply.Decision:
         try:
@@ -270,6 +300,13 @@ class Daemon:
             packets = self.blocks.receive()
         except OSError:
             return
+        if self.snoop is not None:  # copies of replies that name the address may still wait there
+            self.snoop.sock.setblocking(False)
+            try:
+                while self._on_snoop():
+                    pass
+            finally:
+                self.snoop.sock.setblocking(True)
         for packet in packets:
             segment = dnsreply.parse_packet(packet)
             if segment is None:
@@ -326,6 +363,12 @@ class Daemon:
         except RamfwError as err:
             self._error(f"reload refused, the policy in force stays: {err}")
             return False, f"reload refused, the policy in force stays: {err}"
+        if self.prefilter is not None:
+            try:
+                self.prefilter.update(policy.patterns())
+            except OSError as err:  # replies for new names are then copied, not held: say so
+                self._error(f"the DNS prefilter could not be updated ({err}); first connections to "
+                            "newly allowed names may fail until it is")
         self.policy, self.source, self.policy_loaded = policy, source, time.time()
         self.snooper.policy = policy
         self.apply()
@@ -378,7 +421,8 @@ class Daemon:
             "enforcing": bool(counters),
             "mode": self.config.enforcement.mode,
             "scope": list(self.config.enforcement.scope),
-            "dns_hold": self.hold,
+            "dns_hold": self.hold + (" + eBPF prefilter: only replies that may be for allowlisted names "
+                                     "are held, the rest are copied" if self.prefilter else ""),
             "engine": self.engine_state,
             "capabilities": self.report.to_dict(),
             "policy": {**self.policy.summary(), "source": self.source, "loaded_at": self.policy_loaded,
@@ -395,7 +439,7 @@ class Daemon:
         }
 
     def close(self) -> None:
-        for thing in (self.queue, self.snoop, self.blocks):
+        for thing in (self.queue, self.snoop, self.blocks, getattr(self, "prefilter", None)):
             if thing is not None:
                 thing.close()
         if self.control is not None:

@@ -434,3 +434,15 @@ def test_wsl_boot_install_is_idempotent(tmp_path):
     for _ in range(2):
         assert subprocess.run([boot, "--install", "--wsl-conf", str(conf)], capture_output=True).returncode == 0
     assert conf.read_text().count("wsl-boot") == 1 and "[network]" in conf.read_text()
+
+
+def test_only_replies_that_may_be_allowlisted_are_held(daemon_lab):
+    lab = daemon_lab
+    before = status(lab)["counters"]
+    lab.resolve("blocked-registry.test")
+    lab.resolve("allowed-registry.test")
+    after = status(lab)["counters"]
+    if "prefilter" not in status(lab)["dns_hold"]:
+        pytest.skip("no eBPF DNS prefilter on this kernel: every reply is held")
+    assert after.get("held", 0) - before.get("held", 0) == 1
+    assert after.get("copied", 0) - before.get("copied", 0) == 1
