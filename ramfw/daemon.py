@@ -289,11 +289,14 @@ class Daemon:
             return dnsreply.Decision()
 
     def _program(self, elements) -> None:
+        """Program before the release; the kernel's refusals are read in housekeeping. Nothing
+        here may keep a held reply from its verdict."""
         try:
-            self.table.add_elements(elements, self.report.refresh_by_readd, clear_pending=self.hold == "passive")
-        except NftablesError as err:
+            self.table.add_elements(elements, self.report.refresh_by_readd,
+                                    clear_pending=self.hold == "passive", check=False)
+        except (OSError, ValueError) as err:
             self.snooper.counters["program_failed"] += 1
-            self._error(str(err))
+            self._error(f"programming the allowed sets failed: {err}")
 
     def _on_block(self) -> None:
         try:
@@ -382,6 +385,9 @@ class Daemon:
         return True, message
 
     def _housekeeping(self) -> None:
+        for refusal in self.table.refusals():
+            self.snooper.counters["program_failed"] += 1
+            self._error(f"programming the allowed sets failed: {refusal}")
         if "engine" in self.config.enforcement.scope and not self.engine_state.get("attached"):
             self._attach_engine()
         mtime = _mtime(resolvers.RESOLV_CONF)

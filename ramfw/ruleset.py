@@ -319,6 +319,7 @@ class Table:
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
         self._sock = None
+        self._batches: dict[tuple, bytes] = {}
 
     def run(self, document: dict) -> dict:
         rc, output, error = self._nft.json_cmd(document)
@@ -333,12 +334,24 @@ class Table:
         self.run(build_remove(self.name))
 
     def add_elements(self, elements: Iterable[Element], refresh_by_readd: bool = True,
-                     clear_pending: bool = False) -> None:
-        """Program elements in one raw netlink batch; raise NftablesError if the kernel refused."""
-        elements = list(elements)
+                     clear_pending: bool = False, check: bool = True) -> None:
+        """Program elements in raw netlink batches. With ``check``, raise NftablesError if the
+        kernel refused; without (the hold path), refusals wait for ``refusals()``."""
+        elements = tuple(elements)
         for start in range(0, len(elements), BATCH_ELEMENTS):
-            self._send(build_elements_batch(self.name, elements[start : start + BATCH_ELEMENTS],
-                                            refresh_by_readd, clear_pending=clear_pending))
+            chunk = elements[start : start + BATCH_ELEMENTS]
+            key = (chunk, refresh_by_readd, clear_pending)
+            batch = self._batches.get(key)
+            if batch is None:  # replies re-arm the same elements again and again: build once
+                if len(self._batches) >= 4096:
+                    self._batches.clear()
+                batch = self._batches[key] = build_elements_batch(self.name, chunk, refresh_by_readd,
+                                                                  clear_pending=clear_pending)
+            self._send(batch)
+        if check:
+            refused = self.refusals()
+            if refused:
+                raise NftablesError(f"programming the allowed sets failed: {refused[0]}")
 
     def _send(self, batch: bytes) -> None:
         if not batch:
@@ -346,17 +359,21 @@ class Table:
         if self._sock is None:
             self._sock = netlink.open_socket(rcvbuf=1 << 20)
         self._sock.send(batch)
-        # Errors are queued synchronously, inside send(): nothing waiting means it committed.
-        try:
-            data = self._sock.recv(65536, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
-        for msg_type, start, _ in netlink.messages(data):
-            if msg_type == netlink.NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", data, start)
-                if code:
-                    raise NftablesError(f"programming the allowed sets failed: {os.strerror(-code)} "
-                                        f"({errno.errorcode.get(-code, code)})")
+
+    def refusals(self) -> list[str]:
+        """What the kernel refused of the batches sent so far (it answers inside ``send``)."""
+        found = []
+        while self._sock is not None:
+            try:
+                data = self._sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            for msg_type, start, _ in netlink.messages(data):
+                if msg_type == netlink.NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", data, start)
+                    if code:
+                        found.append(f"{os.strerror(-code)} ({errno.errorcode.get(-code, code)})")
+        return found
 
     def learned(self) -> Iterator[Learned]:
         """The allowed sets' elements, streamed from a netlink dump (a JSON listing of 100,000
