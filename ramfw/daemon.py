@@ -1,10 +1,12 @@
 """The root daemon: holds DNS replies, programs the allowed sets, names what it blocks.
 
-One thread, one ``selectors`` loop: the queue socket, the NFLOG sockets, the control socket
-and a wake-up socket for signals. A held reply is read, decided (``dnsreply``), its
-addresses programmed, and only then released; work that can wait (remembering names for
-block messages) runs after the release. SIGHUP or ``ramfw reload`` re-reads the policy;
-SIGTERM exits and leaves enforcement in place. Only ``ramfw down`` removes it.
+One thread, one ``selectors`` loop: the queue socket, the NFLOG sockets (blocked
+connections; copies of replies not held), the control sockets and a wake-up socket for
+signals. A held reply is read, decided (``dnsreply``), its addresses programmed, and only then
+released. Where the kernel allows, an eBPF prefilter (``dnsfilter``) holds only the replies
+that may be for allowlisted names; the others reach the daemon as copies, for counters and
+block messages. SIGHUP or ``ramfw reload`` re-reads the policy; SIGTERM exits and leaves
+enforcement in place. Only ``ramfw down`` removes it.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -446,3 +447,32 @@ def test_only_replies_that_may_be_allowlisted_are_held(daemon_lab):
         pytest.skip("no eBPF DNS prefilter on this kernel: every reply is held")
     assert after.get("held", 0) - before.get("held", 0) == 1
     assert after.get("copied", 0) - before.get("copied", 0) == 1
+
+
+def test_trusted_resolvers_follow_resolv_conf(lab, write_config, write_policy, tmp_path):
+    """By default the daemon trusts resolv.conf's nameservers, and notices when they change."""
+    lab.serve_tcp([ALLOWED4], [443])
+    lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}")
+    write_policy(["allowed-registry.test"])
+    lab.config = write_config()  # no dns.trusted_resolvers
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(f"nameserver {ROGUE_DNS4}\n")
+    script = (f"mount --bind {resolv} /etc/resolv.conf; exec {' '.join(lab.vm.prefix())} "
+              f"{sys.executable} -m ramfw.cli daemon --config {lab.config}")
+    daemon = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                              cwd=str(Path(__file__).resolve().parents[2]), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    lab.processes.append(daemon)
+    deadline = time.monotonic() + 20
+    while not status(lab)["daemon"]["running"]:
+        assert time.monotonic() < deadline and daemon.poll() is None
+        time.sleep(0.1)
+    assert NET4 not in status(lab)["trusted_resolvers"]
+    lab.resolve("allowed-registry.test")
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "refused", "a reply from an untrusted server teaches nothing"
+    resolv.write_text(f"nameserver {NET4}\n")
+    while NET4 not in status(lab)["trusted_resolvers"]:
+        assert time.monotonic() < deadline + 10
+        time.sleep(0.2)
+    lab.resolve("allowed-registry.test")
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
