@@ -31,24 +31,45 @@ def require_root(what: str) -> None:
         raise NotRoot(f"{what} needs root (CAP_NET_ADMIN)")
 
 
-def load_policy(config: Config, path: str | None = None) -> tuple[Policy, str]:
+def load_policy(config: Config, path: str | None = None, fallback: bool = False) -> tuple[Policy, str]:
     """The policy to enforce and where it came from.
 
     An explicit path must load. The configured source (a file, or a URL whose poller keeps
-    the cache current) falls back to the last good cached copy, then to the restrictive
-    default (Docker Hub only): never open because a policy is missing.
+    the cache current) is cached whenever it loads; when it is missing — or, with
+    ``fallback`` (starting up), invalid — the last good cached copy is enforced, then the
+    restrictive default (Docker Hub only): never open because a policy is missing or bad.
+    A reload passes no ``fallback``, so a bad file is refused and the policy in force stays.
     """
     limit = config.policy.max_registries
     if path is not None:
         return policy_mod.from_file(path, limit), path
-    source = config.policy.source
+    source, cache = config.policy.source, Path(config.policy.cache)
+    problem = f"{source} has not been read"
     if not policysource.is_url(source) and Path(source).exists():
-        return policy_mod.from_file(source, limit), source
-    cache = config.policy.cache
-    if Path(cache).exists():
-        what = "a cached copy of" if policysource.is_url(source) else "cached;"
-        return policy_mod.from_file(cache, limit), f"{cache} ({what} {source})"
-    return policy_mod.default(), f"built-in default, Docker Hub only ({source} has not been read)"
+        try:
+            policy = policy_mod.from_file(source, limit)
+        except PolicyError as err:
+            if not fallback:
+                raise
+            problem = f"{source} is invalid: {err}"
+        else:
+            _cache(Path(source), cache)
+            return policy, source
+    if cache.exists():
+        return policy_mod.from_file(cache, limit), f"{cache}, the last good copy ({problem})"
+    return policy_mod.default(), f"built-in default, Docker Hub only ({problem})"
+
+
+def _cache(source: Path, cache: Path) -> None:
+    try:
+        text = source.read_text(encoding="utf-8")
+        if not cache.exists() or cache.read_text(encoding="utf-8") != text:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(cache)
+    except OSError:
+        pass  # a cache that cannot be written costs only the fallback
 
 
 def url_source(config: Config) -> "policysource.UrlSource | None":
@@ -76,7 +97,7 @@ def up(config: Config, policy_path: str | None = None, report: probes.Report | N
     source_url = url_source(config) if policy_path is None else None
     if source_url is not None:
         source_url.refresh()
-    policy, source = load_policy(config, policy_path)
+    policy, source = load_policy(config, policy_path, fallback=True)
     report = report or probes.run()
     check_capabilities(report)
     table = ruleset.Table(config.enforcement.table)

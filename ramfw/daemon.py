@@ -55,7 +55,7 @@ class Daemon:
         self.url_source = api.url_source(self.config) if self.policy_path is None else None
         if self.url_source is not None:
             self.url_source.refresh()
-        self.policy, self.source = api.load_policy(self.config, self.policy_path)
+        self.policy, self.source = api.load_policy(self.config, self.policy_path, fallback=True)
         self.policy_loaded = time.time()
         self.report = probes.run()
         api.check_capabilities(self.report)

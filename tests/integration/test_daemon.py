@@ -392,7 +392,7 @@ def test_policy_from_an_https_url_with_etag_and_a_cache(lab, policy_server, tmp_
     lab.daemon = lab.start_daemon(lab.config)
     result = status(lab)
     assert result["policy"]["registries"] == ["allowed-registry.test", "blocked-registry.test"]
-    assert "cached" in result["policy"]["source"] and "unreachable" in result["policy"]["url_error"]
+    assert "last good copy" in result["policy"]["source"] and "unreachable" in result["policy"]["url_error"]
 
 
 def test_containers_scope_filters_forwarded_traffic(lab, write_config, write_policy):
@@ -474,5 +474,18 @@ def test_trusted_resolvers_follow_resolv_conf(lab, write_config, write_policy, t
     while NET4 not in status(lab)["trusted_resolvers"]:
         assert time.monotonic() < deadline + 10
         time.sleep(0.2)
+    lab.resolve("allowed-registry.test")
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+
+
+def test_a_daemon_starting_on_a_broken_policy_file_enforces_the_last_good_one(daemon_lab, write_policy):
+    lab = daemon_lab
+    lab.daemon.terminate()
+    lab.daemon.wait(10)
+    write_policy(["allowed-registry.test", "10.0.0.1"])  # the source breaks while it is down
+    lab.daemon = lab.start_daemon(lab.config)
+    result = status(lab)
+    assert result["policy"]["registries"] == POLICY
+    assert "last good copy" in result["policy"]["source"] and "not IP addresses" in result["policy"]["source"]
     lab.resolve("allowed-registry.test")
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
