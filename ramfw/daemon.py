@@ -23,7 +23,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from . import api, dnsreply, nflog, probes, resolvers, ruleset, xtqueue
+from . import api, dnsreply, holdrules, nflog, probes, resolvers, ruleset
 from .config import Config
 from .errors import DaemonError, NftablesError, RamfwError
 from .queue import NF_ACCEPT, NF_DROP, Queue
@@ -98,11 +98,11 @@ class Daemon:
             self.table.apply(ruleset.build_ruleset(e, self.trusted, d.max_addresses,
                                                    "none" if in_netlink else self.hold, d.queue_num, d.snoop_group))
             if in_netlink:
-                rules = xtqueue.hold_rules(d.queue_num, self.hold == "nft-queue",
+                rules = holdrules.hold_rules(d.queue_num, self.hold == "nft-queue",
                                            self.prefilter.prog_fd if self.prefilter else None, d.snoop_group)
                 for chain in ruleset.DNS_CHAINS:
                     try:
-                        xtqueue.add_rules(ruleset.FAMILY, e.table, chain, rules)
+                        holdrules.add_rules(ruleset.FAMILY, e.table, chain, rules)
                     except OSError as err:
                         raise NftablesError(f"cannot add the DNS hold rules: {err.strerror}") from None
         api.write_record(self.config, self._record())

@@ -151,7 +151,7 @@ def _table_probes() -> list[Capability]:
 
 def _prefilter_probe() -> Capability:
     """Load the DNS prefilter (the verifier must accept its loops) and use it in an xt bpf match."""
-    from . import dnsfilter, xtqueue
+    from . import dnsfilter, holdrules
 
     try:
         prefilter = dnsfilter.DnsFilter()
@@ -159,7 +159,7 @@ def _prefilter_probe() -> Capability:
         return Capability("dns_prefilter", False, f"the eBPF DNS prefilter does not load: {err}",
                           COSTS["dns_prefilter"])
     try:
-        xtqueue.add_rules("inet", _PROBE_TABLE, "out", [xtqueue._bpf_match(prefilter.prog_fd)])
+        holdrules.add_rules("inet", _PROBE_TABLE, "out", [holdrules.bpf_match(prefilter.prog_fd)])
     except OSError as err:
         return Capability("dns_prefilter", False, f"xt bpf match: {err.strerror}", COSTS["dns_prefilter"])
     finally:

@@ -117,7 +117,7 @@ def _dns_rules(hold: str, queue_num: int, snoop_group: int) -> list[list[dict]]:
         return [from_dns + [{"queue": {"num": queue_num, "flags": ["bypass"]}}]]
     if hold == "passive":
         return [from_dns + [{"log": {"group": snoop_group}}]]
-    return []  # xt-nfqueue: appended by xtqueue after this transaction; none: no chains used
+    return []  # xt-nfqueue: appended by holdrules after this transaction; none: no chains used
 
 
 def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_addresses: int,
@@ -401,12 +401,22 @@ class Table:
             self.run(document)
 
     def state(self) -> TableState:
-        rc, output, _ = self._nft.json_cmd(
-            {"nftables": [{"list": {"table": {"family": FAMILY, "name": self.name}}}]}
-        )
-        if rc != 0:
-            return TableState(exists=False)
-        return parse_state(output)
+        """The table's state, without listing the allowed sets as JSON (100,000 elements would
+        cost hundreds of MB): their elements come from a netlink dump."""
+        t = {"family": FAMILY, "table": self.name}
+        items: list[dict] = []
+        for listing in ({"chain": {**t, "name": "registry"}}, {"set": {**t, "name": RESOLVERS[4]}},
+                        {"set": {**t, "name": RESOLVERS[6]}}, {"counters": {"family": FAMILY}}):
+            rc, output, _ = self._nft.json_cmd({"nftables": [{"list": listing}]})
+            if rc != 0:
+                if "chain" in listing:
+                    return TableState(exists=False)
+                continue
+            items += [i for i in (output or {}).get("nftables", [])
+                      if i.get("counter", {}).get("table", self.name) == self.name]
+        found = parse_state({"nftables": items})
+        learned = tuple(sorted(self.learned(), key=lambda x: (x.name, x.address)))
+        return TableState(True, found.mode, found.counters, learned, found.resolvers)
 
 
 def parse_state(listing: dict) -> TableState:

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ramfw import probes, ruleset, xtqueue
+from ramfw import holdrules, probes, ruleset
 from ramfw.config import EnforcementSettings
 from ramfw.sandbox import ALLOWED4, NET4, Lab
 
@@ -105,7 +105,7 @@ def dns_latency(lab, tmp):
         table.apply(ruleset.build_ruleset(EnforcementSettings(), [], 1000, hold, 5241, 5242))
         if hold == "xt-nfqueue":
             for chain in ruleset.DNS_CHAINS:
-                xtqueue.add_queue_rules("inet", "ramfw", chain, 5241)
+                holdrules.add_queue_rules("inet", "ramfw", chain, 5241)
     results["bare_queue_reader/other"] = summary(*paired(lab, "other-name.test", (NET4, 53), (NET4, 5353)))
     reader.kill()
     reader.wait()

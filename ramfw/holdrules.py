@@ -53,7 +53,7 @@ def _from_dns(l4proto: int) -> list[bytes]:
     ]
 
 
-def _bpf_match(prog_fd: int) -> bytes:
+def bpf_match(prog_fd: int) -> bytes:
     """xt bpf match, revision 1, the program given by file descriptor (struct xt_bpf_info_v1)."""
     info = struct.pack("=HHi", XT_BPF_MODE_FD_ELF, 0, prog_fd).ljust(XT_BPF_INFO_V1_SIZE, b"\0")
     return _expr("match", string(1, "bpf"), u32(2, 1), attr(3, info))
@@ -68,11 +68,6 @@ def _queue(queue_num: int, native: bool) -> bytes:
                  attr(3, struct.pack("=HHH", queue_num, 1, NFQ_FLAG_BYPASS) + b"\0\0"))
 
 
-def queue_rule_expressions(l4proto: int, queue_num: int) -> bytes:
-    """meta l4proto == l4proto; th sport == 53; xt NFQUEUE v3 num queue_num, bypass."""
-    return b"".join(_from_dns(l4proto) + [_queue(queue_num, native=False)])
-
-
 def hold_rules(queue_num: int, native: bool, prefilter_fd: int | None, snoop_group: int) -> list[bytes]:
     """The expressions of each rule, in order (see the module's docstring)."""
     tcp, udp = socket.IPPROTO_TCP, socket.IPPROTO_UDP
@@ -80,7 +75,7 @@ def hold_rules(queue_num: int, native: bool, prefilter_fd: int | None, snoop_gro
     if prefilter_fd is None:
         rules.append(b"".join(_from_dns(udp) + [_queue(queue_num, native)]))
     else:
-        rules.append(b"".join(_from_dns(udp) + [_bpf_match(prefilter_fd), _queue(queue_num, native)]))
+        rules.append(b"".join(_from_dns(udp) + [bpf_match(prefilter_fd), _queue(queue_num, native)]))
         rules.append(b"".join(_from_dns(udp) + [_expr("log", attr(1, struct.pack("!H", snoop_group)))]))
     return rules
 
