@@ -47,6 +47,7 @@ class Daemon:
         self.lock: socket.socket | None = None
         self.started = time.time()
         self._poll_now = threading.Event()
+        self._logged_blocks: dict[str, tuple[float, int]] = {}
 
     # -- start-up --------------------------------------------------------------------------
     def start(self) -> None:
@@ -96,13 +97,13 @@ class Daemon:
         else:
             in_netlink = self.hold == "xt-nfqueue" or (self.hold == "nft-queue" and self.prefilter is not None)
             self.table.apply(ruleset.build_ruleset(e, self.trusted, d.max_addresses,
-                                                   "none" if in_netlink else self.hold, d.queue_num, d.snoop_group))
+                                                   "netlink" if in_netlink else self.hold, d.queue_num, d.snoop_group))
             if in_netlink:
                 rules = holdrules.hold_rules(d.queue_num, self.hold == "nft-queue",
                                            self.prefilter.prog_fd if self.prefilter else None, d.snoop_group)
                 for chain in ruleset.DNS_CHAINS:
                     try:
-                        holdrules.add_rules(ruleset.FAMILY, e.table, chain, rules)
+                        holdrules.add_rules(ruleset.FAMILY, e.table, chain, rules, replace=True)
                     except OSError as err:
                         raise NftablesError(f"cannot add the DNS hold rules: {err.strerror}") from None
         api.write_record(self.config, self._record())
@@ -319,9 +320,22 @@ class Daemon:
             text = self.snooper.block_message(segment.dst)
             if self.config.enforcement.mode == "audit":
                 text = f"audit: would block: {text}"
-            log.warning("%s (%s port %d)", text, segment.dst, segment.dport)
+            self._log_block(f"{text} ({segment.dst} port {segment.dport})")
             self.recent_blocks.append({"time": time.time(), "message": text,
                                        "address": segment.dst, "port": segment.dport})
+
+    def _log_block(self, line: str) -> None:
+        """One log line per blocked destination per 10 s: a client retrying in a loop must not
+        flood the log (status counts every one)."""
+        now = time.monotonic()
+        last, repeats = self._logged_blocks.get(line, (0.0, 0))
+        if now - last < 10:
+            self._logged_blocks[line] = (last, repeats + 1)
+            return
+        if len(self._logged_blocks) > 1024:
+            self._logged_blocks.clear()
+        self._logged_blocks[line] = (now, 0)
+        log.warning("%s%s", line, f" (and {repeats} more times in the last 10 s)" if repeats else "")
 
     def _on_control(self, listener: socket.socket) -> None:
         try:

@@ -22,7 +22,7 @@ from .netlink import (NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, attr
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
-NFT_MSG_NEWRULE = 6
+NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 6, 8
 NFPROTO = {"ip": 2, "ip6": 10, "inet": 1}
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
 NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 1, 2
@@ -80,9 +80,14 @@ def hold_rules(queue_num: int, native: bool, prefilter_fd: int | None, snoop_gro
     return rules
 
 
-def build_batch(family: str, table: str, chain: str, rules: list[bytes], seq: int = 1) -> bytes:
-    """One nf_tables batch appending ``rules`` to ``chain``."""
+def build_batch(family: str, table: str, chain: str, rules: list[bytes], seq: int = 1,
+                replace: bool = False) -> bytes:
+    """One nf_tables batch appending ``rules`` to ``chain``; with ``replace``, the chain's
+    old rules are deleted in the same transaction (a rule deletion naming only the chain)."""
     messages = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES, b"")]
+    if replace:
+        messages.append(message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELRULE, NLM_F_REQUEST | NLM_F_ACK, seq,
+                                NFPROTO[family], 0, string(NFTA_RULE_TABLE, table) + string(NFTA_RULE_CHAIN, chain)))
     for offset, expressions in enumerate(rules, start=1):
         attrs = (string(NFTA_RULE_TABLE, table) + string(NFTA_RULE_CHAIN, chain)
                  + nested(NFTA_RULE_EXPRESSIONS, expressions))
@@ -93,11 +98,12 @@ def build_batch(family: str, table: str, chain: str, rules: list[bytes], seq: in
     return b"".join(messages)
 
 
-def add_rules(family: str, table: str, chain: str, rules: list[bytes]) -> None:
-    """Append rules in one transaction; raise OSError with the kernel's errno when refused."""
+def add_rules(family: str, table: str, chain: str, rules: list[bytes], replace: bool = False) -> None:
+    """Append (or with ``replace``, swap in) rules in one transaction; raise OSError with the
+    kernel's errno when refused."""
     with open_socket() as sock:
-        sock.send(build_batch(family, table, chain, rules))
-        wait_acks(sock, len(rules), "DNS hold rule")
+        sock.send(build_batch(family, table, chain, rules, replace=replace))
+        wait_acks(sock, len(rules) + replace, "DNS hold rule")
 
 
 def add_queue_rules(family: str, table: str, chain: str, queue_num: int) -> None:

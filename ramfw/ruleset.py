@@ -105,7 +105,7 @@ def _verdict_rules(settings: EnforcementSettings, hold: str) -> list[list[dict]]
     ]
 
 
-HOLDS = ("none", "nft-queue", "xt-nfqueue", "passive")
+HOLDS = ("none", "nft-queue", "xt-nfqueue", "passive", "netlink")
 DNS_CHAINS = {"dns_input": "input", "dns_forward": "forward"}
 DNS_PRIORITY = -150  # mangle: before anything that could accept the reply
 
@@ -117,7 +117,7 @@ def _dns_rules(hold: str, queue_num: int, snoop_group: int) -> list[list[dict]]:
         return [from_dns + [{"queue": {"num": queue_num, "flags": ["bypass"]}}]]
     if hold == "passive":
         return [from_dns + [{"log": {"group": snoop_group}}]]
-    return []  # xt-nfqueue: appended by holdrules after this transaction; none: no chains used
+    return []  # none: DNS is not held (ramfw up alone)
 
 
 def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_addresses: int,
@@ -126,7 +126,9 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
 
     Sets are added, never deleted, so re-applying keeps every learned address; chains are
     flushed and refilled so the rules are exactly these, whatever was there before.
-    ``hold`` says how the daemon sees DNS replies; ``ramfw up`` alone uses none.
+    ``hold`` says how the daemon sees DNS replies; ``ramfw up`` alone uses none. With
+    ``netlink`` the DNS chains are left as they are: ``holdrules`` replaces their rules in a
+    transaction of its own (flush and add together), so no reply passes unheld in between.
     """
     t = {"family": FAMILY, "table": settings.table}
     cmds: list[dict] = [{"add": {"table": {"family": FAMILY, "name": settings.table}}}]
@@ -162,6 +164,8 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         **{chain: _dns_rules(hold, queue_num, snoop_group) for chain in DNS_CHAINS},
     }
     for chain, chain_rules in rules.items():
+        if hold == "netlink" and chain in DNS_CHAINS:
+            continue
         cmds.append({"flush": {"chain": {**t, "name": chain}}})
         for expr in chain_rules:
             cmds.append({"add": {"rule": {**t, "chain": chain, "expr": expr}}})

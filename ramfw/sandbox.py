@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -220,15 +221,18 @@ class Lab:
         from . import config as config_mod
         from .daemon import answers
 
+        # Its log goes to a file: a pipe nobody reads would stall the daemon once it filled.
+        log = tempfile.TemporaryFile()
         proc = self.vm.popen(*RAMFW, "daemon", "--config", config, *args, cwd=str(ROOT),
-                             env={**os.environ, "PYTHONPATH": str(ROOT)},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+        proc.log = log
         self.processes.append(proc)
         loaded = config_mod.load(config)
         deadline = time.monotonic() + wait
         while not answers(loaded):
             if proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited: {proc.stdout.read().decode()}")
+                log.seek(0)
+                raise RuntimeError(f"the daemon exited: {log.read().decode(errors='replace')[-2000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the daemon did not answer within {wait} s")
             time.sleep(0.05)
