@@ -335,7 +335,7 @@ class Daemon:
         if len(self._logged_blocks) > 1024:
             self._logged_blocks.clear()
         self._logged_blocks[line] = (now, 0)
-        log.warning("%s%s", line, f" (and {repeats} more times in the last 10 s)" if repeats else "")
+        log.warning("%s%s", line, f" (seen {repeats} more times since the last report)" if repeats else "")
 
     def _on_control(self, listener: socket.socket) -> None:
         try:
