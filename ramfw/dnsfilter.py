@@ -65,6 +65,18 @@ class _Asm:
     def label(self, name: str) -> None:
         self.labels[name] = len(self.code)
 
+    def start_count(self, count: int) -> None:
+        """A loop bound in a stack slot (spilled and filled whole, so the verifier keeps it exact)."""
+        self(MOV_K, R1, imm=count)
+        self(STX_DW, R10, R1, off=COUNTER)
+
+    def count_down(self, exhausted: str) -> None:
+        """One more iteration: jump to ``exhausted`` when the bound is reached."""
+        self(LDX_DW, R1, R10, off=COUNTER)
+        self(SUB_K, R1, imm=1)
+        self(STX_DW, R10, R1, off=COUNTER)
+        self(JEQ_K, R1, off=exhausted, imm=0)
+
     def assemble(self) -> bytes:
         out = []
         for index, (op, dst, src, off, imm) in enumerate(self.code):
@@ -82,6 +94,7 @@ STX_W, STX_DW, LDX_DW = 0x63, 0x7B, 0x79
 JA, JEQ_K, JNE_K, JGT_K, JGE_X = 0x05, 0x15, 0x55, 0x25, 0x3D
 CALL, EXIT, LD_IMM64 = 0x85, 0x95, 0x18
 BPF_PSEUDO_MAP_FD = 1
+COUNTER = -16  # stack slot of the current loop's bound
 MAP_LOOKUP_ELEM = 1
 
 
@@ -109,8 +122,7 @@ def program(map_fd: int) -> bytes:
     a.label("walk")
     a(MOV_K, R8, imm=-1)
     a(MOV_K, R9, imm=-1)
-    a(MOV_K, R1, imm=128)
-    a(STX_DW, R10, R1, off=-16)              # labels left to read
+    a.start_count(128)                       # labels left to read
     a.label("label")
     a(LD_IND_B, src=R7, imm=0)               # r0 = label length
     a(JEQ_K, R0, off="walked", imm=0)
@@ -119,10 +131,7 @@ def program(map_fd: int) -> bytes:
     a(MOV_X, R8, R7)
     a(ADD_X, R7, R0)
     a(ADD_K, R7, imm=1)
-    a(LDX_DW, R1, R10, off=-16)
-    a(SUB_K, R1, imm=1)
-    a(STX_DW, R10, R1, off=-16)
-    a(JEQ_K, R1, off="hold", imm=0)
+    a.count_down("hold")
     a(JA, off="label")
     a.label("walked")
     a(JEQ_K, R8, off="pass", imm=-1)         # the root name: nothing to hold for
@@ -136,8 +145,7 @@ def program(map_fd: int) -> bytes:
             a(STX_DW, R10, R8, off=-32)
         a.label(f"hash{n}")
         a(MOV_K, R9, imm=0)
-        a(MOV_K, R1, imm=130)
-        a(STX_DW, R10, R1, off=-16)
+        a.start_count(130)                   # bytes left to hash
         a.label(f"byte{n}")
         a(JGE_X, R8, R7, off=f"hashed{n}")
         a(LD_IND_B, src=R8, imm=0)
@@ -145,10 +153,7 @@ def program(map_fd: int) -> bytes:
         a(MUL32_K, R9, imm=31)
         a(ADD32_X, R9, R0)
         a(ADD_K, R8, imm=1)
-        a(LDX_DW, R1, R10, off=-16)
-        a(SUB_K, R1, imm=1)
-        a(STX_DW, R10, R1, off=-16)
-        a(JEQ_K, R1, off="hold", imm=0)
+        a.count_down("hold")
         a(JA, off=f"byte{n}")
         a.label(f"hashed{n}")
         a(STX_W, R10, R9, off=slot)
