@@ -63,7 +63,9 @@ def _print_doctor(report) -> None:
         print(f"  [{mark}] {cap.name:16} {cap.detail}")
         if not cap.ok:
             print(f"        {'':16} cost: {cap.cost}")
-    print(f"DNS replies are held by: {report.queue_mechanism}")
+    prefiltered = report.queue_mechanism != "passive" and report.has("dns_prefilter")
+    print(f"DNS replies are held by: {report.queue_mechanism}"
+          + (", only those that may be for allowlisted names (eBPF prefilter)" if prefiltered else ""))
     if report.has("cgroup_bpf"):
         loader = "bcc (compiles bpf/mark.bpf.c)" if report.has("bcc") else "hand-assembled, no compiler needed"
         print(f"engine scope: available; its eBPF program is loaded {loader}")
