@@ -87,7 +87,7 @@ def cgroup2_mount() -> str | None:
     return None
 
 
-BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_PROG_QUERY = 6, 7, 8, 9, 16
+BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_ATTACH, BPF_PROG_DETACH = 6, 7, 8, 9
 BPF_F_ALLOW_MULTI = 2
 BPF_FS = Path("/sys/fs/bpf")
 _MARK_OFFSET = 16  # offsetof(struct bpf_sock, mark): bound_dev_if, family, type, protocol, mark

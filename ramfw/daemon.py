@@ -265,9 +265,7 @@ class Daemon:
             return
         self.snooper.counters["held"] += len(packets)
         for packet in packets:
-            decision = self._decide(packet.payload)
-            if decision.elements:
-                self._program(decision.elements)
+            decision = self._read(packet.payload)
             self.queue.verdict(packet.packet_id, NF_ACCEPT if decision.accept else NF_DROP)
 
     def _on_snoop(self) -> bool:
@@ -278,18 +276,20 @@ class Daemon:
             return False
         self.snooper.counters["copied"] += len(payloads)
         for payload in payloads:
-            decision = self._decide(payload)
-            if decision.elements:
-                self._program(decision.elements)
+            self._read(payload)
         return True
 
-    def _decide(self, payload: bytes) -> dnsreply.Decision:
+    def _read(self, payload: bytes) -> dnsreply.Decision:
+        """Decide on one reply and program what it teaches; the caller issues the verdict."""
         try:
-            return self.snooper.on_packet(payload, time.time())
+            decision = self.snooper.on_packet(payload, time.time())
         except Exception as err:  # a packet must never stop the daemon; it is released
             self.snooper.counters["errors"] += 1
             self._error(f"reading a reply: {err!r}")
             return dnsreply.Decision()
+        if decision.elements:
+            self._program(decision.elements)
+        return decision
 
     def _program(self, elements) -> None:
         """Program before the release; the kernel's refusals are read in housekeeping. Nothing

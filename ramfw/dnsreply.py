@@ -26,7 +26,6 @@ import dns.rdatatype
 import dns.rdtypes.svcbbase
 
 from .config import DnsSettings
-from .names import Pattern
 from .policy import Policy
 from .ruleset import Element
 
@@ -280,9 +279,9 @@ class Snooper:
             self.counters["other_names"] += 1
             self.recent.append(wire)
             return Decision()
-        return Decision(elements=self._learn(wire, name, entry, now))
+        return Decision(elements=self._learn(wire, name, now))
 
-    def _learn(self, wire: bytes, name: str, entry: Pattern, now: float) -> list[Element]:
+    def _learn(self, wire: bytes, name: str, now: float) -> list[Element]:
         fast = fast_chain(wire)
         if fast is not None:
             addresses, ttl = fast

@@ -6,6 +6,7 @@ Shared by the packet queue, the NFLOG reader and the rules libnftables cannot ex
 from __future__ import annotations
 
 import errno
+import itertools
 import socket
 import struct
 
@@ -80,6 +81,15 @@ def open_socket(rcvbuf: int = 8 << 20) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+_seq = itertools.count(1)
+
+
+def request(sock: socket.socket, msg_type: int, res_id: int, attrs: bytes, what: str) -> None:
+    """Send one acknowledged request (a queue's or log group's configuration) and wait for it."""
+    sock.send(message(msg_type, NLM_F_REQUEST | NLM_F_ACK, next(_seq), 0, res_id, attrs))
+    wait_acks(sock, 1, what)
 
 
 def wait_acks(sock: socket.socket, count: int, what: str) -> None:

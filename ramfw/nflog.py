@@ -9,12 +9,12 @@ from __future__ import annotations
 import struct
 
 from . import netlink
-from .netlink import NLM_F_ACK, NLM_F_REQUEST, attr, u32
+from .netlink import attr, u32
 
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
 NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_TIMEOUT, NFULA_CFG_QTHRESH = 1, 2, 4, 5
-NFULA_PAYLOAD, NFULA_PREFIX = 9, 10
+NFULA_PAYLOAD = 9
 NFULNL_CFG_CMD_BIND, NFULNL_CFG_CMD_UNBIND = 1, 2
 NFULNL_COPY_PACKET = 2
 _PACKET = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
@@ -26,7 +26,6 @@ class Log:
     def __init__(self, group: int, copy_range: int = 0xFFFF):
         self.group = group
         self.sock = netlink.open_socket()
-        self._seq = 0
         try:
             self._config(attr(NFULA_CFG_CMD, struct.pack("B", NFULNL_CFG_CMD_BIND)))
             self._config(attr(NFULA_CFG_MODE, struct.pack("!IBx", copy_range, NFULNL_COPY_PACKET))
@@ -36,10 +35,8 @@ class Log:
             raise
 
     def _config(self, attrs: bytes) -> None:
-        self._seq += 1
-        self.sock.send(netlink.message((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK,
-                                       self._seq, 0, self.group, attrs))
-        netlink.wait_acks(self.sock, 1, f"NFLOG group {self.group}")
+        netlink.request(self.sock, (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, self.group, attrs,
+                        f"NFLOG group {self.group}")
 
     def receive(self, bufsize: int = 1 << 17) -> list[bytes]:
         """Block for the next datagram; return the logged packets (network layer onwards)."""

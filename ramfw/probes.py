@@ -56,10 +56,6 @@ class Report:
         return {"kernel": self.kernel, "queue_mechanism": self.queue_mechanism,
                 "capabilities": [asdict(c) for c in self.capabilities]}
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "Report":
-        return cls(data["kernel"], tuple(Capability(**c) for c in data["capabilities"]))
-
 
 COSTS = {
     "nf_tables": "ramfw cannot enforce anything on this kernel",

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from . import netlink
-from .netlink import NLM_F_ACK, NLM_F_REQUEST, attr, u32
+from .netlink import NLM_F_REQUEST, attr, u32
 
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
@@ -35,7 +35,6 @@ class Queue:
     def __init__(self, queue_num: int, maxlen: int = 4096):
         self.queue_num = queue_num
         self.sock = netlink.open_socket()
-        self._seq = 0
         try:
             self._config(attr(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, 0)))
             self._config(attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0xFFFF, NFQNL_COPY_PACKET))
@@ -45,10 +44,8 @@ class Queue:
             raise
 
     def _config(self, attrs: bytes) -> None:
-        self._seq += 1
-        self.sock.send(netlink.message((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK,
-                                       self._seq, 0, self.queue_num, attrs))
-        netlink.wait_acks(self.sock, 1, f"netfilter queue {self.queue_num}")
+        netlink.request(self.sock, (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG, self.queue_num, attrs,
+                        f"netfilter queue {self.queue_num}")
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -105,7 +105,6 @@ def _verdict_rules(settings: EnforcementSettings, hold: str) -> list[list[dict]]
     ]
 
 
-HOLDS = ("none", "nft-queue", "xt-nfqueue", "passive", "netlink")
 DNS_CHAINS = {"dns_input": "input", "dns_forward": "forward"}
 DNS_PRIORITY = -150  # mangle: before anything that could accept the reply
 
