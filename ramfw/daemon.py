@@ -30,6 +30,7 @@ from .queue import NF_ACCEPT, NF_DROP, Queue
 
 log = logging.getLogger("ramfw")
 HOUSEKEEPING = 1.0
+BURST = 64  # datagrams one handler reads before the loop looks at the other sockets
 
 
 class Daemon:
@@ -257,27 +258,34 @@ class Daemon:
         self.stopping = True
 
     def _on_queue(self) -> None:
-        try:
-            packets = self.queue.receive()
-        except OSError as err:
-            self.snooper.counters["queue_errors"] += 1
-            self._error(f"queue: {err}")
-            return
-        self.snooper.counters["held"] += len(packets)
-        for packet in packets:
-            decision = self._read(packet.payload)
-            self.queue.verdict(packet.packet_id, NF_ACCEPT if decision.accept else NF_DROP)
+        """Give a verdict to every held reply waiting (a bounded number of datagrams, so the
+        other sockets get their turn); return when the socket is empty."""
+        for _ in range(BURST):
+            try:
+                packets = self.queue.receive()
+            except OSError as err:
+                self.snooper.counters["queue_errors"] += 1
+                self._error(f"queue: {err}")
+                return
+            if not packets:
+                return
+            self.snooper.counters["held"] += len(packets)
+            for packet in packets:
+                decision = self._read(packet.payload)
+                self.queue.verdict(packet.packet_id, NF_ACCEPT if decision.accept else NF_DROP)
 
-    def _on_snoop(self) -> bool:
-        """Read copied replies (passive hold, or those the prefilter let pass); False if none."""
-        try:
-            payloads = self.snoop.receive()
-        except OSError:
-            return False
-        self.snooper.counters["copied"] += len(payloads)
-        for payload in payloads:
-            self._read(payload)
-        return True
+    def _on_snoop(self) -> None:
+        """Read the copied replies waiting (passive hold, or those the prefilter let pass)."""
+        for _ in range(BURST):
+            try:
+                payloads = self.snoop.receive()
+            except OSError:
+                return
+            if not payloads:
+                return
+            self.snooper.counters["copied"] += len(payloads)
+            for payload in payloads:
+                self._read(payload)
 
     def _read(self, payload: bytes) -> dnsreply.Decision:
         """Decide on one reply and program what it teaches; the caller issues the verdict."""
@@ -307,12 +315,7 @@ class Daemon:
         except OSError:
             return
         if self.snoop is not None:  # copies of replies that name the address may still wait there
-            self.snoop.sock.setblocking(False)
-            try:
-                while self._on_snoop():
-                    pass
-            finally:
-                self.snoop.sock.setblocking(True)
+            self._on_snoop()
         for packet in packets:
             segment = dnsreply.parse_packet(packet)
             if segment is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import select
 import socket
 import struct
 
@@ -92,10 +93,16 @@ def request(sock: socket.socket, msg_type: int, res_id: int, attrs: bytes, what:
     wait_acks(sock, 1, what)
 
 
-def wait_acks(sock: socket.socket, count: int, what: str) -> None:
-    """Read until ``count`` acks arrived; raise OSError with the kernel's errno on a refusal."""
+def wait_acks(sock: socket.socket, count: int, what: str, timeout: float = 5.0) -> None:
+    """Read until ``count`` acks arrived; raise OSError with the kernel's errno on a refusal.
+    Works on blocking and non-blocking sockets alike (the loop's sockets are non-blocking)."""
     while count > 0:
-        data = sock.recv(65536)
+        if not select.select([sock], [], [], timeout)[0]:
+            raise OSError(errno.ETIMEDOUT, f"{what}: no answer from the kernel within {timeout:g} s")
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            continue
         for msg_type, start, _ in messages(data):
             if msg_type == NLMSG_ERROR:
                 (code,) = struct.unpack_from("=i", data, start)

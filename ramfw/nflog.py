@@ -33,14 +33,19 @@ class Log:
         except BaseException:
             self.sock.close()
             raise
+        self.sock.setblocking(False)  # the daemon's loop must never wait here
 
     def _config(self, attrs: bytes) -> None:
         netlink.request(self.sock, (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, self.group, attrs,
                         f"NFLOG group {self.group}")
 
     def receive(self, bufsize: int = 1 << 17) -> list[bytes]:
-        """Block for the next datagram; return the logged packets (network layer onwards)."""
-        data = self.sock.recv(bufsize)
+        """The logged packets (network layer onwards) of the next waiting datagram; [] at once
+        when none waits."""
+        try:
+            data = self.sock.recv(bufsize)
+        except BlockingIOError:
+            return []
         found = []
         for msg_type, start, end in netlink.messages(data):
             if msg_type == _PACKET:

@@ -42,6 +42,7 @@ class Queue:
         except BaseException:
             self.sock.close()
             raise
+        self.sock.setblocking(False)  # the daemon's loop must never wait here
 
     def _config(self, attrs: bytes) -> None:
         netlink.request(self.sock, (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG, self.queue_num, attrs,
@@ -51,8 +52,11 @@ class Queue:
         return self.sock.fileno()
 
     def receive(self, bufsize: int = 1 << 17) -> list[Packet]:
-        """Block for the next datagram; return the packets in it (one or more)."""
-        data = self.sock.recv(bufsize)
+        """The packets of the next waiting datagram; [] at once when none waits."""
+        try:
+            data = self.sock.recv(bufsize)
+        except BlockingIOError:
+            return []
         packets = []
         for msg_type, start, end in netlink.messages(data):
             if msg_type != _PACKET:

@@ -249,11 +249,13 @@ class Lab:
         with (source or self.vm).inside():
             family = socket.AF_INET6 if ":" in server else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
-        with sock:
+        with sock:  # dnspython waits on a given socket only if it is non-blocking
             if tcp:
                 sock.settimeout(3)
                 sock.connect((server, port))
+                sock.setblocking(False)
                 return dns.query.tcp(query, server, timeout=3, port=port, sock=sock)
+            sock.setblocking(False)
             return dns.query.udp(query, server, timeout=3, port=port, sock=sock)
 
     def ramfw(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:

@@ -489,3 +489,27 @@ def test_a_daemon_starting_on_a_broken_policy_file_enforces_the_last_good_one(da
     assert "last good copy" in result["policy"]["source"] and "not IP addresses" in result["policy"]["source"]
     lab.resolve("allowed-registry.test")
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+
+
+def test_a_block_and_a_copied_reply_waiting_together_never_stall_the_loop(daemon_lab):
+    """The loop stall (one select returns the blocks socket and the snoop socket; the block
+    handler drains the snoop socket, then the snoop handler blocked in recv on an empty socket
+    while held replies waited). Made deterministic: the daemon is stopped while a blocked
+    connection and a copied reply queue up, in that order, so one select sees both."""
+    lab = daemon_lab
+    if "prefilter" not in status(lab)["dns_hold"]:
+        pytest.skip("no eBPF DNS prefilter on this kernel: no copied replies beside held ones")
+    for _ in range(3):
+        lab.daemon.send_signal(signal.SIGSTOP)
+        try:
+            assert lab.connect(BLOCKED4, mark=MARK)[0] == "refused"  # a block datagram waits
+            lab.resolve("blocked-registry.test")  # not allowlisted: a copy waits, not held
+        finally:
+            lab.daemon.send_signal(signal.SIGCONT)
+        forget(lab, ALLOWED4)
+        assert address_of(lab.resolve("allowed-registry.test")) == ALLOWED4  # held: needs the loop
+        assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+    start = time.monotonic()
+    lab.daemon.send_signal(signal.SIGTERM)
+    assert lab.daemon.wait(5) == 0
+    assert time.monotonic() - start < 1.0, "SIGTERM ends the daemon within a second"
