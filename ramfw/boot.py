@@ -1,7 +1,7 @@
 """The WSL2 boot entry: every distribution's ``[boot] command=`` runs it; one daemon results.
 
 WSL2 distributions share the utility VM's network namespace but not their file systems, so
-the daemon's singleton lock is an abstract socket of that namespace (see ``daemon``), not a
+the daemon's singleton lock is an abstract socket of that namespace (``daemon.control``), not a
 file. Booting twice, or from two distributions at once, leaves exactly one daemon.
 """
 
@@ -13,8 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import api, daemon, probes
 from .config import Config
+from .daemon import control
+from .errors import RamfwError
+from .kernel import probes
 
 # Modules ramfw may need where the kernel has them as modules (WSL2 6.6+ loads them from its
 # modules disk); built-in ones need nothing, missing ones are reported by the probes.
@@ -38,25 +40,25 @@ def load_modules() -> list[str]:
 def boot(config: Config, config_path: str | None, log_file: str) -> str:
     """Check the kernel, load modules, start the daemon unless one already runs; say what happened."""
     probes.check_kernel()
-    if daemon.answers(config):
+    if control.answers(config):
         return "ramfw daemon already running in this network namespace"
     failed = load_modules()
     report = probes.run()
-    api.check_capabilities(report)
+    report.check_required()
     args = [sys.executable, "-m", "ramfw.cli", "daemon"] + (["--config", config_path] if config_path else [])
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + 30
-    while not daemon.answers(config):
+    while not control.answers(config):
         # If ours exited, another distribution's boot may have won the race: its daemon,
         # still starting, serves everyone once it answers.
         if time.monotonic() > deadline:
             state = "exited" if proc.poll() is not None else "did not answer within 30 s"
-            raise api.RamfwError(f"the ramfw daemon {state}; see {log_file}")
+            raise RamfwError(f"the ramfw daemon {state}; see {log_file}")
         time.sleep(0.1)
     missing = f" (modules not loadable, probably built in or absent: {', '.join(failed)})" if failed else ""
-    return f"ramfw daemon running; DNS hold: {report.queue_mechanism}{missing}"
+    return f"ramfw daemon running; DNS hold: {report.hold.value}{missing}"
 
 
 def add_boot_command(text: str, command: str) -> str:

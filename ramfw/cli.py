@@ -63,16 +63,15 @@ def _print_doctor(report) -> None:
         print(f"  [{mark}] {cap.name:16} {cap.detail}")
         if not cap.ok:
             print(f"        {'':16} cost: {cap.cost}")
-    prefiltered = report.queue_mechanism != "passive" and report.has("dns_prefilter")
-    print(f"DNS replies are held by: {report.queue_mechanism}"
+    prefiltered = report.hold.holds and report.has("dns_prefilter")
+    print(f"DNS replies are held by: {report.hold.value}"
           + (", only those that may be for allowlisted names (eBPF prefilter)" if prefiltered else ""))
     if report.has("cgroup_bpf"):
         loader = "bcc (compiles bpf/mark.bpf.c)" if report.has("bcc") else "hand-assembled, no compiler needed"
         print(f"engine scope: available; its eBPF program is loaded {loader}")
     else:
         print("engine scope: NOT available here (no cgroup eBPF or no cgroup v2): use scope host")
-    missing = [n for n in api.REQUIRED if not report.has(n)]
-    print("ramfw cannot enforce here" if missing else "ramfw can enforce here")
+    print("ramfw cannot enforce here" if report.missing_required() else "ramfw can enforce here")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except RamfwError as err:
         print(f"ramfw: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # the system refused something ramfw did not foresee: one line, not a traceback
+        print(f"ramfw: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -112,7 +114,7 @@ def _run(args) -> int:
     if args.command == "doctor":
         report = api.doctor()
         _print_doctor(report)
-        return 0 if all(report.has(n) for n in api.REQUIRED) else 3
+        return 3 if report.missing_required() else 0
     config = config_mod.load(args.config)
     if args.command == "up":
         record = api.up(config, args.policy)

@@ -39,3 +39,16 @@ class DaemonError(RamfwError):
     """The daemon could not be reached or refused a request."""
 
     exit_code = 5
+
+
+class NotRoot(RamfwError):
+    """A command that changes or reads the kernel's state was run without root."""
+
+    exit_code = 6
+
+
+def require_root(what: str) -> None:
+    import os
+
+    if os.geteuid() != 0:
+        raise NotRoot(f"{what} needs root (CAP_NET_ADMIN)")

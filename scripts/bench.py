@@ -16,13 +16,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from ramfw import holdrules, probes, ruleset
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the lab lives in tests/lab
+
+from ramfw.kernel import nft, probes, ruleset
+from ramfw.kernel.ruleset import Hold
+from ramfw.kernel.table import Table
+from ramfw.snoop.snooper import Element
 from ramfw.config import EnforcementSettings
-from ramfw.sandbox import ALLOWED4, NET4, Lab
+from tests.lab.sandbox import ALLOWED4, NET4, Lab
 
 MARK = 0x52410000
 FLOOR_READER = """
-from ramfw.queue import Queue
+from ramfw.kernel.queue import Queue
 q = Queue(5241)
 print("ready", flush=True)
 while True:
@@ -95,17 +100,15 @@ def dns_latency(lab, tmp):
     lab.start_dnsmasq(NET4, *records, port=5353)
     # The floor: a bare reader that accepts every packet at once, through the same rules.
     config = write_files(tmp)
-    hold = probes.run().queue_mechanism
+    hold = probes.run().hold
     reader = lab.vm.popen(sys.executable, "-c", FLOOR_READER, stdout=subprocess.PIPE,
                           env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     lab.processes.append(reader)
     reader.stdout.readline()
     with lab.vm.inside():
-        table = ruleset.Table("ramfw")
-        table.apply(ruleset.build_ruleset(EnforcementSettings(), [], 1000, hold, 5241, 5242))
-        if hold == "xt-nfqueue":
-            for chain in ruleset.DNS_CHAINS:
-                holdrules.add_queue_rules("inet", "ramfw", chain, 5241)
+        table = Table("ramfw")
+        table.apply(ruleset.build_ruleset(EnforcementSettings(), [], 1000, hold),
+                    nft.hold_rules(hold if hold.holds else Hold.NONE, 5241, None, 5242))
     results["bare_queue_reader/other"] = summary(*paired(lab, "other-name.test", (NET4, 53), (NET4, 5353)))
     reader.kill()
     reader.wait()
@@ -140,7 +143,7 @@ def race(lab, tmp):
     lab.resolve("allowed-registry.test")
     for _ in range(1000):
         with lab.vm.inside():
-            ruleset.Table("ramfw").delete_elements([ALLOWED4])
+            Table("ramfw").delete_elements([ALLOWED4])
         address = lab.resolve("allowed-registry.test").answer[0][0].address
         outcome, seconds = lab.connect(address, mark=MARK, timeout=3)
         refused += outcome != "connected"
@@ -152,18 +155,18 @@ def race(lab, tmp):
 
 def programming(lab):
     with lab.vm.inside():
-        table = ruleset.Table("rambench")
-        table.apply(ruleset.build_ruleset(EnforcementSettings(table="rambench"), [], 200_000))
+        table = Table("rambench")
+        table.apply(ruleset.build_ruleset(EnforcementSettings(table="rambench"), [], 200_000), [])
         batches, size = 100, 1000
         start = time.perf_counter()
         for b in range(batches):
-            table.add_elements([ruleset.Element(f"10.{b}.{i // 250}.{i % 250}", 300, "bench.test")
+            table.add_elements([Element(f"10.{b}.{i // 250}.{i % 250}", 300, "bench.test")
                                 for i in range(size)])
         rate = batches * size / (time.perf_counter() - start)
         single = []
         for i in range(2000):
             start = time.perf_counter()
-            table.add_elements([ruleset.Element(f"198.51.100.{i % 250}", 300, "one.test")])
+            table.add_elements([Element(f"198.51.100.{i % 250}", 300, "one.test")])
             single.append((time.perf_counter() - start) * 1e6)
         table.remove()
     return {"batched_elements_per_s": round(rate), "one_reply_p50_us": pct(single, 50),
@@ -176,9 +179,9 @@ def memory(lab, tmp):
     proc.terminate()
     proc.wait(5)
     with lab.vm.inside():
-        table = ruleset.Table("ramfw")
+        table = Table("ramfw")
         for b in range(100):
-            table.add_elements([ruleset.Element(f"10.{b}.{i // 250}.{i % 250}", 3600,
+            table.add_elements([Element(f"10.{b}.{i // 250}.{i % 250}", 3600,
                                                 f"registry{(b * 1000 + i) % 9999}.example.com")
                                 for i in range(1000)])
     start = time.perf_counter()
@@ -202,8 +205,8 @@ def memory(lab, tmp):
 def docker_pull(lab, tmp, rounds=20):
     """docker pull of a 5-layer image (5 x 8 MB) through ramfw and without it, interleaved,
     after one warm-up pull of each kind that is not counted."""
-    from ramfw import bpf
-    from ramfw.registrylab import IMAGE, RegistryLab
+    from ramfw.kernel import bpf
+    from tests.lab.registry import IMAGE, RegistryLab
 
     registries = RegistryLab(lab, Path(tmp) / "registries", layers=5, layer_bytes=8 << 20)
     try:

@@ -14,9 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from ramfw import bpf
-from ramfw.registrylab import IMAGE, RegistryLab
-from ramfw.sandbox import NET4, Lab
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the lab lives in tests/lab
+
+from ramfw.kernel import bpf
+from tests.lab.registry import IMAGE, RegistryLab
+from tests.lab.sandbox import NET4, Lab
 
 
 def show(title, text=""):

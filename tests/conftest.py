@@ -1,6 +1,10 @@
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 
-from ramfw import sandbox as lab_mod
+from tests.lab import sandbox as lab_mod
 
 
 @pytest.fixture
@@ -43,3 +47,28 @@ def write_policy(tmp_path):
             {"name": "acme", "registryAccess": {"enabled": True, "registries": entries, **access}}]}))
         return str(path)
     return write
+
+
+@pytest.fixture(scope="session")
+def bcc_headers(tmp_path_factory):
+    """Kernel headers bcc can compile against: this kernel's, or Debian's linux-headers merged
+    into one tree (the programs use only the stable uapi, so another version's headers do).
+    Session-wide: the tree is made once, and BCC_KERNEL_SOURCE stays set until the end."""
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        pytest.skip("python3-bpfcc is not installed")
+    release = os.uname().release
+    if Path(f"/lib/modules/{release}/build").exists():
+        yield
+        return
+    arch = sorted(Path("/usr/src").glob("linux-headers-*-amd64"))
+    common = sorted(Path("/usr/src").glob("linux-headers-*-common"))
+    if not arch or not common:
+        pytest.skip(f"no kernel headers for bcc: none for {release}, and no linux-headers-amd64 to use")
+    merged = tmp_path_factory.mktemp("bcc") / "kernel-headers"
+    for tree in (common[-1], arch[-1]):
+        subprocess.run(["cp", "-rsf", f"{tree}/.", str(merged)], check=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BCC_KERNEL_SOURCE", str(merged))
+        yield

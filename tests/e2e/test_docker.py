@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ramfw import bpf, registrylab
-from ramfw.registrylab import HOSTS_FILE_ONLY, IMAGE, RegistryLab
-from ramfw.sandbox import BLOCKED4, NET4, Lab, skip_reason
+from ramfw.kernel import bpf
+from tests.lab.registry import HOSTS_FILE_ONLY, IMAGE, RegistryLab, tools_missing
+from tests.lab.sandbox import BLOCKED4, NET4, Lab, skip_reason
 
 POLICY = ["allowed-registry.test", "redirect-registry.test"]
 
@@ -21,7 +21,7 @@ def write_policy(path: Path, registries):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    reason = skip_reason() or registrylab.tools_missing()
+    reason = skip_reason() or tools_missing()
     if reason is None and bpf.cgroup2_mount() is None:
         reason = "no cgroup v2 hierarchy is mounted"
     if reason:

@@ -17,8 +17,8 @@ import dns.rrset
 import pytest
 
 from ramfw import config as config_mod
-from ramfw import ruleset
-from ramfw.sandbox import ALLOWED4, ALLOWED6, BLOCKED4, CDN4, NET4, NET6, ROGUE_DNS4
+from ramfw.kernel.table import Table
+from tests.lab.sandbox import ALLOWED4, ALLOWED6, BLOCKED4, CDN4, NET4, NET6, ROGUE_DNS4
 
 MARK = 0x52410000
 POLICY = ["allowed-registry.test", "chained-registry.test", "big-registry.test", "split-registry.test"]
@@ -48,7 +48,7 @@ def status(lab, config=None):
 
 def forget(lab, *addresses):
     with lab.vm.inside():
-        ruleset.Table("ramfw").delete_elements(addresses)
+        Table("ramfw").delete_elements(addresses)
 
 
 def address_of(reply):

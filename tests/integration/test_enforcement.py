@@ -4,17 +4,18 @@ import json
 import re
 import time
 
-from ramfw.sandbox import ALLOWED4, ALLOWED6, BLOCKED4, BLOCKED6
+from tests.lab.sandbox import ALLOWED4, ALLOWED6, BLOCKED4, BLOCKED6
 
 MARK = 0x52410000
 
 
 def learn(lab, elements):
     """Program the allowed sets inside the vm, as the daemon does for a DNS reply."""
-    from ramfw import ruleset
+    from ramfw.kernel.table import Table
+    from ramfw.snoop.snooper import Element
 
     with lab.vm.inside():
-        ruleset.Table("ramfw").add_elements([ruleset.Element(*e) for e in elements])
+        Table("ramfw").add_elements([Element(*e) for e in elements])
 
 
 def up(lab, config, policy=None):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ramfw import bpf
-from ramfw.sandbox import ALLOWED4, BLOCKED4
+from ramfw.kernel import bpf, engine
+from tests.lab.sandbox import ALLOWED4, BLOCKED4
 
 MARK = 0x52410000
 CONNECT = """
@@ -30,7 +30,7 @@ def cgroup():
     if mount is None:
         pytest.skip("no cgroup v2 hierarchy is mounted here")
     try:
-        fd = bpf.load_program(bpf.mark_program(MARK), bpf.BPF_PROG_TYPE_CGROUP_SOCK,
+        fd = bpf.load_program(engine.mark_program(MARK), bpf.BPF_PROG_TYPE_CGROUP_SOCK,
                               bpf.BPF_CGROUP_INET_SOCK_CREATE)
         os.close(fd)
     except OSError as err:
@@ -62,51 +62,30 @@ def test_hand_assembled_program_marks_only_the_engine_cgroup(lab, write_config, 
     lab.serve_tcp([ALLOWED4, BLOCKED4], [443])
     assert lab.ramfw("up", "--config", write_config()).returncode == 0
     bpffs = tmp_path / "bpffs"  # a private bpffs, unmounted after: the host's is not touched
-    engine = bpf.EngineMark(str(cgroup), MARK, bpffs=bpffs, state_file=tmp_path / "engine.cgroup")
+    engine_mark = engine.EngineMark(str(cgroup), MARK, bpffs=bpffs, state_file=tmp_path / "engine.cgroup")
     try:
-        engine.apply()
+        engine_mark.apply()
         assert run_in(lab, cgroup, BLOCKED4) == "refused", "the engine's sockets are marked and filtered"
         assert run_in(lab, None, BLOCKED4) == "connected", "other processes are untouched"
-        engine.apply()  # a restart: new program attached before the old one is detached
+        engine_mark.apply()  # a restart: new program attached before the old one is detached
         assert run_in(lab, cgroup, BLOCKED4) == "refused"
     finally:
-        engine.remove()
-        engine.remove()
+        engine_mark.remove()
+        engine_mark.remove()
         subprocess.run(["umount", str(bpffs)], check=False)
     assert run_in(lab, cgroup, BLOCKED4) == "connected", "detached cleanly"
-
-
-@pytest.fixture
-def bcc_headers(tmp_path, monkeypatch):
-    """Kernel headers bcc can compile against: this kernel's, or Debian's linux-headers merged
-    into one tree (the program uses only the stable uapi, so another version's headers do)."""
-    release = os.uname().release
-    if Path(f"/lib/modules/{release}/build").exists():
-        return
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        pytest.skip("python3-bpfcc is not installed")
-    arch = sorted(Path("/usr/src").glob("linux-headers-*-amd64"))
-    common = sorted(Path("/usr/src").glob("linux-headers-*-common"))
-    if not arch or not common:
-        pytest.skip(f"no kernel headers for bcc: none for {release}, and no linux-headers-amd64 to use")
-    merged = tmp_path / "kernel-headers"
-    for tree in (common[-1], arch[-1]):
-        subprocess.run(["cp", "-rsf", f"{tree}/.", str(merged)], check=True)
-    monkeypatch.setenv("BCC_KERNEL_SOURCE", str(merged))
 
 
 def test_bcc_loader_marks_the_same_way(lab, write_config, tmp_path, cgroup, bcc_headers):
     lab.serve_tcp([BLOCKED4], [443])
     assert lab.ramfw("up", "--config", write_config()).returncode == 0
     bpffs = tmp_path / "bpffs"
-    engine = bpf.EngineMark(str(cgroup), MARK, bpffs=bpffs, state_file=tmp_path / "engine.cgroup", use_bcc=True)
+    engine_mark = engine.EngineMark(str(cgroup), MARK, bpffs=bpffs, state_file=tmp_path / "engine.cgroup", use_bcc=True)
     try:
-        engine.apply()
+        engine_mark.apply()
         assert run_in(lab, cgroup, BLOCKED4) == "refused"
         assert run_in(lab, None, BLOCKED4) == "connected"
     finally:
-        engine.remove()
+        engine_mark.remove()
         subprocess.run(["umount", str(bpffs)], check=False)
     assert run_in(lab, cgroup, BLOCKED4) == "connected"

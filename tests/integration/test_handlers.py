@@ -2,8 +2,8 @@
 
 import threading
 
-from ramfw import nflog
-from ramfw.queue import Queue
+from ramfw.kernel import nflog
+from ramfw.kernel.queue import Queue
 
 
 def _returns_at_once(reader) -> list:

@@ -1,6 +1,6 @@
 """Finding the engine's cgroup, on a fake /proc and a fake cgroup2 mount."""
 
-from ramfw import engine
+from ramfw.kernel import engine
 
 HYBRID = "12:pids:/system.slice/docker.service\n1:name=systemd:/system.slice/docker.service\n0::/system.slice/docker.service\n"
 

@@ -1,6 +1,6 @@
 import pytest
 
-from ramfw.names import InvalidName, Matcher, Pattern, canonical, parse_entry
+from ramfw.policy.names import InvalidName, Matcher, Pattern, canonical, parse_entry
 
 
 def entry(text):

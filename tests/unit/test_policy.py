@@ -4,8 +4,8 @@ import pytest
 
 from ramfw import policy
 from ramfw.errors import PolicyError
-from ramfw.names import Pattern
-from ramfw.profiles import DOCKER_HUB_HOSTS
+from ramfw.policy.names import Pattern
+from ramfw.policy.profiles import DOCKER_HUB_HOSTS
 
 
 def doc(registries=None, enabled=True, hub=True, extra_orgs=(), **access):

@@ -1,10 +1,9 @@
 from dataclasses import replace
 
-import socket
-import struct
-
-from ramfw import netlink, resolvers, ruleset
 from ramfw.config import EnforcementSettings
+from ramfw.kernel import ruleset
+from ramfw.kernel.ruleset import Hold
+from ramfw.snoop import resolvers
 
 BASE = EnforcementSettings()
 
@@ -82,26 +81,6 @@ def test_resolvers_are_split_by_family_and_replaced():
     assert {s["name"] for s in commands(doc, "flush", "set")} == {"resolvers4", "resolvers6"}
 
 
-def _batch_types(batch):
-    return [msg_type for msg_type, _, _ in netlink.messages(batch)]
-
-
-def test_elements_batch_with_refresh_by_readd_is_one_add_per_family():
-    batch = ruleset.build_elements_batch("ramfw", [ruleset.Element("203.0.113.5", 90, "ghcr.io"),
-                                                   ruleset.Element("2001:db8::5", 60)], True)
-    new = (10 << 8) | ruleset.NFT_MSG_NEWSETELEM
-    assert _batch_types(batch) == [0x10, new, new, 0x11]
-    assert b"allow4\0" in batch and b"allow6\0" in batch and b"ghcr.io\0" in batch
-    assert struct.pack("!Q", 90_000) in batch and socket.inet_aton("203.0.113.5") in batch
-
-
-def test_elements_batch_without_refresh_by_readd_adds_deletes_adds():
-    batch = ruleset.build_elements_batch("ramfw", [ruleset.Element("203.0.113.5", 90)], False)
-    new, delete = (10 << 8) | ruleset.NFT_MSG_NEWSETELEM, (10 << 8) | ruleset.NFT_MSG_DELSETELEM
-    assert _batch_types(batch) == [0x10, new, delete, new, 0x11]
-    assert ruleset.build_elements_batch("ramfw", [], True) == b""
-
-
 def test_delete_elements_adds_bare_first_so_it_cannot_fail():
     doc = ruleset.build_delete_elements("ramfw", ["203.0.113.5"])
     assert [next(iter(c)) for c in doc["nftables"]] == ["add", "delete"]
@@ -138,16 +117,18 @@ def test_trusted_resolvers_default_to_resolv_conf_and_stubs(tmp_path):
     assert "127.0.0.53" in resolvers.trusted((), tmp_path / "missing")
 
 
-def test_passive_hold_copies_replies_and_defers_first_syns():
-    doc = ruleset.build_ruleset(BASE, [], 10, "passive", 1, 2)
-    assert rules(doc, "dns_input")[0][-1] == {"log": {"group": 2}}
+def test_passive_hold_defers_first_syns():
+    doc = ruleset.build_ruleset(BASE, [], 10, Hold.PASSIVE)
     flat = [e for r in rules(doc, "registry") for e in r]
     assert {"set": {"op": "add", "elem": {"payload": {"protocol": "ip", "field": "daddr"}}, "set": "@pending4"}} in flat
     assert {"drop": None} in flat
 
 
-def test_native_queue_hold_uses_bypass():
-    doc = ruleset.build_ruleset(BASE, [], 10, "nft-queue", 7, 2)
-    for chain in ruleset.DNS_CHAINS:
-        assert rules(doc, chain)[0][-1] == {"queue": {"num": 7, "flags": ["bypass"]}}
-    assert rules(ruleset.build_ruleset(BASE, [], 10, "xt-nfqueue", 7, 2), "dns_input") == []
+def test_the_dns_chains_exist_and_their_rules_are_left_to_the_hold_transaction():
+    for hold in Hold:
+        doc = ruleset.build_ruleset(BASE, [], 10, hold)
+        chains = {c["name"] for c in commands(doc, "add", "chain")}
+        flushed = {c["name"] for c in commands(doc, "flush", "chain")}
+        assert set(ruleset.DNS_CHAINS) <= chains
+        assert flushed == {"output", "forward", "registry"}
+        assert all(rules(doc, chain) == [] for chain in ruleset.DNS_CHAINS)

@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from ramfw.names import Pattern, parse_entry
-from tests.unit.test_dnsreply import reply, udp, udp6
+from ramfw.kernel import bpf
+from ramfw.policy.names import Pattern, parse_entry
+from tests.support.packets import reply, udp, udp6
 
 HOLD, PASS = 1, 0
 
@@ -14,10 +15,10 @@ HOLD, PASS = 1, 0
 def prefilter():
     if os.geteuid() != 0:
         pytest.skip("loading eBPF needs root")
-    from ramfw import dnsfilter
+    from ramfw.kernel.prefilter import Prefilter
 
     try:
-        f = dnsfilter.DnsFilter()
+        f = Prefilter()
     except OSError as err:
         pytest.skip(f"the prefilter does not load on this kernel: {err}")
     try:
@@ -28,10 +29,8 @@ def prefilter():
 
 
 def verdict(f, name, v6=False):
-    from ramfw import dnsfilter
-
     packet = (udp6 if v6 else udp)(reply(name, f"{name}. 60 A 192.0.2.1"))
-    return dnsfilter.test_run(f.prog_fd, packet)
+    return bpf.test_run(f.prog_fd, packet)
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -45,11 +44,9 @@ def test_only_names_that_may_be_allowlisted_are_held(prefilter, name, expected):
 
 
 def test_what_it_cannot_follow_is_held_and_garbage_is_not(prefilter):
-    from ramfw import dnsfilter
-
     pointer = udp(b"\x12\x34\x81\x80\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01")
-    assert dnsfilter.test_run(prefilter.prog_fd, pointer) == HOLD
-    assert dnsfilter.test_run(prefilter.prog_fd, udp(b"\x00" * 5)) == PASS
+    assert bpf.test_run(prefilter.prog_fd, pointer) == HOLD
+    assert bpf.test_run(prefilter.prog_fd, udp(b"\x00" * 5)) == PASS
 
 
 def test_the_map_follows_policy_updates(prefilter):

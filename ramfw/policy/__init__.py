@@ -1,5 +1,7 @@
 """The organization policy: which registries the organization allows.
 
+This package is the policy's room: entries and matching (``names``), the registries' redirect
+domains (``profiles``), and where the policy comes from (``source``: a file, a URL, the cache).
 The file has Docker RAM's shape. It is validated whole at load: any broken rule rejects the
 file, with a message naming the entry and the rule, and the policy already in force stays.
 """
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import profiles
-from .errors import PolicyError
+from ..errors import PolicyError
 from .names import InvalidName, Matcher, Pattern, parse_entry
 
 DEFAULT_MAX_REGISTRIES = 100

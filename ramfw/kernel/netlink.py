@@ -1,6 +1,8 @@
-"""The few netfilter netlink primitives ramfw speaks directly: attributes, messages, acks.
+"""The netfilter netlink primitives ramfw speaks directly: attributes, messages, acks, and
+every nfnetlink / nf_tables constant ramfw uses (include/uapi/linux/netfilter/*.h), in one place.
 
-Shared by the packet queue, the NFLOG reader and the rules libnftables cannot express.
+Shared by the packet queue, the NFLOG reader and the nf_tables messages libnftables' JSON
+cannot express or would make too slow (``nft``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,41 @@ NLMSG_ERROR = 2
 SOL_NETLINK = 270
 NETLINK_NO_ENOBUFS = 5
 HEADER = struct.Struct("=IHHII")
+
+# nfnetlink subsystems and batches
+NFNL_SUBSYS_QUEUE, NFNL_SUBSYS_ULOG, NFNL_SUBSYS_NFTABLES = 3, 4, 10
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
+
+# nf_tables messages and attributes
+NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 6, 8
+NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
+NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 1, 2
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_TIMEOUT, NFTA_SET_ELEM_EXPIRATION, NFTA_SET_ELEM_USERDATA = 1, 4, 5, 6
+NFTA_DATA_VALUE = 1
+NFTNL_UDATA_SET_ELEM_COMMENT = 0  # libnftnl's user data: how `nft` stores an element comment
+NFT_REG_1 = 1
+NFT_META_L4PROTO = 16
+NFT_PAYLOAD_TRANSPORT_HEADER = 2
+NFT_CMP_EQ = 0
+NFQ_FLAG_BYPASS = 0x01
+
+# nfnetlink_queue
+NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
+NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_PAYLOAD = 1, 2, 10
+NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN = 1, 2, 3
+NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND = 1, 2
+NFQNL_COPY_PACKET = 2
+NF_DROP, NF_ACCEPT = 0, 1
+
+# nfnetlink_log (NFLOG)
+NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
+NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_TIMEOUT, NFULA_CFG_QTHRESH = 1, 2, 4, 5
+NFULA_PAYLOAD = 9
+NFULNL_CFG_CMD_BIND, NFULNL_CFG_CMD_UNBIND = 1, 2
+NFULNL_COPY_PACKET = 2
 NFGEN = struct.Struct("=BBH")
 _ATTR = struct.Struct("=HH")
 
@@ -43,6 +80,17 @@ def string(kind: int, value: str) -> bytes:
 def message(msg_type: int, flags: int, seq: int, family: int, res_id: int, attrs: bytes) -> bytes:
     body = NFGEN.pack(family, 0, socket.htons(res_id)) + attrs
     return HEADER.pack(HEADER.size + len(body), msg_type, flags, seq, 0) + body
+
+
+def batch(steps: list[tuple[int, int, int, bytes]], seq: int = 1) -> bytes:
+    """One nf_tables transaction: (message type, flags, family, attributes) of each step,
+    between a batch begin and end; the kernel commits all of it or nothing."""
+    messages = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES, b"")]
+    for offset, (msg_type, flags, family, attrs) in enumerate(steps, start=1):
+        messages.append(message((NFNL_SUBSYS_NFTABLES << 8) | msg_type, NLM_F_REQUEST | flags, seq + offset,
+                                family, 0, attrs))
+    messages.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + len(steps) + 1, 0, NFNL_SUBSYS_NFTABLES, b""))
+    return b"".join(messages)
 
 
 def iter_attrs(data: bytes, offset: int = 0, end: int | None = None):

@@ -1,9 +1,9 @@
-"""Reading DNS replies off the wire and deciding what they teach: the daemon's pure core.
+"""What DNS replies teach: the daemon's pure core.
 
 ``Snooper.on_packet(packet, now)`` takes the bytes the queue hands up (IP header onwards) and
-returns a ``Decision``: the verdict, the elements to program before the reply is released,
-and work that can wait until after it is released. Nothing here does I/O, and nothing in a
-packet makes it raise: a packet it cannot read is released untouched and counted.
+returns a ``Decision``: the verdict, and the elements to program before the reply is released.
+Nothing here does I/O. A packet it cannot read is released and counted; the daemon catches
+whatever a bug lets escape, and still gives the packet its verdict.
 
 Most replies on a developer's machine are for names that are not allowlisted. For those the
 hold path reads only the question name (a few label lengths), keeps a reference to the reply
@@ -25,13 +25,12 @@ import dns.rdata
 import dns.rdatatype
 import dns.rdtypes.svcbbase
 
-from .config import DnsSettings
-from .policy import Policy
-from .ruleset import Element
+from ..config import DnsSettings
+from ..policy import Policy
+from .packet import TCP_FIN, TCP_RST, TCP_SYN, UDP, Segment, parse_packet
+from .wire import fast_chain, question_name
 
 log = logging.getLogger("ramfw")
-UDP, TCP = 17, 6
-TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
 MAX_TCP_FLOWS = 4096
 MAX_ADDRESS_NAMES = 65536
 RECENT_REPLIES = 4096
@@ -40,149 +39,12 @@ _HINT_TYPES = (dns.rdatatype.HTTPS, dns.rdatatype.SVCB)
 
 
 @dataclass(frozen=True)
-class Segment:
-    src: str
-    dst: str
-    proto: int
-    sport: int
-    dport: int
-    payload: bytes
-    seq: int = 0
-    flags: int = 0
+class Element:
+    """An address to allow for ``timeout`` seconds; ``name`` is kept as the element's comment."""
 
-
-def parse_packet(data: bytes) -> Segment | None:
-    """The transport segment in an IPv4/IPv6 packet, or None if it cannot be read."""
-    try:
-        version = data[0] >> 4
-        if version == 4:
-            ihl = (data[0] & 0x0F) * 4
-            total = struct.unpack_from("!H", data, 2)[0]
-            if ihl < 20 or total > len(data) or struct.unpack_from("!H", data, 6)[0] & 0x3FFF:
-                return None  # short, or a fragment (conntrack reassembles before the hooks)
-            proto, family, src, dst = data[9], socket.AF_INET, data[12:16], data[16:20]
-            offset, end = ihl, total
-        elif version == 6:
-            proto, family, src, dst = data[6], socket.AF_INET6, data[8:24], data[24:40]
-            offset, end = 40, 40 + struct.unpack_from("!H", data, 4)[0]
-            while proto in (0, 43, 60):  # hop-by-hop, routing, destination options
-                proto, offset = data[offset], offset + (data[offset + 1] + 1) * 8
-            if end > len(data):
-                return None
-        else:
-            return None
-        if proto == UDP:
-            sport, dport, length = struct.unpack_from("!HHH", data, offset)
-            if length < 8 or offset + length > end:
-                return None
-            payload, seq, flags = data[offset + 8 : offset + length], 0, 0
-        elif proto == TCP:
-            sport, dport, seq = struct.unpack_from("!HHI", data, offset)
-            doff, flags = (data[offset + 12] >> 4) * 4, data[offset + 13]
-            if doff < 20 or offset + doff > end:
-                return None
-            payload = data[offset + doff : end]
-        else:
-            return None
-        return Segment(socket.inet_ntop(family, src), socket.inet_ntop(family, dst), proto,
-                       sport, dport, payload, seq, flags)
-    except (IndexError, struct.error, ValueError):
-        return None
-
-
-def question_name(wire: bytes) -> str | None:
-    """The canonical question name of a DNS response, read by hand for the fast path."""
-    if len(wire) < 12 or not wire[2] & 0x80 or struct.unpack_from("!H", wire, 4)[0] < 1:
-        return None
-    labels, offset = [], 12
-    while offset < len(wire):
-        length = wire[offset]
-        if length == 0:
-            try:
-                return ".".join(labels).lower() if labels else "."
-            except UnicodeDecodeError:
-                return None
-        if length > 63 or offset + 1 + length > len(wire):
-            return None  # compression pointers do not belong in a question
-        labels.append(wire[offset + 1 : offset + 1 + length].decode("ascii"))
-        offset += 1 + length
-    return None
-
-
-_TYPE_A, _TYPE_CNAME, _TYPE_AAAA = 1, 5, 28
-_CLASS_IN = 1
-_RR = struct.Struct("!HHIH")
-MAX_CHAIN = 16  # as dnspython's resolve_chaining
-
-
-def _read_name(wire: bytes, offset: int) -> tuple[str, int]:
-    """A possibly compressed name at ``offset``: (canonical text, offset after it)."""
-    labels, end, jumps = [], None, 0
-    while True:
-        length = wire[offset]
-        if length >= 0xC0:
-            if end is None:
-                end = offset + 2
-            offset = ((length & 0x3F) << 8) | wire[offset + 1]
-            jumps += 1
-            if jumps > 64:
-                raise ValueError("compression loop")
-            continue
-        if length > 63:
-            raise ValueError("bad label")
-        if length == 0:
-            name = ".".join(labels).lower()
-            return name, offset + 1 if end is None else end
-        labels.append(wire[offset + 1 : offset + 1 + length].decode("ascii"))
-        offset += 1 + length
-
-
-def fast_chain(wire: bytes) -> tuple[list[str], int] | None:
-    """A/AAAA at the end of the CNAME chain from the question name, and the chain's minimum TTL.
-
-    The hold path's reading of an A or AAAA reply, equivalent to dnspython's
-    ``resolve_chaining`` for those (tests compare the two); None for anything else (HTTPS,
-    SVCB, several questions, odd records), which then goes to dnspython.
-    """
-    try:
-        qdcount, ancount = struct.unpack_from("!HH", wire, 4)
-        if qdcount != 1:
-            return None
-        qname, offset = _read_name(wire, 12)
-        qtype, qclass = struct.unpack_from("!HH", wire, offset)
-        if qtype not in (_TYPE_A, _TYPE_AAAA) or qclass != _CLASS_IN:
-            return None
-        offset += 4
-        records: dict[tuple[str, int], list] = {}
-        for _ in range(ancount):
-            owner, offset = _read_name(wire, offset)
-            rtype, rclass, ttl, rdlength = _RR.unpack_from(wire, offset)
-            offset += _RR.size
-            if offset + rdlength > len(wire):
-                return None
-            if rclass == _CLASS_IN and rtype in (qtype, _TYPE_CNAME):
-                if rtype == _TYPE_CNAME:
-                    data, _ = _read_name(wire, offset)
-                else:
-                    family = socket.AF_INET if rtype == _TYPE_A else socket.AF_INET6
-                    data = socket.inet_ntop(family, wire[offset : offset + rdlength])
-                ttls_and_data = records.setdefault((owner, rtype), [ttl, []])
-                ttls_and_data[0] = min(ttls_and_data[0], ttl)
-                ttls_and_data[1].append(data)
-            offset += rdlength
-    except (IndexError, struct.error, ValueError, UnicodeDecodeError):
-        return None
-    current, min_ttl = qname, 0xFFFFFFFF
-    for _ in range(MAX_CHAIN):
-        answer = records.get((current, qtype))
-        if answer is not None:
-            return list(dict.fromkeys(answer[1])), min(min_ttl, answer[0])
-        cname = records.get((current, _TYPE_CNAME))
-        if cname is None:
-            return [], min_ttl
-        min_ttl = min(min_ttl, cname[0])
-        current = cname[1][0]
-    return None
+    address: str
+    timeout: int
+    name: str = ""
 
 
 @dataclass

@@ -8,44 +8,16 @@ import dns.rrset
 
 from ramfw import policy
 from ramfw.config import DnsSettings
-from ramfw.dnsreply import Snooper, fast_chain, parse_packet, question_name, timeout_for
-
-RESOLVER = "192.0.2.53"
-CLIENT = "192.0.2.1"
+from ramfw.snoop.packet import parse_packet
+from ramfw.snoop.snooper import Snooper, timeout_for
+from ramfw.snoop.wire import fast_chain, question_name
+from tests.support.packets import RESOLVER, checksum_free_ipv4, reply, tcp, udp, udp6
 SETTINGS = DnsSettings(ttl_min=30, ttl_max=3600, ttl_grace=60, max_addresses_per_name=3, max_addresses=5)
 
 
 def make_policy(*names):
     return policy.from_data({"organizations": [{"name": "t", "registryAccess": {
         "allowDockerHub": False, "registries": [{"address": n} for n in names]}}]})
-
-
-def reply(name, *records, rdtype="A"):
-    response = dns.message.make_response(dns.message.make_query(name, rdtype))
-    for text in records:
-        owner, ttl, kind, data = text.split(" ", 3)
-        response.answer.append(dns.rrset.from_text(owner, int(ttl), "IN", kind, data))
-    return response.to_wire()
-
-
-def checksum_free_ipv4(proto, payload, src=RESOLVER, dst=CLIENT):
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, proto, 0,
-                         socket.inet_aton(src), socket.inet_aton(dst))
-    return header + payload
-
-
-def udp(wire, src=RESOLVER, sport=53):
-    return checksum_free_ipv4(17, struct.pack("!HHHH", sport, 40000, 8 + len(wire), 0) + wire, src)
-
-
-def tcp(data, seq, flags=0x18, src=RESOLVER):
-    return checksum_free_ipv4(6, struct.pack("!HHIIBBHHH", 53, 40000, seq, 0, 5 << 4, flags, 65535, 0, 0) + data, src)
-
-
-def udp6(wire, src="2001:db8::53"):
-    segment = struct.pack("!HHHH", 53, 40000, 8 + len(wire), 0) + wire
-    return (struct.pack("!IHBB", 6 << 28, len(segment), 17, 64) + socket.inet_pton(socket.AF_INET6, src)
-            + socket.inet_pton(socket.AF_INET6, "2001:db8::1") + segment)
 
 
 def snooper(*names, trusted=(RESOLVER, "2001:db8::53")):

@@ -1,7 +1,7 @@
-"""Where the policy comes from: a file, or an HTTPS URL polled with ETag and cached on disk.
+"""Where the policy comes from: a file, or an HTTPS URL polled with ETag, and the cache.
 
 The cache holds the last policy that validated; it is what is enforced when the source is
-unreachable or serves something invalid. Nothing here ever yields "no policy": the caller
+unreachable or serves something invalid. Nothing here ever yields "no policy": ``load``
 falls back to the cache, then to Docker Hub only.
 """
 
@@ -14,8 +14,59 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import policy as policy_mod
-from .errors import PolicyError
+from .. import policy as policy_mod
+from ..config import Config
+from ..errors import PolicyError
+from . import Policy
+
+
+def load(config: Config, path: str | None = None, fallback: bool = False) -> tuple[Policy, str]:
+    """The policy to enforce and where it came from.
+
+    An explicit path must load. The configured source (a file, or a URL whose poller keeps
+    the cache current) is cached whenever it loads; when it is missing — or, with
+    ``fallback`` (starting up), invalid — the last good cached copy is enforced, then the
+    restrictive default (Docker Hub only): never open because a policy is missing or bad.
+    A reload passes no ``fallback``, so a bad file is refused and the policy in force stays.
+    """
+    limit = config.policy.max_registries
+    if path is not None:
+        return policy_mod.from_file(path, limit), path
+    source, cache = config.policy.source, Path(config.policy.cache)
+    problem = f"{source} has not been read"
+    if not is_url(source) and Path(source).exists():
+        try:
+            policy = policy_mod.from_file(source, limit)
+        except PolicyError as err:
+            if not fallback:
+                raise
+            problem = f"{source} is invalid: {err}"
+        else:
+            _cache(Path(source), cache)
+            return policy, source
+    if cache.exists():
+        return policy_mod.from_file(cache, limit), f"{cache}, the last good copy ({problem})"
+    return policy_mod.default(), f"built-in default, Docker Hub only ({problem})"
+
+
+def _cache(source: Path, cache: Path) -> None:
+    try:
+        text = source.read_text(encoding="utf-8")
+        if not cache.exists() or cache.read_text(encoding="utf-8") != text:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(cache)
+    except OSError:
+        pass  # a cache that cannot be written costs only the fallback
+
+
+def url_source(config: Config) -> "UrlSource | None":
+    """The poller of the configured source, when it is a URL."""
+    if not is_url(config.policy.source):
+        return None
+    p = config.policy
+    return UrlSource(p.source, p.cache, p.ca_file, p.max_registries)
 
 
 def is_url(source: str) -> bool:

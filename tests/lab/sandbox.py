@@ -1,6 +1,6 @@
 """A sandbox of throw-away network namespaces: a "vm" and an "internet" joined by veth.
 
-Used by the demo, the root tests and the benchmarks. Everything lives on documentation
+The lab, not the product: used by the root tests, the demo and the benchmarks, never installed. Everything lives on documentation
 addresses (203.0.113.0/24, 2001:db8::/32) inside namespaces made here; ``Lab.close`` removes
 them and every process in them. The host's own network is never touched.
 """
@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the daemon runs from it
 RAMFW = [sys.executable, "-m", "ramfw.cli"]
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -218,8 +218,8 @@ class Lab:
 
     def start_daemon(self, config: str, *args: str, wait: float = 20) -> subprocess.Popen:
         """`ramfw daemon` in the vm namespace; returns once its control socket answers."""
-        from . import config as config_mod
-        from .daemon import answers
+        from ramfw import config as config_mod
+        from ramfw.daemon.control import answers
 
         # Its log goes to a file: a pipe nobody reads would stall the daemon once it filled.
         log = tempfile.TemporaryFile()

@@ -5,8 +5,15 @@ them in the queue costs a round trip through userspace. This eBPF socket-filter 
 used as an xt ``bpf`` match in front of the queue rule, reads a UDP reply's question name and
 looks its last label, and its last two labels, up in a hash map of keys made from the
 allowlist. No hit: the reply is not held (a later rule copies it to the daemon
-asynchronously, for block messages and counters). A hit, or anything the program does not
-follow (compression, IPv6 extension headers, odd lengths): the reply is held as before.
+asynchronously, for block messages and counters). A hit, or what the program does not follow
+(a compression pointer in the question, IPv6 extension headers, a name of 128 labels or
+more): the reply is held. A read past the end of the packet (a question cut short) ends the
+program with 0, by the kernel's rule for LD_ABS/LD_IND: such a reply is not held, only
+copied; the daemon reads the copy too and finds no whole question in it.
+
+``bpf/dns_prefilter.bpf.c`` is the readable reference of this program; the tests hold the
+hand-assembled program, that reference (where bcc compiles) and ``would_hold`` to the same
+decision on generated and adversarial packets.
 
 The map is a superset test, never the decision: a hash collision only holds a reply the
 daemon then releases. Every entry ``a.b.example.com`` or ``*.example.com`` is keyed by its
@@ -21,14 +28,16 @@ import os
 import struct
 from typing import Iterable
 
+from ..policy.names import Pattern
 from . import bpf
-from .names import Pattern
+from .bpf import (ADD32_X, ADD_K, ADD_X, AND_K, BPF_PSEUDO_MAP_FD, CALL, EXIT, FUNC_MAP_LOOKUP_ELEM, JA, JEQ_K,
+                  JGE_X, JGT_K, JNE_K, LD_ABS_B, LD_IMM64, LD_IND_B, LDX_DW, LSH_K, MOV_K, MOV_X, MUL32_K, OR_K,
+                  R0, R1, R2, R6, R7, R8, R9, R10, RSH_K, STX_DW, STX_W, SUB_K)
 
-BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 2, 3
-BPF_MAP_TYPE_HASH = 1
-BPF_PROG_TYPE_SOCKET_FILTER = 1
 MAX_KEYS = 65536
-R0, R1, R2, R6, R7, R8, R9, R10 = 0, 1, 2, 6, 7, 8, 9, 10
+MAX_LABEL = 63  # a longer length byte is not a label (0xC0 and up: a compression pointer)
+MAX_LABELS, MAX_HASHED = 128, 130  # the loop bounds; two labels are 128 wire bytes at most
+COUNTER = -16  # stack slot of the current loop's bound
 
 
 def key(wire: bytes) -> int:
@@ -52,18 +61,52 @@ def keys_for(patterns: Iterable[Pattern]) -> set[int]:
     return found
 
 
-class _Asm:
-    """Just enough of an eBPF assembler: instructions, labels, forward and backward jumps."""
+class _Cut(Exception):
+    """A read past the end of the packet: the kernel ends the program, with 0."""
 
-    def __init__(self):
-        self.code: list[list] = []
-        self.labels: dict[str, int] = {}
 
-    def __call__(self, op: int, dst: int = 0, src: int = 0, off: int | str = 0, imm: int = 0) -> None:
-        self.code.append([op, dst, src, off, imm])
+def would_hold(packet: bytes, keys: set[int]) -> bool:
+    """The program's decision, in plain Python: its executable specification, which the tests
+    hold ``program()`` and ``bpf/dns_prefilter.bpf.c`` to. ``packet`` starts at the IP header
+    (as the xt match sees it); ``keys`` is what the map holds (``keys_for``)."""
 
-    def label(self, name: str) -> None:
-        self.labels[name] = len(self.code)
+    def byte(at: int) -> int:  # LD_ABS/LD_IND
+        if at >= len(packet):
+            raise _Cut
+        return packet[at]
+
+    try:
+        version = byte(0) >> 4
+        if version == 6:
+            if byte(6) != 17:
+                return True  # a next header other than UDP (extension headers): not followed
+            at = 40 + 8 + 12
+        elif version == 4:
+            at = (byte(0) & 0x0F) * 4 + 8 + 12  # IHL as it is, options included
+        else:
+            return True
+        starts = []  # where each label of the question name begins
+        while (length := byte(at)) != 0:
+            if length > MAX_LABEL:
+                return True  # a compression pointer: not followed
+            starts.append(at)
+            at += 1 + length
+            if len(starts) == MAX_LABELS:
+                return True  # the loop's bound, reached before the next length byte is read
+    except _Cut:
+        return False
+    if not starts:
+        return False  # the root name
+    # ``at`` is the terminating zero, which was read: the bytes before it are all there.
+    last = packet[starts[-1] : at]
+    last_two = packet[starts[-2] : at] if len(starts) > 1 else last
+    if len(last) >= MAX_HASHED or len(last_two) >= MAX_HASHED:
+        return True  # the hash loop's bound
+    return key(last) in keys or key(last_two) in keys
+
+
+class _Asm(bpf.Assembler):
+    """The assembler, with the bounded loop the verifier needs."""
 
     def start_count(self, count: int) -> None:
         """A loop bound in a stack slot (spilled and filled whole, so the verifier keeps it exact)."""
@@ -76,26 +119,6 @@ class _Asm:
         self(SUB_K, R1, imm=1)
         self(STX_DW, R10, R1, off=COUNTER)
         self(JEQ_K, R1, off=exhausted, imm=0)
-
-    def assemble(self) -> bytes:
-        out = []
-        for index, (op, dst, src, off, imm) in enumerate(self.code):
-            if isinstance(off, str):
-                off = self.labels[off] - index - 1
-            out.append(bpf.insn(op, dst, src, off, imm))
-        return b"".join(out)
-
-
-# opcodes
-LD_ABS_B, LD_IND_B = 0x30, 0x50
-MOV_K, MOV_X, ADD_K, ADD_X, AND_K, OR_K, LSH_K, RSH_K, SUB_K = 0xB7, 0xBF, 0x07, 0x0F, 0x57, 0x47, 0x67, 0x77, 0x17
-MUL32_K, ADD32_X = 0x24, 0x0C
-STX_W, STX_DW, LDX_DW = 0x63, 0x7B, 0x79
-JA, JEQ_K, JNE_K, JGT_K, JGE_X = 0x05, 0x15, 0x55, 0x25, 0x3D
-CALL, EXIT, LD_IMM64 = 0x85, 0x95, 0x18
-BPF_PSEUDO_MAP_FD = 1
-COUNTER = -16  # stack slot of the current loop's bound
-MAP_LOOKUP_ELEM = 1
 
 
 def program(map_fd: int) -> bytes:
@@ -122,11 +145,11 @@ def program(map_fd: int) -> bytes:
     a.label("walk")
     a(MOV_K, R8, imm=-1)
     a(MOV_K, R9, imm=-1)
-    a.start_count(128)                       # labels left to read
+    a.start_count(MAX_LABELS)                # labels left to read
     a.label("label")
     a(LD_IND_B, src=R7, imm=0)               # r0 = label length
     a(JEQ_K, R0, off="walked", imm=0)
-    a(JGT_K, R0, off="hold", imm=63)         # a compression pointer in a question: hold
+    a(JGT_K, R0, off="hold", imm=MAX_LABEL)         # a compression pointer in a question: hold
     a(MOV_X, R9, R8)
     a(MOV_X, R8, R7)
     a(ADD_X, R7, R0)
@@ -145,7 +168,7 @@ def program(map_fd: int) -> bytes:
             a(STX_DW, R10, R8, off=-32)
         a.label(f"hash{n}")
         a(MOV_K, R9, imm=0)
-        a.start_count(130)                   # bytes left to hash
+        a.start_count(MAX_HASHED)            # bytes left to hash
         a.label(f"byte{n}")
         a(JGE_X, R8, R7, off=f"hashed{n}")
         a(LD_IND_B, src=R8, imm=0)
@@ -162,7 +185,7 @@ def program(map_fd: int) -> bytes:
         a(0, imm=0)
         a(MOV_X, R2, R10)
         a(ADD_K, R2, imm=slot)
-        a(CALL, imm=MAP_LOOKUP_ELEM)
+        a(CALL, imm=FUNC_MAP_LOOKUP_ELEM)
         a(JNE_K, R0, off="hold", imm=0)
     a.label("pass")
     a(MOV_K, R0, imm=0)
@@ -173,14 +196,14 @@ def program(map_fd: int) -> bytes:
     return a.assemble()
 
 
-class DnsFilter:
+class Prefilter:
     """The prefilter's map and program; ``update`` keeps the map equal to the policy's keys."""
 
     def __init__(self):
-        attr = struct.pack("<IIIII", BPF_MAP_TYPE_HASH, 4, 1, MAX_KEYS, 0).ljust(72, b"\0")
-        self.map_fd = bpf.bpf(BPF_MAP_CREATE, attr)
+        attr = struct.pack("<IIIII", bpf.BPF_MAP_TYPE_HASH, 4, 1, MAX_KEYS, 0).ljust(72, b"\0")
+        self.map_fd = bpf.bpf(bpf.BPF_MAP_CREATE, attr)
         try:
-            self.prog_fd = bpf.load_program(program(self.map_fd), BPF_PROG_TYPE_SOCKET_FILTER, 0, b"ramfw_dns")
+            self.prog_fd = bpf.load_program(program(self.map_fd), bpf.BPF_PROG_TYPE_SOCKET_FILTER, 0, b"ramfw_dns")
         except OSError:
             os.close(self.map_fd)
             raise
@@ -189,7 +212,7 @@ class DnsFilter:
     def _elem(self, cmd: int, k: int) -> None:
         key_buf = ctypes.create_string_buffer(struct.pack("<I", k))
         value = ctypes.create_string_buffer(b"\1")
-        value_ptr = ctypes.addressof(value) if cmd == BPF_MAP_UPDATE_ELEM else 0  # delete takes none
+        value_ptr = ctypes.addressof(value) if cmd == bpf.BPF_MAP_UPDATE_ELEM else 0  # delete takes none
         bpf.bpf(cmd, struct.pack("<IIQQQ", self.map_fd, 0, ctypes.addressof(key_buf), value_ptr, 0).ljust(32, b"\0"))
 
     def update(self, patterns: Iterable[Pattern]) -> None:
@@ -197,9 +220,9 @@ class DnsFilter:
         if len(wanted) > MAX_KEYS:
             raise OSError(28, f"more than {MAX_KEYS} prefilter keys")
         for k in wanted - self.keys:
-            self._elem(BPF_MAP_UPDATE_ELEM, k)
+            self._elem(bpf.BPF_MAP_UPDATE_ELEM, k)
         for k in self.keys - wanted:
-            self._elem(BPF_MAP_DELETE_ELEM, k)
+            self._elem(bpf.BPF_MAP_DELETE_ELEM, k)
         self.keys = wanted
 
     def close(self) -> None:
@@ -208,16 +231,3 @@ class DnsFilter:
                 os.close(fd)
             except OSError:
                 pass
-
-
-def test_run(prog_fd: int, packet: bytes) -> int:
-    """Run the program on an IP packet (BPF_PROG_TEST_RUN); return its verdict (for tests)."""
-    frame = b"\0" * 12 + (b"\x86\xdd" if packet[:1] and packet[0] >> 4 == 6 else b"\x08\x00") + packet
-    data = ctypes.create_string_buffer(frame, len(frame))
-    attr = ctypes.create_string_buffer(struct.pack("<IIIIQQII", prog_fd, 0, len(frame), 0,
-                                                   ctypes.addressof(data), 0, 1, 0).ljust(80, b"\0"), 80)
-    number = bpf._SYS_BPF[os.uname().machine]
-    if bpf._libc.syscall(number, 10, attr, 80) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return struct.unpack_from("<I", attr.raw, 4)[0]

@@ -17,9 +17,11 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import KernelError
+from ..errors import KernelError
+from .ruleset import Hold
 
 MIN_KERNEL = (5, 4)
+REQUIRED = ("nf_tables", "element_timeout")  # without these ramfw cannot enforce at all
 _PROBE_TABLE = "ramfw_probe"
 
 
@@ -40,20 +42,31 @@ class Report:
         return any(c.name == name and c.ok for c in self.capabilities)
 
     @property
-    def queue_mechanism(self) -> str:
-        """How DNS replies are held: native nft queue, xt NFQUEUE, or a passive snooper."""
+    def hold(self) -> Hold:
+        """How this kernel can hold DNS replies: native nft queue, xt NFQUEUE, or not at all."""
         if self.has("nft_queue"):
-            return "nft-queue"
+            return Hold.NFT_QUEUE
         if self.has("xt_nfqueue"):
-            return "xt-nfqueue"
-        return "passive"
+            return Hold.XT_NFQUEUE
+        return Hold.PASSIVE
 
     @property
-    def refresh_by_readd(self) -> bool:
+    def kernel_refreshes_timeout(self) -> bool:
+        """Adding an existing set element again re-arms its timeout (else: add, delete, add)."""
         return self.has("element_refresh")
 
+    def missing_required(self) -> list[str]:
+        return [name for name in REQUIRED if not self.has(name)]
+
+    def check_required(self) -> None:
+        """KernelError naming the first thing ramfw cannot enforce without."""
+        for name in self.missing_required():
+            cap = next((c for c in self.capabilities if c.name == name), None)
+            detail = cap.detail if cap else "not probed"
+            raise KernelError(f"cannot enforce on this kernel: {name}: {detail}")
+
     def to_dict(self) -> dict:
-        return {"kernel": self.kernel, "queue_mechanism": self.queue_mechanism,
+        return {"kernel": self.kernel, "queue_mechanism": self.hold.value,
                 "capabilities": [asdict(c) for c in self.capabilities]}
 
 
@@ -147,15 +160,16 @@ def _table_probes() -> list[Capability]:
 
 def _prefilter_probe() -> Capability:
     """Load the DNS prefilter (the verifier must accept its loops) and use it in an xt bpf match."""
-    from . import dnsfilter, holdrules
+    from . import nft, prefilter as prefilter_mod
+    from .table import Table
 
     try:
-        prefilter = dnsfilter.DnsFilter()
+        prefilter = prefilter_mod.Prefilter()
     except OSError as err:
         return Capability("dns_prefilter", False, f"the eBPF DNS prefilter does not load: {err}",
                           COSTS["dns_prefilter"])
     try:
-        holdrules.add_rules("inet", _PROBE_TABLE, "out", [holdrules.bpf_match(prefilter.prog_fd)])
+        Table(_PROBE_TABLE).swap_rules("out", [nft.bpf_match(prefilter.prog_fd)])
     except OSError as err:
         return Capability("dns_prefilter", False, f"xt bpf match: {err.strerror}", COSTS["dns_prefilter"])
     finally:
@@ -188,21 +202,12 @@ def _nfnetlink_queue_probe() -> Capability:
     return Capability("nfnetlink_queue", True, "netfilter queue over netlink", COSTS["nfnetlink_queue"])
 
 
-_BPF_PROG_LOAD = 5
-_BPF_PROG_TYPE_CGROUP_SOCK = 9
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}
-
-
 def _cgroup_bpf_probe() -> Capability:
     """Load a two-instruction cgroup socket program (r0 = 1; exit) with the bpf() syscall."""
-    number = _SYS_BPF.get(platform.machine())
-    if number is None:
-        return Capability("cgroup_bpf", False, f"unknown bpf() syscall on {platform.machine()}",
-                          COSTS["cgroup_bpf"])
     from . import bpf
 
     try:
-        fd = bpf.load_program(bpf.return_one_program(), _BPF_PROG_TYPE_CGROUP_SOCK, 0)
+        fd = bpf.load_program(bpf.return_one_program(), bpf.BPF_PROG_TYPE_CGROUP_SOCK, 0)
     except OSError as err:
         return Capability("cgroup_bpf", False, f"cgroup socket programs: {err.strerror}", COSTS["cgroup_bpf"])
     os.close(fd)
@@ -248,7 +253,7 @@ def run() -> Report:
     unshare = shutil.which("unshare")
     if unshare is None:
         raise KernelError("unshare (util-linux) is needed to probe in a throw-away namespace")
-    result = subprocess.run([unshare, "--net", sys.executable, "-m", "ramfw.probes"],
+    result = subprocess.run([unshare, "--net", sys.executable, "-m", "ramfw.kernel.probes"],
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": _package_root()})
     if result.returncode != 0:
@@ -257,7 +262,7 @@ def run() -> Report:
 
 
 def _package_root() -> str:
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parent.parent.parent)
     existing = os.environ.get("PYTHONPATH")
     return f"{root}:{existing}" if existing else root
 

@@ -1,0 +1,347 @@
+"""The daemon's loop: holds DNS replies, programs the allowed sets, names what it blocks.
+
+One thread, one ``selectors`` loop: the queue socket, the NFLOG sockets (blocked
+connections; copies of replies not held), the control sockets and a wake-up socket for
+signals. Every socket is non-blocking and every handler reads what waits, then returns. A held
+reply is read, decided (``snoop``), its addresses programmed, and only then released. Where
+the kernel allows, an eBPF prefilter holds only the replies that may be for allowlisted names;
+the others reach the daemon as copies, for counters and block messages. SIGHUP or
+``ramfw reload`` re-reads the policy; SIGTERM exits and leaves enforcement in place. Only
+``ramfw down`` removes it.
+
+The path of a held reply: ``kernel.queue.Queue.receive`` -> ``Daemon._read`` ->
+``snoop.snooper.Snooper.on_packet`` -> ``kernel.table.Table.add_elements`` -> the verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from .. import record
+from ..config import Config
+from ..errors import NftablesError, RamfwError, require_root
+from ..kernel import nft, probes, ruleset
+from ..kernel.nflog import Log
+from ..kernel.queue import NF_ACCEPT, NF_DROP, Queue
+from ..kernel.ruleset import Hold
+from ..kernel.table import Table
+from ..policy import source as policy_source
+from ..snoop import resolvers
+from ..snoop.packet import parse_packet
+from ..snoop.snooper import Decision, Snooper, warm_up
+from . import status as status_doc
+from .blocks import BlockLog
+from .control import ControlServer
+from .engine import EngineScope
+
+log = logging.getLogger("ramfw")
+HOUSEKEEPING = 1.0
+BURST = 64  # datagrams one handler reads before the loop looks at the other sockets
+
+
+class Daemon:
+    def __init__(self, config: Config, policy_path: str | None = None):
+        self.config = config
+        self.policy_path = policy_path
+        self.stopping = False
+        self.reload_requested = False
+        self.errors: deque[str] = deque(maxlen=20)
+        self.blocks_log = BlockLog(config.enforcement.mode == "audit")
+        self.queue: Queue | None = None
+        self.snoop: Log | None = None
+        self.blocks: Log | None = None
+        self.prefilter = None
+        self.control = ControlServer(config, self.handle)
+        self.started = time.time()
+        self._poll_now = threading.Event()
+
+    # -- start-up --------------------------------------------------------------------------
+    def start(self) -> None:
+        require_root("ramfw daemon")
+        self.control.take_lock()  # first: a second daemon in this namespace stops before touching anything
+        self.url_source = policy_source.url_source(self.config) if self.policy_path is None else None
+        if self.url_source is not None:
+            self.url_source.refresh()
+        self.policy, self.source = policy_source.load(self.config, self.policy_path, fallback=True)
+        self.policy_loaded = time.time()
+        self.report = probes.run()
+        self.report.check_required()
+        self.hold = Hold.PASSIVE if self.config.dns.hold == "passive" else self.report.hold
+        self.table = Table(self.config.enforcement.table)
+        self.resolv_mtime = _mtime(resolvers.RESOLV_CONF)
+        self.trusted = resolvers.trusted(self.config.dns.trusted_resolvers)
+        self.snooper = Snooper(self.policy, set(self.trusted), self.config.dns)
+        # The queue is bound before the hold rules exist: a held reply never meets an unbound
+        # queue (whose bypass would let it pass unread).
+        if self.hold.holds:
+            self.queue = Queue(self.config.dns.queue_num)
+            if self.config.dns.prefilter and self.report.has("dns_prefilter"):
+                from ..kernel.prefilter import Prefilter
+
+                self.prefilter = Prefilter()
+                self.prefilter.update(self.policy.patterns())
+        if self.hold is Hold.PASSIVE or self.prefilter is not None:
+            self.snoop = Log(self.config.dns.snoop_group)
+        if self.report.has("nflog"):
+            self.blocks = Log(self.config.enforcement.nflog_group)
+        self.apply()
+        self.engine = EngineScope(self.config, self.report)
+        self._report_error(self.engine.attach())
+        self._seed_from_kernel()
+        warm_up()
+        self.control.open()
+        log.info("ramfw daemon enforcing %s (%d entries, %s mode, DNS hold: %s)",
+                 self.policy.organization, len(self.policy.matcher), self.config.enforcement.mode, self.hold.value)
+        if self.hold is Hold.PASSIVE:
+            log.warning("this kernel cannot hold DNS replies: the first connection to a new address can be lost")
+
+    def apply(self) -> None:
+        """Apply the whole ruleset, with the DNS hold this kernel allows."""
+        e, d = self.config.enforcement, self.config.dns
+        if not self.policy.enabled:
+            self.table.remove()
+        else:
+            hold_rules = nft.hold_rules(self.hold, d.queue_num, self.prefilter.prog_fd if self.prefilter else None,
+                                        d.snoop_group)
+            self.table.apply(ruleset.build_ruleset(e, self.trusted, d.max_addresses, self.hold), hold_rules)
+        record.write(self.config, record.build(self.config, self.policy, self.source, self.trusted,
+                                               self.report.to_dict(), daemon_pid=os.getpid()))
+
+    def _seed_from_kernel(self) -> None:
+        """A restarted daemon picks up what the kernel still allows, with its expiry."""
+        now = time.time()
+        for item in self.table.learned():
+            if item.name:
+                self.snooper.learned.setdefault(item.name, {})[item.address] = now + item.expires
+                self.snooper.total += 1
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> None:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        handlers = {signal.SIGHUP: self._on_sighup, signal.SIGTERM: self._on_stop, signal.SIGINT: self._on_stop}
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+        sel = selectors.DefaultSelector()
+        if self.queue:
+            sel.register(self.queue.sock, selectors.EVENT_READ, self._on_queue)
+        if self.snoop:
+            sel.register(self.snoop.sock, selectors.EVENT_READ, self._on_snoop)
+        if self.blocks:
+            sel.register(self.blocks.sock, selectors.EVENT_READ, self._on_block)
+        for listener in self.control.listeners():
+            sel.register(listener, selectors.EVENT_READ, lambda listener=listener: self.control.serve(listener))
+        sel.register(wake_r, selectors.EVENT_READ, lambda: _drain(wake_r))
+        self._wake = wake_w
+        if self.url_source is not None:
+            threading.Thread(target=self._poll_policy, name="policy-poller", daemon=True).start()
+        next_housekeeping = time.monotonic() + HOUSEKEEPING
+        try:
+            while not self.stopping:
+                for key, _ in sel.select(max(0.0, next_housekeeping - time.monotonic())):
+                    self._guarded(key.data)
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self._guarded(self.reload)
+                if time.monotonic() >= next_housekeeping:
+                    self._guarded(self._housekeeping)
+                    next_housekeeping = time.monotonic() + HOUSEKEEPING
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            sel.close()
+            wake_r.close()
+            wake_w.close()
+            self.close()
+
+    def _poll_policy(self) -> None:
+        """Background: poll the policy URL; a new valid policy wakes the loop to reload."""
+        while not self.stopping:
+            self._poll_now.wait(self.config.policy.refresh_interval)
+            self._poll_now.clear()
+            if self.url_source.refresh():
+                self.reload_requested = True
+                try:
+                    self._wake.send(b"r")
+                except OSError:
+                    pass
+            if self.url_source.last_error and self.url_source.last_error not in self.errors:
+                self._error(self.url_source.last_error)
+
+    def _guarded(self, step) -> None:
+        """Whatever goes wrong in one step is logged and counted; the daemon keeps running,
+        and with it the enforcement and the DNS it holds."""
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001 - the daemon must outlive its own bugs
+            self.snooper.counters["errors"] += 1
+            self._error(f"{getattr(step, '__name__', 'step')}: {err!r}")
+
+    def _on_sighup(self, *_):
+        self.reload_requested = True
+
+    def _on_stop(self, *_):
+        self.stopping = True
+
+    # -- handlers: each reads what waits and returns -----------------------------------------
+    def _on_queue(self) -> None:
+        """Give a verdict to every held reply waiting (a bounded number of datagrams, so the
+        other sockets get their turn); return when the socket is empty."""
+        for _ in range(BURST):
+            try:
+                packets = self.queue.receive()
+            except OSError as err:
+                self.snooper.counters["queue_errors"] += 1
+                self._error(f"queue: {err}")
+                return
+            if not packets:
+                return
+            self.snooper.counters["held"] += len(packets)
+            for packet in packets:
+                decision = self._read(packet.payload)
+                self.queue.verdict(packet.packet_id, NF_ACCEPT if decision.accept else NF_DROP)
+
+    def _on_snoop(self) -> None:
+        """Read the copied replies waiting (passive hold, or those the prefilter let pass)."""
+        for _ in range(BURST):
+            try:
+                payloads = self.snoop.receive()
+            except OSError:
+                return
+            if not payloads:
+                return
+            self.snooper.counters["copied"] += len(payloads)
+            for payload in payloads:
+                self._read(payload)
+
+    def _read(self, payload: bytes) -> Decision:
+        """Decide on one reply and program what it teaches; the caller issues the verdict."""
+        try:
+            decision = self.snooper.on_packet(payload, time.time())
+        except Exception as err:  # a packet must never stop the daemon; it is released
+            self.snooper.counters["errors"] += 1
+            self._error(f"reading a reply: {err!r}")
+            return Decision()
+        if decision.elements:
+            self._program(decision.elements)
+        return decision
+
+    def _program(self, elements) -> None:
+        """Program before the release; the kernel's refusals are read in housekeeping. Nothing
+        here may keep a held reply from its verdict."""
+        try:
+            self.table.add_elements(elements, self.report.kernel_refreshes_timeout,
+                                    clear_pending=self.hold is Hold.PASSIVE, check=False)
+        except (OSError, ValueError) as err:
+            self.snooper.counters["program_failed"] += 1
+            self._error(f"programming the allowed sets failed: {err}")
+
+    def _on_block(self) -> None:
+        try:
+            packets = self.blocks.receive()
+        except OSError:
+            return
+        if self.snoop is not None:  # copies of replies that name the address may still wait there
+            self._on_snoop()
+        for packet in packets:
+            segment = parse_packet(packet)
+            if segment is not None:
+                self.blocks_log.record(self.snooper.block_message(segment.dst), segment.dst, segment.dport)
+
+    # -- control -----------------------------------------------------------------------------
+    def handle(self, command: str) -> dict:
+        if command == "ping":
+            return {"ok": True}
+        if command == "status":
+            return {"ok": True, "status": status_doc.document(self)}
+        if command == "stop":
+            self.stopping = True
+            return {"ok": True, "message": "the daemon is stopping"}
+        if command == "reload":
+            ok, message = self.reload()
+            return {"ok": ok, "message": message}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    # -- policy and housekeeping -----------------------------------------------------------
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the policy and apply it at once; a bad policy keeps the one in force."""
+        self._poll_now.set()  # a URL source is fetched again in the background, then reloaded
+        try:
+            policy, source = policy_source.load(self.config, self.policy_path)
+        except RamfwError as err:
+            self._error(f"reload refused, the policy in force stays: {err}")
+            return False, f"reload refused, the policy in force stays: {err}"
+        if self.prefilter is not None:
+            try:
+                self.prefilter.update(policy.patterns())
+            except OSError as err:  # replies for new names are then copied, not held: say so
+                self._error(f"the DNS prefilter could not be updated ({err}); first connections to "
+                            "newly allowed names may fail until it is")
+        self.policy, self.source, self.policy_loaded = policy, source, time.time()
+        self.snooper.policy = policy
+        self.apply()
+        gone = self.snooper.forget(time.time())
+        still = {a for addresses in self.snooper.learned.values() for a in addresses}
+        drop = {a for addresses in gone.values() for a in addresses} - still
+        if drop and policy.enabled:
+            self.table.delete_elements(drop)
+        message = f"policy reloaded: {policy.organization}, {len(policy.matcher)} entries from {source}"
+        log.info(message)
+        return True, message
+
+    def _housekeeping(self) -> None:
+        for refusal in self.table.refusals():
+            self.snooper.counters["program_failed"] += 1
+            self._error(f"programming the allowed sets failed: {refusal}")
+        self._report_error(self.engine.attach())
+        mtime = _mtime(resolvers.RESOLV_CONF)
+        if mtime != self.resolv_mtime and not self.config.dns.trusted_resolvers:
+            self.resolv_mtime = mtime
+            trusted = resolvers.trusted(())
+            if trusted != self.trusted:
+                self.trusted = trusted
+                self.snooper.trusted = set(trusted)
+                try:
+                    self.table.set_resolvers(trusted)
+                except NftablesError as err:
+                    self._error(str(err))
+                log.info("trusted resolvers now %s", ", ".join(trusted))
+
+    def _report_error(self, text: str | None) -> None:
+        if text:
+            self._error(text)
+
+    def _error(self, text: str) -> None:
+        log.error(text)
+        self.errors.append(text)
+
+    def close(self) -> None:
+        for thing in (self.queue, self.snoop, self.blocks, self.prefilter):
+            if thing is not None:
+                thing.close()
+        self.control.close()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(512):
+            pass
+    except (BlockingIOError, OSError):
+        pass

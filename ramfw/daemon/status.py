@@ -1,0 +1,48 @@
+"""The daemon's status document (``ramfw status --json`` when the daemon answers)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..kernel.ruleset import Hold
+
+PASSIVE_NOTE = ("DNS replies are copied, not held: the first connection to a new address can be lost; "
+                "mitigation: a first SYN to an unknown address is dropped, not reset, so its retransmission "
+                "(1 s later) passes once the reply has been read")
+
+
+def document(daemon) -> dict:
+    """``daemon`` is the running ``loop.Daemon``."""
+    now = time.time()
+    snooper = daemon.snooper
+    counters = daemon.table.counters()
+    learned = {name: sorted(({"address": a, "expires_in": int(expiry - now)}
+                             for a, expiry in addresses.items() if expiry > now),
+                            key=lambda x: x["address"])
+               for name, addresses in sorted(snooper.learned.items())}
+    notes = list(daemon.policy.notes)
+    if daemon.hold is Hold.PASSIVE:
+        notes.append(PASSIVE_NOTE)
+    notes += [f"cap reached: {cap}" for cap in snooper.caps_hit]
+    if daemon.engine.state.get("note"):
+        notes.append(f"engine scope: {daemon.engine.state['note']}")
+    url = daemon.url_source
+    return {
+        "daemon": {"running": True, "pid": os.getpid(), "since": daemon.started},
+        "enforcing": bool(counters),
+        "mode": daemon.config.enforcement.mode,
+        "scope": list(daemon.config.enforcement.scope),
+        "dns_hold": daemon.hold.value + (" + eBPF prefilter: only replies that may be for allowlisted names "
+                                         "are held, the rest are copied" if daemon.prefilter else ""),
+        "engine": daemon.engine.state,
+        "capabilities": daemon.report.to_dict(),
+        "policy": {**daemon.policy.summary(), "source": daemon.source, "loaded_at": daemon.policy_loaded,
+                   **({"url": url.url, "url_error": url.last_error} if url else {})},
+        "trusted_resolvers": daemon.trusted,
+        "learned": {k: v for k, v in learned.items() if v},
+        "counters": {**dict(snooper.counters), **counters, "learned_addresses": snooper.total},
+        "recent_blocks": list(daemon.blocks_log.recent),
+        "notes": notes,
+        "errors": list(daemon.errors),
+    }

@@ -1,0 +1,194 @@
+"""nf_tables messages built as raw netlink: what libnftables' JSON cannot express, or would
+make too slow on the hold path. Pure: bytes out (and, for dumps, bytes in); ``table`` sends them.
+
+- The DNS hold rules. libnftables can render a native ``queue`` rule, but not the xt NFQUEUE
+  target (nft compat), which is all some kernels have (this lab's, for one), nor the xt ``bpf``
+  match that runs the DNS prefilter (``prefilter``)::
+
+      tcp sport 53                         -> queue (DNS over TCP is always held: it is reassembled)
+      udp sport 53  [bpf prefilter match]  -> queue
+      udp sport 53  (prefilter only)       -> log to the snoop group (a copy, not held)
+
+  or, where nothing can hold (``Hold.PASSIVE``), tcp and udp sport 53 -> log to the snoop group.
+  The queue is the xt NFQUEUE target or the native queue expression, both with bypass.
+- The allowed sets' elements: a reply waits while they are programmed, so they skip the JSON
+  round trip; and their dump, streamed (a JSON listing of 100,000 elements costs hundreds of MB).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Iterable, Iterator
+
+from ..snoop.snooper import Element
+from . import netlink as nl
+from .netlink import attr, nested, string, u32
+from .ruleset import ALLOW, PENDING, Hold, Learned
+
+XT_BPF_MODE_FD_ELF = 2
+XT_BPF_INFO_V1_SIZE = 528  # mode, count, fd, a 512-byte union, the kernel's pointer
+BATCH_ELEMENTS = 1000  # keeps one batch well under the socket's send buffer
+
+
+def _expr(name: str, *data: bytes) -> bytes:
+    return nested(nl.NFTA_LIST_ELEM, string(nl.NFTA_EXPR_NAME, name), nested(nl.NFTA_EXPR_DATA, *data))
+
+
+def _cmp_eq(value: bytes) -> bytes:
+    return _expr("cmp", u32(1, nl.NFT_REG_1), u32(2, nl.NFT_CMP_EQ), nested(3, attr(1, value)))
+
+
+def _from_dns(l4proto: int) -> list[bytes]:
+    """meta l4proto == l4proto; th sport == 53."""
+    return [
+        _expr("meta", u32(2, nl.NFT_META_L4PROTO), u32(1, nl.NFT_REG_1)),
+        _cmp_eq(bytes([l4proto])),
+        _expr("payload", u32(1, nl.NFT_REG_1), u32(2, nl.NFT_PAYLOAD_TRANSPORT_HEADER), u32(3, 0), u32(4, 2)),
+        _cmp_eq(struct.pack("!H", 53)),
+    ]
+
+
+def bpf_match(prog_fd: int) -> bytes:
+    """xt bpf match, revision 1, the program given by file descriptor (struct xt_bpf_info_v1)."""
+    info = struct.pack("=HHi", XT_BPF_MODE_FD_ELF, 0, prog_fd).ljust(XT_BPF_INFO_V1_SIZE, b"\0")
+    return _expr("match", string(1, "bpf"), u32(2, 1), attr(3, info))
+
+
+def _queue(queue_num: int, native: bool) -> bytes:
+    if native:
+        return _expr("queue", attr(1, struct.pack("!H", queue_num)), attr(2, struct.pack("!H", 1)),
+                     attr(3, struct.pack("!H", nl.NFQ_FLAG_BYPASS)))
+    # struct xt_NFQ_info_v3 { u16 queuenum; u16 queues_total; u16 flags; } (host order)
+    return _expr("target", string(1, "NFQUEUE"), u32(2, 3),
+                 attr(3, struct.pack("=HHH", queue_num, 1, nl.NFQ_FLAG_BYPASS) + b"\0\0"))
+
+
+def _log(group: int) -> bytes:
+    return _expr("log", attr(1, struct.pack("!H", group)))
+
+
+def hold_rules(hold: Hold, queue_num: int, prefilter_fd: int | None, snoop_group: int) -> list[bytes]:
+    """The expressions of each DNS hold rule, in order (see the module's docstring)."""
+    tcp, udp = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+    if hold is Hold.PASSIVE:
+        return [b"".join(_from_dns(proto) + [_log(snoop_group)]) for proto in (tcp, udp)]
+    if hold is Hold.NONE:
+        return []
+    queue = _queue(queue_num, native=hold is Hold.NFT_QUEUE)
+    rules = [b"".join(_from_dns(tcp) + [queue])]
+    if prefilter_fd is None:
+        rules.append(b"".join(_from_dns(udp) + [queue]))
+    else:
+        rules.append(b"".join(_from_dns(udp) + [bpf_match(prefilter_fd), queue]))
+        rules.append(b"".join(_from_dns(udp) + [_log(snoop_group)]))
+    return rules
+
+
+def build_rules_batch(family: str, table: str, chain: str, rules: list[bytes], seq: int = 1,
+                      replace: bool = False) -> bytes:
+    """One transaction appending ``rules`` to ``chain``; with ``replace``, the chain's old rules
+    are deleted in the same transaction (a rule deletion naming only the chain). Every step
+    asks for an ack, so the sender can wait for the kernel's answer to each."""
+    where = string(nl.NFTA_RULE_TABLE, table) + string(nl.NFTA_RULE_CHAIN, chain)
+    steps = [(nl.NFT_MSG_DELRULE, nl.NLM_F_ACK, nl.NFPROTO[family], where)] if replace else []
+    for expressions in rules:
+        steps.append((nl.NFT_MSG_NEWRULE, nl.NLM_F_CREATE | nl.NLM_F_APPEND | nl.NLM_F_ACK, nl.NFPROTO[family],
+                      where + nested(nl.NFTA_RULE_EXPRESSIONS, expressions)))
+    return nl.batch(steps, seq)
+
+
+def _elements(elements: Iterable[Element], with_data: bool) -> bytes:
+    parts = []
+    for element in elements:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in element.address else socket.AF_INET, element.address)
+        attrs = nested(nl.NFTA_SET_ELEM_KEY, attr(nl.NFTA_DATA_VALUE, packed))
+        if with_data:
+            attrs += attr(nl.NFTA_SET_ELEM_TIMEOUT, struct.pack("!Q", element.timeout * 1000))
+            if element.name:
+                comment = element.name[:127].encode() + b"\0"
+                attrs += attr(nl.NFTA_SET_ELEM_USERDATA,
+                              bytes([nl.NFTNL_UDATA_SET_ELEM_COMMENT, len(comment)]) + comment)
+        parts.append(nested(nl.NFTA_LIST_ELEM, attrs))
+    return b"".join(parts)
+
+
+def _set_ref(table: str, set_name: str) -> bytes:
+    return string(nl.NFTA_SET_ELEM_LIST_TABLE, table) + string(nl.NFTA_SET_ELEM_LIST_SET, set_name)
+
+
+def build_elements_batch(table: str, elements: Iterable[Element], kernel_refreshes_timeout: bool,
+                         seq: int = 1, clear_pending: bool = False) -> bytes:
+    """Add (or re-arm) elements in one transaction.
+
+    The kernel commits the batch inside ``send``, before the held reply is released. Kernels
+    that do not re-arm a timeout when an element is added again (``kernel_refreshes_timeout``
+    false) get add, delete, add: the first add makes the delete safe, the last sets the new
+    timeout, and since it is one transaction no packet sees the address missing.
+    ``clear_pending`` (passive hold) also takes the addresses out of the pending sets, so their
+    next first SYN is deferred again.
+    """
+    by_version: dict[int, list[Element]] = {4: [], 6: []}
+    for element in elements:
+        by_version[6 if ":" in element.address else 4].append(element)
+    steps = []
+    inet = nl.NFPROTO["inet"]
+    for version, items in by_version.items():
+        if not items:
+            continue
+        bare = nested(nl.NFTA_SET_ELEM_LIST_ELEMENTS, _elements(items, False))
+        allow = _set_ref(table, ALLOW[version])
+        if not kernel_refreshes_timeout:
+            steps += [(nl.NFT_MSG_NEWSETELEM, nl.NLM_F_CREATE, inet, allow + bare),
+                      (nl.NFT_MSG_DELSETELEM, 0, inet, allow + bare)]
+        steps.append((nl.NFT_MSG_NEWSETELEM, nl.NLM_F_CREATE, inet,
+                      allow + nested(nl.NFTA_SET_ELEM_LIST_ELEMENTS, _elements(items, True))))
+        if clear_pending:
+            pending = _set_ref(table, PENDING[version]) + bare
+            steps += [(nl.NFT_MSG_NEWSETELEM, nl.NLM_F_CREATE, inet, pending),
+                      (nl.NFT_MSG_DELSETELEM, 0, inet, pending)]
+    return nl.batch(steps, seq) if steps else b""
+
+
+def build_elements_dump(table: str, set_name: str, seq: int) -> bytes:
+    return nl.message((nl.NFNL_SUBSYS_NFTABLES << 8) | nl.NFT_MSG_GETSETELEM, nl.NLM_F_REQUEST | nl.NLM_F_DUMP,
+                      seq, nl.NFPROTO["inet"], 0, _set_ref(table, set_name))
+
+
+def parse_elements_dump(data: bytes, family: int) -> tuple[list[Learned], bool]:
+    """The elements in one datagram of a set-element dump, and whether the dump ended."""
+    found = []
+    for msg_type, start, end in nl.messages(data):
+        if msg_type in (nl.NLMSG_DONE, nl.NLMSG_ERROR):
+            return found, True
+        attrs = nl.parse_attrs(data, start + nl.NFGEN.size, end)
+        for _, elem in nl.iter_attrs(attrs.get(nl.NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
+            e = nl.parse_attrs(elem)
+            key = nl.parse_attrs(e.get(nl.NFTA_SET_ELEM_KEY, b"")).get(nl.NFTA_DATA_VALUE, b"")
+            try:
+                address = socket.inet_ntop(family, key)
+            except (ValueError, OSError):
+                continue
+            timeout = _millis(e.get(nl.NFTA_SET_ELEM_TIMEOUT))
+            expires = _millis(e.get(nl.NFTA_SET_ELEM_EXPIRATION))
+            udata = e.get(nl.NFTA_SET_ELEM_USERDATA, b"")
+            name = ""
+            if len(udata) >= 2 and udata[0] == nl.NFTNL_UDATA_SET_ELEM_COMMENT:
+                name = udata[2 : 2 + udata[1]].rstrip(b"\0").decode(errors="replace")
+            found.append(Learned(address, expires, timeout, name))
+    return found, False
+
+
+def _millis(value: bytes | None) -> int:
+    return struct.unpack("!Q", value)[0] // 1000 if value is not None and len(value) == 8 else 0
+
+
+def dump_all(sock: socket.socket, table: str) -> Iterator[Learned]:
+    """Stream the allowed sets' elements over ``sock`` (a fresh netfilter netlink socket)."""
+    for version, set_name in ALLOW.items():
+        sock.send(build_elements_dump(table, set_name, version))
+        family = socket.AF_INET if version == 4 else socket.AF_INET6
+        done = False
+        while not done:
+            found, done = parse_elements_dump(sock.recv(1 << 20), family)
+            yield from found

@@ -1,0 +1,237 @@
+"""The nftables table ramfw owns (``inet ramfw``), rendered as libnftables JSON: pure data.
+
+``table.Table`` is the only code that applies it (and the DNS hold rules ``nft`` builds) to
+the kernel. The table has no ``owner`` flag on purpose: enforcement stays in the kernel when
+the process that applied it exits or dies (registry egress fails closed), and only
+``ramfw down`` removes it.
+
+Layout::
+
+    output   (hook output)   established/related, loopback -> accept; in scope -> registry
+    forward  (hook forward)  established/related -> accept; in scope -> registry
+    registry                 DNS to trusted resolvers, @allow4/@allow6 -> accept;
+                             otherwise log to NFLOG, count, reject (enforce) or accept (audit)
+    dns_input, dns_forward   (hooks input, forward, priority -150) the DNS hold rules, which
+                             ``nft`` builds and ``table.Table`` swaps in a netlink transaction
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from enum import Enum
+from typing import Iterable
+
+from ..config import EnforcementSettings
+
+FAMILY = "inet"
+ALLOW = {4: "allow4", 6: "allow6"}
+PENDING = {4: "pending4", 6: "pending6"}
+PENDING_TIMEOUT = 3  # seconds: covers one SYN retransmission (1 s) with room to spare
+RESOLVERS = {4: "resolvers4", 6: "resolvers6"}
+COUNTERS = ("blocked", "audited", "accepted", "deferred")
+LOG_PREFIX = "ramfw "
+SET_TYPES = {4: "ipv4_addr", 6: "ipv6_addr"}
+
+
+class Hold(Enum):
+    """How DNS replies reach the daemon."""
+
+    NFT_QUEUE = "nft-queue"  # held in a netfilter queue by the native nft queue expression
+    XT_NFQUEUE = "xt-nfqueue"  # held in a netfilter queue by the xt NFQUEUE target (nft compat)
+    PASSIVE = "passive"  # copied to an NFLOG group, not held: the kernel cannot queue
+    NONE = "none"  # not seen at all (``ramfw up`` with no daemon)
+
+    @property
+    def holds(self) -> bool:
+        return self in (Hold.NFT_QUEUE, Hold.XT_NFQUEUE)
+
+
+@dataclass(frozen=True)
+class Learned:
+    """An element of the allowed sets as the kernel reports it (seconds)."""
+
+    address: str
+    expires: int
+    timeout: int
+    name: str
+
+
+@dataclass(frozen=True)
+class TableState:
+    exists: bool
+    mode: str = ""
+    counters: dict | None = None
+    learned: tuple[Learned, ...] = ()
+    resolvers: tuple[str, ...] = ()
+
+
+def _match(left: dict, right: object, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> dict:
+    return {"meta": {"key": key}}
+
+
+def _payload(protocol: str, field: str) -> dict:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+_ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+_TCP_UDP = _match(_meta("l4proto"), {"set": ["tcp", "udp"]})
+_ACCEPT = {"accept": None}
+
+
+def _ports(ports: Iterable[int]) -> list[dict]:
+    return [_TCP_UDP, _match(_payload("th", "dport"), {"set": sorted(ports)})]
+
+
+def _in_scope_rules(settings: EnforcementSettings, hook: str) -> list[list[dict]]:
+    """The matches that send a packet of this hook into the registry chain."""
+    jump = {"jump": {"target": "registry"}}
+    rules = []
+    if hook == "output":
+        if "engine" in settings.scope:
+            marked = _match({"&": [_meta("mark"), settings.mark_mask]}, settings.mark)
+            rules.append([marked, jump])
+        if "host" in settings.scope:
+            rules.append(_ports(settings.registry_ports) + [jump])
+    elif "containers" in settings.scope:
+        rules.append(_ports(settings.registry_ports) + [jump])
+    return rules
+
+
+def _verdict_rules(settings: EnforcementSettings, hold: Hold) -> list[list[dict]]:
+    log = {"log": {"prefix": LOG_PREFIX + settings.mode, "group": settings.nflog_group}}
+    if settings.mode == "audit":
+        return [[log, {"counter": "audited"}, _ACCEPT]]
+    grace = []
+    if hold is Hold.PASSIVE:
+        # Replies are only copied, so the daemon may learn an address just after the client
+        # connects. A first SYN to an unknown address is dropped and remembered for a few
+        # seconds: its retransmission passes if the address was learned meanwhile, and is
+        # rejected otherwise. Blocked connections then fail after about one second.
+        syn = _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "syn")
+        for version, proto in ((4, "ip"), (6, "ip6")):
+            daddr = _payload(proto, "daddr")
+            grace.append([_match(_meta("nfproto"), "ipv4" if version == 4 else "ipv6"),
+                          _match(daddr, "@" + PENDING[version], "!="), syn,
+                          {"set": {"op": "add", "elem": daddr, "set": "@" + PENDING[version]}},
+                          {"counter": "deferred"}, {"drop": None}])
+    return grace + [
+        [log, {"counter": "blocked"}, _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}],
+        [{"reject": {"type": "icmpx", "expr": "admin-prohibited"}}],
+    ]
+
+
+DNS_CHAINS = {"dns_input": "input", "dns_forward": "forward"}
+DNS_PRIORITY = -150  # mangle: before anything that could accept the reply
+
+
+def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_addresses: int,
+                  hold: Hold = Hold.NONE) -> dict:
+    """The whole table as one transaction, but for the DNS chains' rules.
+
+    Sets are added, never deleted, so re-applying keeps every learned address; chains are
+    flushed and refilled so the rules are exactly these, whatever was there before. The DNS
+    chains are created here and left as they are: their rules (``nft.hold_rules``) are swapped
+    in a netlink transaction of their own (flush and add together), so no reply passes unheld
+    in between. ``hold`` matters here only for the passive grace rules.
+    """
+    t = {"family": FAMILY, "table": settings.table}
+    cmds: list[dict] = [{"add": {"table": {"family": FAMILY, "name": settings.table}}}]
+    for version in (4, 6):
+        cmds.append({"add": {"set": {**t, "name": ALLOW[version], "type": SET_TYPES[version],
+                                     "flags": ["timeout"], "size": max_addresses}}})
+        cmds.append({"add": {"set": {**t, "name": RESOLVERS[version], "type": SET_TYPES[version]}}})
+        cmds.append({"add": {"set": {**t, "name": PENDING[version], "type": SET_TYPES[version],
+                                     "flags": ["timeout"], "timeout": PENDING_TIMEOUT,
+                                     "size": 65536}}})
+    cmds += build_resolvers(settings.table, resolvers)["nftables"]
+    for counter in COUNTERS:
+        cmds.append({"add": {"counter": {**t, "name": counter}}})
+    for hook in ("output", "forward"):
+        cmds.append({"add": {"chain": {**t, "name": hook, "type": "filter", "hook": hook,
+                                       "prio": 0, "policy": "accept"}}})
+    cmds.append({"add": {"chain": {**t, "name": "registry"}}})
+    for chain, hook in DNS_CHAINS.items():
+        cmds.append({"add": {"chain": {**t, "name": chain, "type": "filter", "hook": hook,
+                                       "prio": DNS_PRIORITY, "policy": "accept"}}})
+    rules: dict[str, list[list[dict]]] = {
+        "output": [[_ESTABLISHED, _ACCEPT], [_match(_meta("oif"), "lo"), _ACCEPT]]
+        + _in_scope_rules(settings, "output"),
+        "forward": [[_ESTABLISHED, _ACCEPT]] + _in_scope_rules(settings, "forward"),
+        "registry": [
+            [_TCP_UDP, _match(_payload("th", "dport"), 53),
+             _match(_payload("ip", "daddr"), "@" + RESOLVERS[4]), _ACCEPT],
+            [_TCP_UDP, _match(_payload("th", "dport"), 53),
+             _match(_payload("ip6", "daddr"), "@" + RESOLVERS[6]), _ACCEPT],
+            [_match(_payload("ip", "daddr"), "@" + ALLOW[4]), {"counter": "accepted"}, _ACCEPT],
+            [_match(_payload("ip6", "daddr"), "@" + ALLOW[6]), {"counter": "accepted"}, _ACCEPT],
+        ] + _verdict_rules(settings, hold),
+    }
+    for chain, chain_rules in rules.items():
+        cmds.append({"flush": {"chain": {**t, "name": chain}}})
+        for expr in chain_rules:
+            cmds.append({"add": {"rule": {**t, "chain": chain, "expr": expr}}})
+    return {"nftables": cmds}
+
+
+def build_resolvers(table: str, resolvers: Iterable[str]) -> dict:
+    """Replace the trusted resolvers (DNS to them stays open for in-scope traffic)."""
+    t = {"family": FAMILY, "table": table}
+    cmds: list[dict] = [{"flush": {"set": {**t, "name": RESOLVERS[v]}}} for v in (4, 6)]
+    for version, addresses in _by_version(sorted(set(resolvers))).items():
+        if addresses:
+            cmds.append({"add": {"element": {**t, "name": RESOLVERS[version], "elem": addresses}}})
+    return {"nftables": cmds}
+
+
+def build_remove(table: str) -> dict:
+    """Add-then-delete: removes the table whether or not it exists, so it is safe to repeat."""
+    ref = {"family": FAMILY, "name": table}
+    return {"nftables": [{"add": {"table": ref}}, {"delete": {"table": ref}}]}
+
+
+def _by_version(addresses: Iterable[str]) -> dict[int, list[str]]:
+    found: dict[int, list[str]] = {4: [], 6: []}
+    for address in addresses:
+        found[ipaddress.ip_address(address).version].append(address)
+    return found
+
+
+def build_delete_elements(table: str, addresses: Iterable[str]) -> dict:
+    """Remove addresses, present or not: each is added bare first so the delete cannot fail."""
+    cmds = []
+    for version, bare in _by_version(addresses).items():
+        if bare:
+            ref = {"family": FAMILY, "table": table, "name": ALLOW[version]}
+            cmds += [{"add": {"element": {**ref, "elem": bare}}}, {"delete": {"element": {**ref, "elem": bare}}}]
+    return {"nftables": cmds}
+
+
+def parse_state(listing: dict) -> TableState:
+    """Read counters, learned elements and the mode back from ``nft -j list table``."""
+    counters, learned, resolvers, mode = {}, [], [], "enforce"
+    saw_verdict = False
+    for item in listing.get("nftables", []):
+        if "counter" in item:
+            c = item["counter"]
+            counters[c["name"]] = {"packets": c.get("packets", 0), "bytes": c.get("bytes", 0)}
+        elif "set" in item:
+            s = item["set"]
+            for elem in s.get("elem", []):
+                if s["name"] in ALLOW.values():
+                    e = elem.get("elem", {}) if isinstance(elem, dict) else {}
+                    learned.append(Learned(str(e.get("val", elem)), int(e.get("expires", 0)),
+                                           int(e.get("timeout", 0)), e.get("comment", "")))
+                elif s["name"] in RESOLVERS.values():
+                    resolvers.append(str(elem))
+        elif "rule" in item and item["rule"].get("chain") == "registry":
+            for expr in item["rule"].get("expr", []):
+                if "log" in expr:
+                    saw_verdict = True
+                    mode = expr["log"].get("prefix", "").removeprefix(LOG_PREFIX) or mode
+    return TableState(True, mode if saw_verdict else "unknown", counters,
+                      tuple(sorted(learned, key=lambda x: (x.name, x.address))), tuple(resolvers))

@@ -1,0 +1,148 @@
+"""The kernel side of ramfw's table (``inet ramfw``): the only code that writes it.
+
+The table itself goes through libnftables as one JSON transaction (``ruleset``); the DNS hold
+rules and the allowed sets' elements go as raw netlink transactions (``nft``), because JSON
+cannot express the xt target and match they need, and because a held reply waits while its
+elements are programmed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from typing import Iterable, Iterator
+
+from ..errors import NftablesError
+from ..snoop.snooper import Element
+from . import netlink, nft
+from .ruleset import (DNS_CHAINS, FAMILY, RESOLVERS, Learned, TableState, build_delete_elements, build_remove,
+                      build_resolvers, parse_state)
+
+
+class Table:
+    """ramfw's table, in the calling thread's network namespace."""
+
+    def __init__(self, name: str = "ramfw"):
+        import nftables  # Debian's python3-nftables; imported here so the pure core needs none
+
+        self.name = name
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+        self._sock = None
+        self._batches: dict[tuple, bytes] = {}
+
+    # -- the table and its rules -------------------------------------------------------------
+    def run(self, document: dict) -> dict:
+        rc, output, error = self._nft.json_cmd(document)
+        if rc != 0:
+            raise NftablesError(f"nftables refused the transaction: {error.strip() or rc}")
+        return output or {}
+
+    def apply(self, ruleset: dict, hold_rules: list[bytes]) -> None:
+        """The table (one JSON transaction), then the DNS chains' rules swapped in one netlink
+        transaction: a chain is never empty between its old rules and its new ones."""
+        self.run(ruleset)
+        for chain in DNS_CHAINS:
+            try:
+                self.swap_rules(chain, hold_rules)
+            except OSError as err:
+                raise NftablesError(f"cannot add the DNS hold rules: {err.strerror}") from None
+
+    def swap_rules(self, chain: str, rules: list[bytes]) -> None:
+        """Replace a chain's rules with ``rules`` in one transaction; OSError with the kernel's
+        errno when refused."""
+        with netlink.open_socket() as sock:
+            sock.send(nft.build_rules_batch(FAMILY, self.name, chain, rules, replace=True))
+            netlink.wait_acks(sock, len(rules) + 1, "DNS hold rule")
+
+    def set_resolvers(self, resolvers: Iterable[str]) -> None:
+        self.run(build_resolvers(self.name, resolvers))
+
+    def remove(self) -> None:
+        self.run(build_remove(self.name))
+
+    # -- the allowed sets ----------------------------------------------------------------------
+    def add_elements(self, elements: Iterable[Element], kernel_refreshes_timeout: bool = True,
+                     clear_pending: bool = False, check: bool = True) -> None:
+        """Program elements in raw netlink batches. With ``check``, raise NftablesError if the
+        kernel refused; without (the hold path), refusals wait for ``refusals()``."""
+        elements = tuple(elements)
+        for start in range(0, len(elements), nft.BATCH_ELEMENTS):
+            chunk = elements[start : start + nft.BATCH_ELEMENTS]
+            key = (chunk, kernel_refreshes_timeout, clear_pending)
+            batch = self._batches.get(key)
+            if batch is None:  # replies re-arm the same elements again and again: build once
+                if len(self._batches) >= 4096:
+                    self._batches.clear()
+                batch = self._batches[key] = nft.build_elements_batch(self.name, chunk, kernel_refreshes_timeout,
+                                                                      clear_pending=clear_pending)
+            self._send(batch)
+        if check:
+            refused = self.refusals()
+            if refused:
+                raise NftablesError(f"programming the allowed sets failed: {refused[0]}")
+
+    def _send(self, batch: bytes) -> None:
+        if not batch:
+            return
+        if self._sock is None:
+            self._sock = netlink.open_socket(rcvbuf=1 << 20)
+        self._sock.send(batch)
+
+    def refusals(self) -> list[str]:
+        """What the kernel refused of the batches sent so far (it answers inside ``send``)."""
+        found = []
+        while self._sock is not None:
+            try:
+                data = self._sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            for msg_type, start, _ in netlink.messages(data):
+                if msg_type == netlink.NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", data, start)
+                    if code:
+                        found.append(f"{os.strerror(-code)} ({errno.errorcode.get(-code, code)})")
+        return found
+
+    def delete_elements(self, addresses: Iterable[str]) -> None:
+        """Forget addresses at once (a reload that removed their names), missing ones included."""
+        document = build_delete_elements(self.name, addresses)
+        if document["nftables"]:
+            self.run(document)
+
+    def learned(self) -> Iterator[Learned]:
+        """The allowed sets' elements, streamed from a netlink dump; nothing when the table
+        does not exist."""
+        with netlink.open_socket() as sock:
+            yield from nft.dump_all(sock, self.name)
+
+    # -- reading it back -------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        rc, output, _ = self._nft.json_cmd({"nftables": [{"list": {"counters": {"family": FAMILY}}}]})
+        found = {}
+        for item in (output or {}).get("nftables", []) if rc == 0 else []:
+            c = item.get("counter")
+            if c and c.get("table") == self.name:
+                found[c["name"]] = c.get("packets", 0)
+        return found
+
+    def state(self) -> TableState:
+        """The table's state, without listing the allowed sets as JSON (100,000 elements would
+        cost hundreds of MB): their elements come from a netlink dump."""
+        t = {"family": FAMILY, "table": self.name}
+        items: list[dict] = []
+        for listing in ({"chain": {**t, "name": "registry"}}, {"set": {**t, "name": RESOLVERS[4]}},
+                        {"set": {**t, "name": RESOLVERS[6]}}, {"counters": {"family": FAMILY}}):
+            rc, output, _ = self._nft.json_cmd({"nftables": [{"list": listing}]})
+            if rc != 0:
+                if "chain" in listing:
+                    return TableState(exists=False)
+                continue
+            items += [i for i in (output or {}).get("nftables", [])
+                      if i.get("counter", {}).get("table", self.name) == self.name]
+        found = parse_state({"nftables": items})
+        learned = tuple(sorted(self.learned(), key=lambda x: (x.name, x.address)))
+        return TableState(True, found.mode, found.counters, learned, found.resolvers)

@@ -1,0 +1,35 @@
+"""The record of what was applied (``state.json`` in the run directory): written by ``ramfw up``
+and by the daemon, read back by ``ramfw status`` beside the kernel's own state when no daemon
+answers."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .config import Config
+from .policy import Policy
+
+
+def build(config: Config, policy: Policy, source: str, trusted: list[str], capabilities: dict, **extra) -> dict:
+    return {"applied_at": time.time(), "config": config.path, "policy_source": source,
+            "policy": policy.summary(), "notes": list(policy.notes),
+            "mode": config.enforcement.mode, "scope": list(config.enforcement.scope),
+            "table": config.enforcement.table, "trusted_resolvers": trusted,
+            "capabilities": capabilities, **extra}
+
+
+def write(config: Config, record: dict) -> None:
+    run_dir = Path(config.daemon.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(config.daemon.state_file)
+
+
+def read(config: Config) -> dict | None:
+    try:
+        return json.loads(Path(config.daemon.state_file).read_text())
+    except (OSError, ValueError):
+        return None
