@@ -44,6 +44,7 @@ from .engine import EngineScope
 
 log = logging.getLogger("ramfw")
 HOUSEKEEPING = 1.0
+EXPIRY_SWEEP = 10.0  # seconds between two sweeps of the learned addresses the kernel expired
 BURST = 64  # datagrams one handler reads before the loop looks at the other sockets
 
 
@@ -61,6 +62,7 @@ class Daemon:
         self.prefilter = None
         self.control = ControlServer(config, self.handle)
         self.started = time.time()
+        self._next_sweep = 0.0
         self._poll_now = threading.Event()
 
     # -- start-up --------------------------------------------------------------------------
@@ -300,6 +302,9 @@ class Daemon:
         return True, message
 
     def _housekeeping(self) -> None:
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + EXPIRY_SWEEP
+            self.snooper.expire(time.time())
         for refusal in self.table.refusals():
             self.snooper.counters["program_failed"] += 1
             self._error(f"programming the allowed sets failed: {refusal}")

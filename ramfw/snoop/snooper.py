@@ -74,6 +74,7 @@ class Snooper:
         self.counters: Counter[str] = Counter()
         self.learned: dict[str, dict[str, float]] = {}  # name -> address -> expiry time
         self.total = 0
+        self._forced_expiry = 0.0
         self.address_names: OrderedDict[str, str] = OrderedDict()
         self.caps_hit: deque[str] = deque(maxlen=20)
         self.recent: deque[bytes] = deque(maxlen=RECENT_REPLIES)  # replies for other names
@@ -170,6 +171,9 @@ class Snooper:
 
     def _admit(self, name: str, addresses: list[str], timeout: int, now: float) -> list[Element]:
         """Apply the per-name and total caps; remember what is programmed."""
+        if self.total + len(addresses) > self.settings.max_addresses and now >= self._forced_expiry:
+            self._forced_expiry = now + 1  # near the cap: sweep now, but at most once a second
+            self.expire(now)
         known = self.learned.setdefault(name, {})
         expired = [a for a, expiry in known.items() if expiry <= now]
         for address in expired:
@@ -189,6 +193,23 @@ class Snooper:
             elements.append(Element(address, timeout, name))
         self.counters["learned"] += len(elements)
         return elements
+
+    def expire(self, now: float) -> int:
+        """Forget the addresses the kernel has expired (their element timeouts run on the same
+        clock as ``learned``), and names left with none; return how many were released. Run
+        by housekeeping, and when the total cap is near: a cap frees itself, it never fills
+        up for good."""
+        released = 0
+        for name in list(self.learned):
+            known = self.learned[name]
+            gone = [address for address, expiry in known.items() if expiry <= now]
+            for address in gone:
+                del known[address]
+            released += len(gone)
+            if not known:
+                del self.learned[name]
+        self.total -= released
+        return released
 
     def _cap(self, what: str) -> None:
         self.counters["capped"] += 1

@@ -190,3 +190,27 @@ def test_fast_chain_leaves_the_rest_to_dnspython():
     start = 12 + len(b"\x04ghcr\x02io\x00") + 4  # the answer's owner: make it point at itself
     loop[start:start + 2] = bytes([0xC0, start])
     assert fast_chain(bytes(loop)) is None
+
+
+def test_one_off_names_expire_and_never_fill_the_cap_for_good():
+    """Issue: expired entries were pruned only for the name being learned, so one-off names
+    filled max_addresses over the daemon's life and learning stopped for good."""
+    s = snooper("example.test")  # max_addresses = 5
+    for i in range(5):
+        name = f"n{i}.example.test"
+        s.on_packet(udp(reply(name, f"{name}. 10 A 203.0.113.{i + 1}")), now=0)
+    assert s.total == 5
+    d = s.on_packet(udp(reply("late.example.test", "late.example.test. 10 A 203.0.113.50")), now=10_000)
+    assert [e.address for e in d.elements] == ["203.0.113.50"], "the cap frees itself once the kernel expired"
+    assert s.total == 1 and set(s.learned) == {"late.example.test"}
+
+
+def test_housekeeping_expiry_keeps_the_count_true_and_drops_empty_names():
+    s = snooper("example.test")
+    s.on_packet(udp(reply("a.example.test", "a.example.test. 10 A 203.0.113.1")), now=0)  # expires at 90
+    s.on_packet(udp(reply("b.example.test", "b.example.test. 600 A 203.0.113.2")), now=0)  # at 660
+    assert s.expire(now=89) == 0 and s.total == 2
+    assert s.expire(now=91) == 1
+    assert s.total == 2 - 1 and set(s.learned) == {"b.example.test"}
+    s.on_packet(udp(reply("b.example.test", "b.example.test. 600 A 203.0.113.2")), now=600)  # re-armed
+    assert s.expire(now=700) == 0 and s.expire(now=1300) == 1 and s.total == 0 and s.learned == {}
