@@ -1,5 +1,5 @@
-"""What the daemon says about blocked connections: the recent ones for status, and log lines
-throttled per destination."""
+"""What the daemon says about blocked connections (the recent ones for status, log lines
+throttled per destination), and the throttle its other repeated log lines go through."""
 
 from __future__ import annotations
 
@@ -11,11 +11,31 @@ log = logging.getLogger("ramfw")
 LOG_INTERVAL = 10.0  # seconds between two log lines about one destination
 
 
+class Throttle:
+    """At most one log line per key per interval; the lines held back are counted, and the
+    next line that passes says how many there were. Bounded: 1024 keys at most."""
+
+    def __init__(self, interval: float = LOG_INTERVAL):
+        self.interval = interval
+        self._logged: dict[str, tuple[float, int]] = {}
+
+    def log(self, level: int, key: str, line: str) -> None:
+        now = time.monotonic()
+        last, repeats = self._logged.get(key, (-self.interval, 0))
+        if now - last < self.interval:
+            self._logged[key] = (last, repeats + 1)
+            return
+        if len(self._logged) >= 1024:
+            self._logged.clear()
+        self._logged[key] = (now, 0)
+        log.log(level, "%s%s", line, f" (seen {repeats} more times since the last report)" if repeats else "")
+
+
 class BlockLog:
     def __init__(self, audit: bool):
         self.audit = audit
         self.recent: deque[dict] = deque(maxlen=50)
-        self._logged: dict[str, tuple[float, int]] = {}
+        self._throttle = Throttle()
 
     def record(self, message: str, address: str, port: int) -> None:
         if self.audit:
@@ -26,12 +46,4 @@ class BlockLog:
     def _log(self, line: str) -> None:
         """One log line per blocked destination per interval: a client retrying in a loop must
         not flood the log (status counts every one)."""
-        now = time.monotonic()
-        last, repeats = self._logged.get(line, (0.0, 0))
-        if now - last < LOG_INTERVAL:
-            self._logged[line] = (last, repeats + 1)
-            return
-        if len(self._logged) > 1024:
-            self._logged.clear()
-        self._logged[line] = (now, 0)
-        log.warning("%s%s", line, f" (seen {repeats} more times since the last report)" if repeats else "")
+        self._throttle.log(logging.WARNING, line, line)

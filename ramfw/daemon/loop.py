@@ -38,7 +38,7 @@ from ..snoop import resolvers
 from ..snoop.packet import parse_packet
 from ..snoop.snooper import Decision, Snooper, warm_up
 from . import status as status_doc
-from .blocks import BlockLog
+from .blocks import BlockLog, Throttle
 from .control import ControlServer
 from .engine import EngineScope
 
@@ -56,6 +56,7 @@ class Daemon:
         self.reload_requested = False
         self.errors: deque[str] = deque(maxlen=20)
         self.blocks_log = BlockLog(config.enforcement.mode == "audit")
+        self._error_log = Throttle()
         self.queue: Queue | None = None
         self.snoop: Log | None = None
         self.blocks: Log | None = None
@@ -210,8 +211,23 @@ class Daemon:
                 return
             self.snooper.counters["held"] += len(packets)
             for packet in packets:
-                decision = self._read(packet.payload)
-                self.queue.verdict(packet.packet_id, NF_ACCEPT if decision.accept else NF_DROP)
+                self._release(packet)
+
+    def _release(self, packet) -> None:
+        """Decide on one held reply and give it its verdict, whatever raises on the way: a
+        reply left in the queue would never be released (the bypass only helps an unbound
+        queue), and the client's lookup would time out."""
+        accept = True
+        try:
+            accept = self._read(packet.payload).accept
+        except Exception as err:  # noqa: BLE001 - the verdict comes first
+            self.snooper.counters["errors"] += 1
+            self._error(f"reading a reply: {err!r}")
+        try:
+            self.queue.verdict(packet.packet_id, NF_ACCEPT if accept else NF_DROP)
+        except OSError as err:
+            self.snooper.counters["queue_errors"] += 1
+            self._error(f"queue verdict: {err}")
 
     def _on_snoop(self) -> None:
         """Read the copied replies waiting (passive hold, or those the prefilter let pass)."""
@@ -244,7 +260,7 @@ class Daemon:
         try:
             self.table.add_elements(elements, self.report.kernel_refreshes_timeout,
                                     clear_pending=self.hold is Hold.PASSIVE, check=False)
-        except (OSError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - whatever it is, the reply still gets its verdict
             self.snooper.counters["program_failed"] += 1
             self._error(f"programming the allowed sets failed: {err}")
 
@@ -327,7 +343,9 @@ class Daemon:
             self._error(text)
 
     def _error(self, text: str) -> None:
-        log.error(text)
+        """Logged (one line per kind of error per 10 s: a packet that makes the same error
+        again and again must not flood the log) and kept for status."""
+        self._error_log.log(logging.ERROR, text.split(":", 1)[0], text)
         self.errors.append(text)
 
     def close(self) -> None:

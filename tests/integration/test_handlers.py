@@ -1,9 +1,24 @@
 """Every socket the daemon's loop reads returns at once when nothing waits (no handler blocks)."""
 
+import select
+import socket
+import struct
 import threading
+import time
 
-from ramfw.kernel import nflog
+import dns.message
+import pytest
+
+from ramfw import config as config_mod
+from ramfw import policy
+from ramfw.config import DnsSettings, EnforcementSettings
+from ramfw.daemon.loop import Daemon
+from ramfw.kernel import nflog, nft, probes, ruleset
 from ramfw.kernel.queue import Queue
+from ramfw.kernel.ruleset import Hold
+from ramfw.kernel.table import Table
+from ramfw.snoop.snooper import Snooper
+from tests.lab.sandbox import ALLOWED4, NET4
 
 
 def _returns_at_once(reader) -> list:
@@ -23,3 +38,56 @@ def test_an_empty_queue_and_empty_log_groups_return_nothing_at_once(lab):
         queue, log = Queue(7001), nflog.Log(7002)
     assert _returns_at_once(queue) == []
     assert _returns_at_once(log) == []
+
+
+class RefusingTable:
+    """The allowed sets' writer failing in a way nobody foresaw (as a 64 KiB batch once did)."""
+
+    def add_elements(self, *args, **kwargs):
+        raise struct.error("'H' format requires 0 <= number <= 65535")
+
+
+def test_every_held_reply_gets_its_verdict_whatever_raises(lab, tmp_path):
+    """A real queue, real hold rules and a real DNS server; programming fails on every reply.
+    Each held reply is still released (accepted), none is left in the queue."""
+    lab.start_dnsmasq(NET4, *(f"--host-record=r{i}.allowed-registry.test,{ALLOWED4}" for i in range(3)))
+    with lab.vm.inside():
+        queue = Queue(7003)
+        table = Table("ramfw")
+        table.run(ruleset.build_ruleset(EnforcementSettings(), [NET4], 100))
+        for hold in (Hold.XT_NFQUEUE, Hold.NFT_QUEUE):
+            try:
+                table.swap_rules("dns_input", nft.hold_rules(hold, 7003, None, 0))
+                break
+            except OSError:
+                continue
+        else:
+            queue.close()
+            pytest.skip("this kernel can hold DNS replies in no queue")
+    daemon = Daemon(config_mod.Config())
+    daemon.queue, daemon.table, daemon.hold = queue, RefusingTable(), hold
+    daemon.report = probes.Report("test", ())
+    daemon.snooper = Snooper(policy.from_data({"organizations": [{"name": "t", "registryAccess": {
+        "registries": [{"address": "allowed-registry.test"}]}}]}), {NET4}, DnsSettings())
+    clients = []
+    for i in range(3):
+        with lab.vm.inside():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.sendto(dns.message.make_query(f"r{i}.allowed-registry.test", "A").to_wire(), (NET4, 53))
+        clients.append(sock)
+    try:
+        answered = set()
+        deadline = time.monotonic() + 3
+        while len(answered) < 3 and time.monotonic() < deadline:
+            if select.select([queue.sock], [], [], 0.05)[0]:
+                daemon._guarded(daemon._on_queue)  # as the loop calls it
+            for index, sock in enumerate(clients):
+                if index not in answered and select.select([sock], [], [], 0)[0]:
+                    sock.recv(512)
+                    answered.add(index)
+        assert answered == {0, 1, 2}, "a held reply was left without a verdict"
+        assert daemon.snooper.counters["program_failed"] == 3
+    finally:
+        for sock in clients:
+            sock.close()
+        queue.close()
