@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 not enforcing (status) or an unexpected failure; 2 invalid policy,
 configuration or command line; 3 the kernel lacks what ramfw needs; 4 nftables refused a
-transaction; 5 the daemon could not be reached; 6 root is needed.
+transaction; 5 the daemon could not be reached; 6 root is needed; 7 a queue or log group ramfw
+needs is held by another program.
 """
 
 from __future__ import annotations

@@ -41,6 +41,12 @@ class DaemonError(RamfwError):
     exit_code = 5
 
 
+class ResourceBusy(RamfwError):
+    """Something ramfw must own is held by another program (a queue, a log group)."""
+
+    exit_code = 7
+
+
 class NotRoot(RamfwError):
     """A command that changes or reads the kernel's state was run without root."""
 

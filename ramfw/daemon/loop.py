@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .. import record
 from ..config import Config
-from ..errors import NftablesError, RamfwError, require_root
+from ..errors import NftablesError, RamfwError, ResourceBusy, require_root
 from ..kernel import nft, probes, ruleset
 from ..kernel.nflog import Log
 from ..kernel.queue import NF_ACCEPT, NF_DROP, Queue
@@ -85,16 +85,16 @@ class Daemon:
         # The queue is bound before the hold rules exist: a held reply never meets an unbound
         # queue (whose bypass would let it pass unread).
         if self.hold.holds:
-            self.queue = Queue(self.config.dns.queue_num)
+            self.queue = _bind(Queue, self.config.dns.queue_num, "netfilter queue", "dns.queue_num")
             if self.config.dns.prefilter and self.report.has("dns_prefilter"):
                 from ..kernel.prefilter import Prefilter
 
                 self.prefilter = Prefilter()
                 self.prefilter.update(self.policy.patterns())
         if self.hold is Hold.PASSIVE or self.prefilter is not None:
-            self.snoop = Log(self.config.dns.snoop_group)
+            self.snoop = _bind(Log, self.config.dns.snoop_group, "NFLOG group", "dns.snoop_group")
         if self.report.has("nflog"):
-            self.blocks = Log(self.config.enforcement.nflog_group)
+            self.blocks = _bind(Log, self.config.enforcement.nflog_group, "NFLOG group", "enforcement.nflog_group")
         self.apply()
         self.engine = EngineScope(self.config, self.report)
         self._report_error(self.engine.attach())
@@ -353,6 +353,16 @@ class Daemon:
             if thing is not None:
                 thing.close()
         self.control.close()
+
+
+def _bind(kind, number: int, what: str, setting: str):
+    """A queue or log group of our own; ResourceBusy naming the fix when another program
+    (Suricata, ulogd, a second ramfw) holds it."""
+    try:
+        return kind(number)
+    except OSError as err:
+        raise ResourceBusy(f"cannot bind {what} {number}: {err.strerror or err}; another program (Suricata, "
+                           f"ulogd, ...) may hold it: set {setting} in the configuration to a free number") from None
 
 
 def _mtime(path: Path) -> float:

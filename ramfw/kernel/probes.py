@@ -63,6 +63,9 @@ class Report:
         for name in self.missing_required():
             cap = next((c for c in self.capabilities if c.name == name), None)
             detail = cap.detail if cap else "not probed"
+            if "not installed" in detail:
+                raise KernelError(f"ramfw cannot enforce: {detail} (a missing package, not a kernel limit: "
+                                  "apt-get install python3-nftables, or run scripts/setup)")
             raise KernelError(f"cannot enforce on this kernel: {name}: {detail}")
 
     def to_dict(self) -> dict:
