@@ -197,21 +197,25 @@ class Daemon:
         self.stopping = True
 
     # -- handlers: each reads what waits and returns -----------------------------------------
-    def _on_queue(self) -> None:
-        """Give a verdict to every held reply waiting (a bounded number of datagrams, so the
-        other sockets get their turn); return when the socket is empty."""
+    def _drain(self, reader, counter: str, errors: str, handle) -> None:
+        """Handle what waits on one of the loop's sockets: a bounded number of datagrams, so
+        the other sockets get their turn; return at once when the socket is empty."""
         for _ in range(BURST):
             try:
-                packets = self.queue.receive()
+                items = reader.receive()
             except OSError as err:
-                self.snooper.counters["queue_errors"] += 1
-                self._error(f"queue: {err}")
+                self.snooper.counters[errors] += 1
+                self._error(f"{errors.replace('_', ' ')}: {err}")
                 return
-            if not packets:
+            if not items:
                 return
-            self.snooper.counters["held"] += len(packets)
-            for packet in packets:
-                self._release(packet)
+            self.snooper.counters[counter] += len(items)
+            for item in items:
+                handle(item)
+
+    def _on_queue(self) -> None:
+        """Give a verdict to every held reply waiting."""
+        self._drain(self.queue, "held", "queue_errors", self._release)
 
     def _release(self, packet) -> None:
         """Decide on one held reply and give it its verdict, whatever raises on the way: a
@@ -231,16 +235,7 @@ class Daemon:
 
     def _on_snoop(self) -> None:
         """Read the copied replies waiting (passive hold, or those the prefilter let pass)."""
-        for _ in range(BURST):
-            try:
-                payloads = self.snoop.receive()
-            except OSError:
-                return
-            if not payloads:
-                return
-            self.snooper.counters["copied"] += len(payloads)
-            for payload in payloads:
-                self._read(payload)
+        self._drain(self.snoop, "copied", "copy_errors", self._read)
 
     def _read(self, payload: bytes) -> Decision:
         """Decide on one reply and program what it teaches; the caller issues the verdict."""

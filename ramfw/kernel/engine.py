@@ -129,13 +129,7 @@ class EngineMark:
             bpf.attach(self.cgroup, fd)
             old = self._take_pin()
             bpf.pin(fd, self.pin_path)
-            if old is not None:
-                old_fd, old_cgroup = old
-                try:
-                    bpf.detach(old_cgroup, old_fd)
-                except OSError:
-                    pass
-                os.close(old_fd)
+            _detach(old)
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             self.state_file.write_text(self.cgroup)
         finally:
@@ -155,14 +149,20 @@ class EngineMark:
 
     def remove(self) -> None:
         """Detach and unpin; safe to repeat."""
-        old = self._take_pin()
-        if old is not None:
-            fd, cgroup = old
-            try:
-                bpf.detach(cgroup, fd)
-            except OSError:
-                pass
-            os.close(fd)
+        _detach(self._take_pin())
         self.state_file.unlink(missing_ok=True)
         if self.pin_dir.exists() and not any(self.pin_dir.iterdir()):
             self.pin_dir.rmdir()
+
+
+def _detach(pinned: tuple[int, str] | None) -> None:
+    """Detach a program taken from its pin (fd, cgroup) and close it; a cgroup already gone
+    took its attachment with it."""
+    if pinned is None:
+        return
+    fd, cgroup = pinned
+    try:
+        bpf.detach(cgroup, fd)
+    except OSError:
+        pass
+    os.close(fd)
