@@ -242,7 +242,7 @@ class Daemon:
         try:
             self.table.add_elements(elements, self.report.kernel_refreshes_timeout,
                                     clear_pending=self.hold is Hold.PASSIVE, check=False)
-        except (OSError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - whatever it raises, the reply still gets its verdict
             self.snooper.counters["program_failed"] += 1
             self._error(f"programming the allowed sets failed: {err}")
 

@@ -1,6 +1,7 @@
 """The daemon with a real queue, real nftables and a real DNS server (dnsmasq) on test hosts."""
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -176,6 +177,26 @@ def test_tcp_reply_whose_last_segment_carries_fin(daemon_lab):
     assert address_of(reply) == ALLOWED4
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected", "the first connect after the reply"
     assert status(lab)["counters"].get("tcp_unsynced", 0) == 0
+
+
+def test_a_thousand_aaaa_for_a_long_name_are_all_in_the_kernel_before_the_reply(daemon_lab):
+    """1000 AAAA with a 127-character comment each: 176 KiB of set elements, more than one
+    netlink attribute can carry. The client gets its answer; the kernel holds every address."""
+    lab = daemon_lab
+    name = f"{'a' * 63}.{'b' * 50}.split-registry.test"
+    addresses = {ipaddress.ip_address(f"2001:db8:1::{i:x}") for i in range(1, 1001)}
+
+    def answer(qname):
+        return [dns.rrset.from_text_list(qname, 300, "IN", "AAAA", [str(a) for a in addresses])]
+
+    with tcp_dns_server(lab, answer, lambda conn, framed: conn.sendall(framed)):
+        reply = lab.resolve(name, "AAAA", server=NET6, tcp=True)
+    assert len(reply.answer[0]) == 1000
+    with lab.vm.inside():
+        learned = [item for item in Table("ramfw").learned() if item.name == name[:127]]
+    assert {ipaddress.ip_address(item.address) for item in learned} == addresses
+    counters = status(lab)["counters"]
+    assert counters.get("program_failed", 0) == 0 and counters.get("errors", 0) == 0
 
 
 def test_a_reply_from_an_untrusted_server_teaches_nothing(daemon_lab):
