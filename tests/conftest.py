@@ -1,5 +1,4 @@
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -49,6 +48,22 @@ def write_policy(tmp_path):
     return write
 
 
+def _merge(trees: list[Path], into: Path) -> None:
+    """``into``: the union of ``trees`` in symbolic links, one for each file or directory only
+    one tree has (a file both have: the later tree's, as ``cp -rsf`` would). A hundred links
+    rather than cp -rsf's sixteen thousand, which can take seconds."""
+    into.mkdir(parents=True)
+    children: dict[str, list[Path]] = {}
+    for tree in trees:
+        for child in sorted(tree.iterdir()):
+            children.setdefault(child.name, []).append(child)
+    for name, paths in children.items():
+        if len(paths) > 1 and all(path.is_dir() for path in paths):
+            _merge(paths, into / name)
+        else:
+            (into / name).symlink_to(paths[-1])
+
+
 @pytest.fixture(scope="session")
 def bcc_headers(tmp_path_factory):
     """Kernel headers bcc can compile against: this kernel's, or Debian's linux-headers merged
@@ -67,8 +82,7 @@ def bcc_headers(tmp_path_factory):
     if not arch or not common:
         pytest.skip(f"no kernel headers for bcc: none for {release}, and no linux-headers-amd64 to use")
     merged = tmp_path_factory.mktemp("bcc") / "kernel-headers"
-    for tree in (common[-1], arch[-1]):
-        subprocess.run(["cp", "-rsf", f"{tree}/.", str(merged)], check=True)
+    _merge([common[-1], arch[-1]], merged)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BCC_KERNEL_SOURCE", str(merged))
         yield

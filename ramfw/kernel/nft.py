@@ -28,7 +28,7 @@ from .ruleset import ALLOW, PENDING, Hold, Learned
 
 XT_BPF_MODE_FD_ELF = 2
 XT_BPF_INFO_V1_SIZE = 528  # mode, count, fd, a 512-byte union, the kernel's pointer
-BATCH_ELEMENTS = 1000  # keeps one batch well under the socket's send buffer
+ELEMENTS_BYTES = 60 << 10  # one transaction's elements, all its messages together (see below)
 
 
 def _expr(name: str, *data: bytes) -> bytes:
@@ -98,56 +98,76 @@ def build_rules_batch(family: str, table: str, chain: str, rules: list[bytes], s
     return nl.batch(steps, seq)
 
 
-def _elements(elements: Iterable[Element], with_data: bool) -> bytes:
-    parts = []
-    for element in elements:
-        packed = socket.inet_pton(socket.AF_INET6 if ":" in element.address else socket.AF_INET, element.address)
-        attrs = nested(nl.NFTA_SET_ELEM_KEY, attr(nl.NFTA_DATA_VALUE, packed))
-        if with_data:
-            attrs += attr(nl.NFTA_SET_ELEM_TIMEOUT, struct.pack("!Q", element.timeout * 1000))
-            if element.name:
-                comment = element.name[:127].encode() + b"\0"
-                attrs += attr(nl.NFTA_SET_ELEM_USERDATA,
-                              bytes([nl.NFTNL_UDATA_SET_ELEM_COMMENT, len(comment)]) + comment)
-        parts.append(nested(nl.NFTA_LIST_ELEM, attrs))
-    return b"".join(parts)
+def _element(element: Element, with_data: bool) -> bytes:
+    packed = socket.inet_pton(socket.AF_INET6 if ":" in element.address else socket.AF_INET, element.address)
+    attrs = nested(nl.NFTA_SET_ELEM_KEY, attr(nl.NFTA_DATA_VALUE, packed))
+    if with_data:
+        attrs += attr(nl.NFTA_SET_ELEM_TIMEOUT, struct.pack("!Q", element.timeout * 1000))
+        if element.name:
+            comment = element.name[:127].encode() + b"\0"
+            attrs += attr(nl.NFTA_SET_ELEM_USERDATA, bytes([nl.NFTNL_UDATA_SET_ELEM_COMMENT, len(comment)]) + comment)
+    return nested(nl.NFTA_LIST_ELEM, attrs)
 
 
 def _set_ref(table: str, set_name: str) -> bytes:
     return string(nl.NFTA_SET_ELEM_LIST_TABLE, table) + string(nl.NFTA_SET_ELEM_LIST_SET, set_name)
 
 
-def build_elements_batch(table: str, elements: Iterable[Element], kernel_refreshes_timeout: bool,
-                         seq: int = 1, clear_pending: bool = False) -> bytes:
-    """Add (or re-arm) elements in one transaction.
+def build_elements_batches(table: str, elements: Iterable[Element], kernel_refreshes_timeout: bool,
+                           clear_pending: bool = False) -> list[bytes]:
+    """Add (or re-arm) elements: one transaction per datagram, as many as the elements need.
 
-    The kernel commits the batch inside ``send``, before the held reply is released. Kernels
-    that do not re-arm a timeout when an element is added again (``kernel_refreshes_timeout``
-    false) get add, delete, add: the first add makes the delete safe, the last sets the new
-    timeout, and since it is one transaction no packet sees the address missing.
-    ``clear_pending`` (passive hold) also takes the addresses out of the pending sets, so their
-    next first SYN is deferred again.
+    A netlink attribute's length is 16 bits, so one message's element list must stay under
+    64 KiB, and a reply can bring far more: 1000 AAAA with 127-character comments are 176 KiB.
+    The elements are cut into chunks whose messages, all together, stay under
+    ``ELEMENTS_BYTES``: every attribute fits, and every datagram stays far below the socket's
+    send buffer. Each address's steps share one transaction. The kernel commits each
+    transaction inside ``send``, so all of a reply's are committed before it is released.
+
+    Kernels that do not re-arm a timeout when an element is added again
+    (``kernel_refreshes_timeout`` false) get add, delete, add: the first add makes the delete
+    safe, the last sets the new timeout, and since it is one transaction no packet sees the
+    address missing. ``clear_pending`` (passive hold) also takes the addresses out of the
+    pending sets, so their next first SYN is deferred again.
     """
-    by_version: dict[int, list[Element]] = {4: [], 6: []}
+    copies = (0 if kernel_refreshes_timeout else 2) + (2 if clear_pending else 0)
+    batches: list[bytes] = []
+    chunk: dict[int, tuple[list[bytes], list[bytes]]] = {4: ([], []), 6: ([], [])}
+    size = 0
     for element in elements:
-        by_version[6 if ":" in element.address else 4].append(element)
+        bare, full = _element(element, False), _element(element, True)
+        cost = len(full) + copies * len(bare)
+        if size and size + cost > ELEMENTS_BYTES:
+            batches.append(_elements_batch(table, chunk, kernel_refreshes_timeout, clear_pending))
+            chunk, size = {4: ([], []), 6: ([], [])}, 0
+        bares, fulls = chunk[6 if ":" in element.address else 4]
+        bares.append(bare)
+        fulls.append(full)
+        size += cost
+    if size:
+        batches.append(_elements_batch(table, chunk, kernel_refreshes_timeout, clear_pending))
+    return batches
+
+
+def _elements_batch(table: str, chunk: dict[int, tuple[list[bytes], list[bytes]]],
+                    kernel_refreshes_timeout: bool, clear_pending: bool) -> bytes:
     steps = []
     inet = nl.NFPROTO["inet"]
-    for version, items in by_version.items():
-        if not items:
+    for version, (bares, fulls) in chunk.items():
+        if not fulls:
             continue
-        bare = nested(nl.NFTA_SET_ELEM_LIST_ELEMENTS, _elements(items, False))
+        bare = nested(nl.NFTA_SET_ELEM_LIST_ELEMENTS, *bares)
         allow = _set_ref(table, ALLOW[version])
         if not kernel_refreshes_timeout:
             steps += [(nl.NFT_MSG_NEWSETELEM, nl.NLM_F_CREATE, inet, allow + bare),
                       (nl.NFT_MSG_DELSETELEM, 0, inet, allow + bare)]
         steps.append((nl.NFT_MSG_NEWSETELEM, nl.NLM_F_CREATE, inet,
-                      allow + nested(nl.NFTA_SET_ELEM_LIST_ELEMENTS, _elements(items, True))))
+                      allow + nested(nl.NFTA_SET_ELEM_LIST_ELEMENTS, *fulls)))
         if clear_pending:
             pending = _set_ref(table, PENDING[version]) + bare
             steps += [(nl.NFT_MSG_NEWSETELEM, nl.NLM_F_CREATE, inet, pending),
                       (nl.NFT_MSG_DELSETELEM, 0, inet, pending)]
-    return nl.batch(steps, seq) if steps else b""
+    return nl.batch(steps)
 
 
 def build_elements_dump(table: str, set_name: str, seq: int) -> bytes:

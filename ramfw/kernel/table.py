@@ -20,6 +20,8 @@ from . import netlink, nft
 from .ruleset import (DNS_CHAINS, FAMILY, RESOLVERS, Learned, TableState, build_delete_elements, build_remove,
                       build_resolvers, parse_state)
 
+CACHE_BYTES = 16 << 20  # the element batches kept for replies seen again
+
 
 class Table:
     """ramfw's table, in the calling thread's network namespace."""
@@ -32,7 +34,8 @@ class Table:
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
         self._sock = None
-        self._batches: dict[tuple, bytes] = {}
+        self._batches: dict[tuple, list[bytes]] = {}
+        self._cached = 0
 
     # -- the table and its rules -------------------------------------------------------------
     def run(self, document: dict) -> dict:
@@ -69,16 +72,17 @@ class Table:
                      clear_pending: bool = False, check: bool = True) -> None:
         """Program elements in raw netlink batches. With ``check``, raise NftablesError if the
         kernel refused; without (the hold path), refusals wait for ``refusals()``."""
-        elements = tuple(elements)
-        for start in range(0, len(elements), nft.BATCH_ELEMENTS):
-            chunk = elements[start : start + nft.BATCH_ELEMENTS]
-            key = (chunk, kernel_refreshes_timeout, clear_pending)
-            batch = self._batches.get(key)
-            if batch is None:  # replies re-arm the same elements again and again: build once
-                if len(self._batches) >= 4096:
-                    self._batches.clear()
-                batch = self._batches[key] = nft.build_elements_batch(self.name, chunk, kernel_refreshes_timeout,
-                                                                      clear_pending=clear_pending)
+        key = (tuple(elements), kernel_refreshes_timeout, clear_pending)
+        batches = self._batches.get(key)
+        if batches is None:  # replies re-arm the same elements again and again: build once
+            batches = nft.build_elements_batches(self.name, key[0], kernel_refreshes_timeout, clear_pending)
+            size = sum(map(len, batches))
+            if len(self._batches) >= 4096 or self._cached + size > CACHE_BYTES:
+                self._batches.clear()
+                self._cached = 0
+            self._batches[key] = batches
+            self._cached += size
+        for batch in batches:  # all before the caller releases the reply
             self._send(batch)
         if check:
             refused = self.refusals()

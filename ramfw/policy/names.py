@@ -53,6 +53,8 @@ def parse_entry(text: object) -> ParsedEntry:
     value = text.strip()
     if not value:
         raise _reject("registry addresses must not be empty")
+    if value != text:
+        raise _reject("registry addresses must not have leading or trailing white space")
     if "://" in value:
         raise _reject("registry addresses are host names or domains, not URLs: drop the scheme")
     if "/" in value:

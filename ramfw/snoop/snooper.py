@@ -93,21 +93,26 @@ class Snooper:
         return self._on_tcp(segment, now)
 
     def _on_tcp(self, segment: Segment, now: float) -> Decision:
+        """Reassemble a flow's messages. A FIN ends the flow only after its segment's data is
+        read (a reply's last segment often carries it), and only when it is in order: the data
+        still missing before it comes again. A reset's data never reaches the client: unread."""
         key = (segment.src, segment.sport, segment.dst, segment.dport)
-        if segment.flags & (TCP_FIN | TCP_RST):
+        if segment.flags & TCP_RST:
             self._flows.pop(key, None)
+            return Decision()
         if segment.flags & TCP_SYN:
             self._flows[key] = _Flow((segment.seq + 1) & 0xFFFFFFFF)
             self._trim_flows()
             return Decision()
         flow = self._flows.get(key)
-        if not segment.payload:
-            return Decision()
         if flow is None:
-            self.counters["tcp_unsynced"] += 1  # began before the daemon: cannot frame it
+            if segment.payload:
+                self.counters["tcp_unsynced"] += 1  # began before the daemon: cannot frame it
             return Decision()
         ahead = (segment.seq - flow.next_seq) & 0xFFFFFFFF
         if ahead and ahead < 0x80000000:
+            if not segment.payload:
+                return Decision()
             # Out of order: drop it so the server sends it again in order. Passing it would
             # let the client assemble a message ramfw never read whole.
             self.counters["tcp_out_of_order"] += 1
@@ -125,6 +130,8 @@ class Snooper:
             message = bytes(flow.buffer[2 : 2 + length])
             del flow.buffer[: 2 + length]
             decision.elements += self._on_message(message, now).elements
+        if segment.flags & TCP_FIN:
+            del self._flows[key]
         return decision
 
     def _trim_flows(self) -> None:

@@ -1,5 +1,7 @@
 """The daemon with a real queue, real nftables and a real DNS server (dnsmasq) on test hosts."""
 
+import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -109,14 +111,16 @@ def test_large_answer_truncated_over_udp_and_whole_over_tcp(daemon_lab):
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
 
 
-def test_tcp_reply_split_across_segments(daemon_lab):
-    """A server that writes the reply in three segments: each is read before the last is released."""
-    lab = daemon_lab
+@contextlib.contextmanager
+def tcp_dns_server(lab, answer, send):
+    """A DNS server on the trusted NET6, port 53, for one query over TCP: it answers with the
+    rrsets ``answer(qname)`` and writes the framed reply with ``send(conn, framed)``."""
     with lab.net.inside():
         listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((NET6, 53))
     listener.listen(1)
+    listener.settimeout(10)
 
     def serve():
         conn, _ = listener.accept()
@@ -125,23 +129,74 @@ def test_tcp_reply_split_across_segments(daemon_lab):
             length = struct.unpack("!H", conn.recv(2))[0]
             query = dns.message.from_wire(conn.recv(length))
             reply = dns.message.make_response(query)
-            reply.answer.append(dns.rrset.from_text("split-registry.test.", 300, "IN", "A", ALLOWED4))
+            reply.answer += answer(query.question[0].name)
             wire = reply.to_wire()
-            framed = struct.pack("!H", len(wire)) + wire
-            for piece in (framed[:1], framed[1:20], framed[20:]):
-                conn.sendall(piece)
-                time.sleep(0.05)
+            send(conn, struct.pack("!H", len(wire)) + wire)
 
     thread = threading.Thread(target=serve)
     thread.start()
     try:
-        forget(lab, ALLOWED4)
-        reply = lab.resolve("split-registry.test", server=NET6, tcp=True)
-        assert address_of(reply) == ALLOWED4
-        assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+        yield
     finally:
-        thread.join(5)
+        thread.join(15)
         listener.close()
+
+
+def a_record(address):
+    return lambda qname: [dns.rrset.from_text(qname, 300, "IN", "A", address)]
+
+
+def test_tcp_reply_split_across_segments(daemon_lab):
+    """A server that writes the reply in three segments: each is read before the last is released."""
+    lab = daemon_lab
+
+    def send(conn, framed):
+        for piece in (framed[:1], framed[1:20], framed[20:]):
+            conn.sendall(piece)
+            time.sleep(0.05)
+
+    forget(lab, ALLOWED4)
+    with tcp_dns_server(lab, a_record(ALLOWED4), send):
+        reply = lab.resolve("split-registry.test", server=NET6, tcp=True)
+    assert address_of(reply) == ALLOWED4
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+
+
+def test_tcp_reply_whose_last_segment_carries_fin(daemon_lab):
+    """The server closes as it answers: corked, the FIN rides on the reply's only data segment."""
+    lab = daemon_lab
+
+    def send(conn, framed):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        conn.sendall(framed)
+        conn.shutdown(socket.SHUT_WR)
+
+    forget(lab, ALLOWED4)
+    with tcp_dns_server(lab, a_record(ALLOWED4), send):
+        reply = lab.resolve("fin.split-registry.test", server=NET6, tcp=True)
+    assert address_of(reply) == ALLOWED4
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected", "the first connect after the reply"
+    assert status(lab)["counters"].get("tcp_unsynced", 0) == 0
+
+
+def test_a_thousand_aaaa_for_a_long_name_are_all_in_the_kernel_before_the_reply(daemon_lab):
+    """1000 AAAA with a 127-character comment each: 176 KiB of set elements, more than one
+    netlink attribute can carry. The client gets its answer; the kernel holds every address."""
+    lab = daemon_lab
+    name = f"{'a' * 63}.{'b' * 50}.split-registry.test"
+    addresses = {ipaddress.ip_address(f"2001:db8:1::{i:x}") for i in range(1, 1001)}
+
+    def answer(qname):
+        return [dns.rrset.from_text_list(qname, 300, "IN", "AAAA", [str(a) for a in addresses])]
+
+    with tcp_dns_server(lab, answer, lambda conn, framed: conn.sendall(framed)):
+        reply = lab.resolve(name, "AAAA", server=NET6, tcp=True)
+    assert len(reply.answer[0]) == 1000
+    with lab.vm.inside():
+        learned = [item for item in Table("ramfw").learned() if item.name == name[:127]]
+    assert {ipaddress.ip_address(item.address) for item in learned} == addresses
+    counters = status(lab)["counters"]
+    assert counters.get("program_failed", 0) == 0 and counters.get("errors", 0) == 0
 
 
 def test_a_reply_from_an_untrusted_server_teaches_nothing(daemon_lab):

@@ -77,7 +77,7 @@ def test_the_pure_core_imports_nothing_from_the_kernel_layer_or_the_daemon():
 def test_only_the_table_module_writes_nftables():
     writers = {name for name, path in modules().items() if "Nftables()" in path.read_text()}
     assert writers == {"ramfw.kernel.table", "ramfw.kernel.probes"}  # probes: a throw-away table
-    senders = {name for name, path in modules().items() if "build_elements_batch(" in path.read_text()
+    senders = {name for name, path in modules().items() if "build_elements_batches(" in path.read_text()
                or "build_rules_batch(" in path.read_text()}
     assert senders <= {"ramfw.kernel.table", "ramfw.kernel.nft"}
 

@@ -1,6 +1,8 @@
 import socket
 import struct
 
+import pytest
+
 from ramfw.kernel import netlink, nft
 from ramfw.kernel.ruleset import Hold
 from ramfw.snoop.snooper import Element
@@ -45,8 +47,8 @@ def test_replacing_flushes_and_adds_in_one_transaction():
 
 
 def test_elements_batch_when_the_kernel_refreshes_timeouts_is_one_add_per_family():
-    batch = nft.build_elements_batch("ramfw", [Element("203.0.113.5", 90, "ghcr.io"),
-                                               Element("2001:db8::5", 60)], True)
+    [batch] = nft.build_elements_batches("ramfw", [Element("203.0.113.5", 90, "ghcr.io"),
+                                                   Element("2001:db8::5", 60)], True)
     new = (10 << 8) | netlink.NFT_MSG_NEWSETELEM
     assert types(batch) == [0x10, new, new, 0x11]
     assert b"allow4\0" in batch and b"allow6\0" in batch and b"ghcr.io\0" in batch
@@ -54,7 +56,76 @@ def test_elements_batch_when_the_kernel_refreshes_timeouts_is_one_add_per_family
 
 
 def test_elements_batch_when_the_kernel_keeps_old_timeouts_adds_deletes_adds():
-    batch = nft.build_elements_batch("ramfw", [Element("203.0.113.5", 90)], False)
+    [batch] = nft.build_elements_batches("ramfw", [Element("203.0.113.5", 90)], False)
     new, delete = (10 << 8) | netlink.NFT_MSG_NEWSETELEM, (10 << 8) | netlink.NFT_MSG_DELSETELEM
     assert types(batch) == [0x10, new, delete, new, 0x11]
-    assert nft.build_elements_batch("ramfw", [], True) == b""
+    assert nft.build_elements_batches("ramfw", [], True) == []
+
+
+LONG_NAME = ".".join(["a" * 63, "b" * 63, "split-registry", "test"])  # the comment keeps 127 characters
+WMEM_DEFAULT = 212992  # a netlink socket's send buffer; a datagram may use it less 32 bytes
+
+
+class Recorder:
+    """Stands for the table's netlink socket: keeps every datagram sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, data):
+        self.sent.append(bytes(data))
+        return len(data)
+
+
+def transactions(datagrams):
+    """Each datagram read back whole: (message type, set name, [(address, comment)]) of each
+    message. Lengths must add up exactly; an attribute cut short would lose its elements."""
+    found = []
+    for datagram in datagrams:
+        assert len(datagram) <= WMEM_DEFAULT - 32
+        steps, end = [], 0
+        for msg_type, start, end in netlink.messages(datagram):
+            attrs = netlink.parse_attrs(datagram, start + netlink.NFGEN.size, end)
+            listed = attrs.get(netlink.NFTA_SET_ELEM_LIST_ELEMENTS, b"")
+            elements = []
+            for _, elem in netlink.iter_attrs(listed):
+                e = netlink.parse_attrs(elem)
+                key = netlink.parse_attrs(e[netlink.NFTA_SET_ELEM_KEY])[netlink.NFTA_DATA_VALUE]
+                udata = e.get(netlink.NFTA_SET_ELEM_USERDATA, b"\0\0")
+                elements.append((key, udata[2 : 2 + udata[1]].rstrip(b"\0").decode()))
+            assert sum((len(elem) + 7) & ~3 for _, elem in netlink.iter_attrs(listed)) == len(listed)
+            steps.append((msg_type & 0xFF, attrs.get(netlink.NFTA_SET_ELEM_LIST_SET, b"").rstrip(b"\0"), elements))
+        assert end == len(datagram)
+        assert steps[0][0] == netlink.NFNL_MSG_BATCH_BEGIN and steps[-1][0] == netlink.NFNL_MSG_BATCH_END
+        found.append(steps[1:-1])
+    return found
+
+
+@pytest.mark.parametrize("refreshes, clear_pending", [(True, False), (False, False), (False, True)])
+def test_a_reply_of_any_size_is_programmed_in_batches_netlink_can_carry(refreshes, clear_pending):
+    """1000 AAAA with 127-character comments are 176 KiB of elements; an attribute's length is
+    16 bits. Every datagram is a whole transaction; each address's add (and delete, add) share one."""
+    pytest.importorskip("nftables")
+    from ramfw.kernel.table import Table
+
+    addresses = [f"2001:db8::{i:x}" for i in range(1000)] + [f"203.0.113.{i}" for i in range(200)]
+    elements = [Element(address, 3660, LONG_NAME) for address in addresses]
+    table = Table("ramfw")
+    table._sock = Recorder()
+    table.add_elements(elements, refreshes, clear_pending=clear_pending, check=False)
+    where, done = {}, {}  # address -> the transaction that holds it, and the steps it takes there
+    for number, steps in enumerate(transactions(table._sock.sent)):
+        for kind, set_name, listed in steps:
+            for key, comment in listed:
+                assert where.setdefault(key, number) == number, "one address, one transaction"
+                done.setdefault(key, []).append((kind, set_name, comment))
+    assert sorted(done) == sorted(socket.inet_pton(socket.AF_INET6 if ":" in a else socket.AF_INET, a)
+                                  for a in addresses)
+    new, delete = netlink.NFT_MSG_NEWSETELEM, netlink.NFT_MSG_DELSETELEM
+    for key, steps in done.items():
+        allow, pending = (b"allow6", b"pending6") if len(key) == 16 else (b"allow4", b"pending4")
+        expected = [] if refreshes else [(new, allow, ""), (delete, allow, "")]
+        expected.append((new, allow, LONG_NAME[:127]))
+        if clear_pending:
+            expected += [(new, pending, ""), (delete, pending, "")]
+        assert steps == expected

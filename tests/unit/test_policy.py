@@ -78,6 +78,7 @@ def test_port_is_ignored_with_a_note():
     (doc([{"address": "ghcr.io"}, {"address": "10.1.2.3"}]), "registries[1] '10.1.2.3'", "not IP addresses"),
     (doc([{"address": "https://ghcr.io"}]), "registries[0] 'https://ghcr.io'", "not URLs"),
     (doc([{"address": "ghcr.io/x"}]), "registries[0]", "drop the path"),
+    (doc([{"address": "ghcr.io "}]), "registries[0] 'ghcr.io '", "must not have leading or trailing white space"),
     (doc([{"address": "a..b"}]), "registries[0]", "empty label"),
     (doc([{"address": "x" * 64 + ".io"}]), "registries[0]", "longer than 63"),
     (doc([{"address": "bad_name.io"}]), "registries[0]", "invalid characters"),

@@ -100,6 +100,40 @@ def test_tcp_out_of_order_segment_is_dropped_not_passed():
     assert [e.address for e in s.on_packet(tcp(framed[20:], 1020), 0).elements] == ["203.0.113.5"]
 
 
+def test_tcp_last_segment_carrying_fin_is_read_before_the_flow_is_forgotten():
+    s = snooper("ghcr.io")
+    wire = reply("ghcr.io", "ghcr.io. 300 A 203.0.113.5")
+    framed = struct.pack("!H", len(wire)) + wire
+    s.on_packet(tcp(b"", 999, flags=0x12), 0)
+    assert s.on_packet(tcp(framed[:20], 1000), 0).accept
+    last = s.on_packet(tcp(framed[20:], 1020, flags=0x19), 0)  # FIN|PSH|ACK
+    assert last.accept and [e.address for e in last.elements] == ["203.0.113.5"]
+    assert s.on_packet(tcp(framed, 1000 + len(framed) + 1), 0).elements == [], "the flow is forgotten"
+    assert s.counters["tcp_unsynced"] == 1
+
+
+def test_tcp_whole_reply_in_one_segment_with_fin():
+    s = snooper("ghcr.io")
+    wire = reply("ghcr.io", "ghcr.io. 300 A 203.0.113.5")
+    s.on_packet(tcp(b"", 999, flags=0x12), 0)
+    d = s.on_packet(tcp(struct.pack("!H", len(wire)) + wire, 1000, flags=0x19), 0)
+    assert [e.address for e in d.elements] == ["203.0.113.5"]
+
+
+def test_tcp_out_of_order_fin_keeps_the_flow_and_a_reset_forgets_it():
+    s = snooper("ghcr.io")
+    wire = reply("ghcr.io", "ghcr.io. 300 A 203.0.113.5")
+    framed = struct.pack("!H", len(wire)) + wire
+    s.on_packet(tcp(b"", 999, flags=0x12), 0)
+    assert s.on_packet(tcp(framed[20:], 1020, flags=0x19), 0).accept is False  # ahead: sent again
+    assert s.on_packet(tcp(b"", 1000 + len(framed), flags=0x11), 0).accept  # a bare FIN ahead of data
+    s.on_packet(tcp(framed[:20], 1000), 0)
+    assert [e.address for e in s.on_packet(tcp(framed[20:], 1020, flags=0x19), 0).elements] == ["203.0.113.5"]
+    s.on_packet(tcp(b"", 4999, flags=0x12), 0)
+    s.on_packet(tcp(framed[:20], 5000, flags=0x14), 0)  # RST|ACK: its data never reaches the client
+    assert s.on_packet(tcp(framed[20:], 5020), 0).elements == [] and s.counters["tcp_unsynced"] == 1
+
+
 def test_two_messages_in_one_segment():
     s = snooper("a.test", "b.test")
     one, two = reply("a.test", "a.test. 300 A 203.0.113.1"), reply("b.test", "b.test. 300 A 203.0.113.2")
