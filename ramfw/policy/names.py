@@ -150,7 +150,15 @@ class Matcher:
         return len(self._domains) + len(self._wildcards)
 
     def match(self, name: str) -> Pattern | None:
-        """The entry that allows ``name`` (already canonical), or None."""
+        """The entry that allows ``name`` (already canonical), or None.
+
+        A DNS name read from the wire is in dnspython's text form (``snoop.wire``), where an
+        escape stands for a byte no host name has: ``\\.`` a dot inside a label (no label
+        boundary), ``\\DDD`` a space or a non-ASCII byte, ``\\\\`` a backslash. Such a name
+        is never allowed, not even under an entry.
+        """
+        if "\\" in name:
+            return None
         found = self._domains.get(name)
         if found is not None:
             return found

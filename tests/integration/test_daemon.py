@@ -192,6 +192,8 @@ def test_a_thousand_aaaa_for_a_long_name_are_all_in_the_kernel_before_the_reply(
     with tcp_dns_server(lab, answer, lambda conn, framed: conn.sendall(framed)):
         reply = lab.resolve(name, "AAAA", server=NET6, tcp=True)
     assert len(reply.answer[0]) == 1000
+    queues = lab.vm.run("cat", "/proc/net/netfilter/nfnetlink_queue").stdout.splitlines()
+    assert queues and all(line.split()[2] == "0" for line in queues), "no reply waits for its verdict"
     with lab.vm.inside():
         learned = [item for item in Table("ramfw").learned() if item.name == name[:127]]
     assert {ipaddress.ip_address(item.address) for item in learned} == addresses

@@ -82,6 +82,16 @@ def test_wildcard_matches_subdomains_only():
     assert m.match("xexample.com") is None
 
 
+def test_a_name_with_an_escape_is_never_allowed():
+    """dnspython's text of a dot inside a label (``\\.``) or of a byte no host name has
+    (``\\DDD``, ``\\\\``): not a host name, and ``ghcr\\.io`` is one label, not under ``io``."""
+    m = Matcher([entry("ghcr.io"), entry("io"), entry("*.example.com")])
+    for name in ("ghcr\\.io", "a\\.ghcr.io", "x.ghcr\\.io", "gh\\195\\169cr.io", "a\\032.ghcr.io",
+                 "cdn\\.example.com", "a\\\\.example.com"):
+        assert m.match(name) is None, name
+    assert m.match("a_b.ghcr.io") == Pattern("ghcr.io")
+
+
 def test_canonical_form_of_dns_names():
     m = Matcher([entry("Example.COM")])
     assert m.match(canonical("REGISTRY.Example.com.")) is not None
