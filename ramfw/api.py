@@ -31,6 +31,9 @@ def render(config: Config, trusted: Iterable[str]) -> dict:
 def up(config: Config, policy_path: str | None = None, report: probes.Report | None = None) -> dict:
     """Validate everything, then apply the ruleset in one transaction; return the record."""
     require_root("ramfw up")
+    if control.daemon_present(config):  # it owns the table's DNS chains: up would take them away
+        raise DaemonError("the ramfw daemon is running: it applied the ruleset and keeps it; use `ramfw reload` "
+                          "to make it read the policy again, or `ramfw down` to remove everything")
     source_url = policy_source.url_source(config) if policy_path is None else None
     if source_url is not None:
         source_url.refresh()
@@ -78,6 +81,11 @@ def status(config: Config) -> dict:
         if not result["policy"]["enabled"]:
             result["message"] = (f"registry access is not restricted: organization "
                                  f"{result['policy']['organization']} has registryAccess.enabled false")
+        elif result["enforcing"] and result["engine"].get("widened"):
+            result["degraded"] = True
+            result["message"] = (f"ramfw is enforcing in {result['mode']} mode, but NOT as configured: engine scope "
+                                 f"cannot be trusted ({result['engine']['widened']}), so host scope is in force on "
+                                 "the registry ports (fail closed)")
         elif result["enforcing"]:
             result["message"] = f"ramfw is enforcing in {result['mode']} mode"
         else:

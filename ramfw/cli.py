@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 not enforcing (status) or an unexpected failure; 2 invalid policy,
 configuration or command line; 3 the kernel lacks what ramfw needs; 4 nftables refused a
 transaction; 5 the daemon could not be reached; 6 root is needed; 7 a queue or log group ramfw
-needs is held by another program.
+needs is held by another program; 8 enforcing, but not as configured (status: engine scope
+cannot be trusted, so host scope is in force on the registry ports).
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ def _print_status(result: dict) -> None:
         print(f"kernel:     {caps.get('kernel')}; missing: {', '.join(missing) or 'nothing'}")
     if result.get("dns_hold"):
         print(f"DNS hold:   {result['dns_hold']}")
+    if result.get("scope_in_force") and result["scope_in_force"] != result.get("scope"):
+        print(f"in force:   {', '.join(result['scope_in_force'])} (widened: fail closed)")
     eng = result.get("engine") or {}
     if eng:
-        where = f" on cgroup {eng['cgroup']}" if eng.get("cgroup") else ""
-        print(f"engine:     {'marked' if eng.get('attached') else 'NOT marked'}{where}, loader: {eng.get('loader')}")
+        print(f"engine:     {'marked' if eng.get('attached') else 'NOT marked'}, loader: {eng.get('loader')}")
+        for row in eng.get("cgroups") or []:
+            print(f"  cgroup:   {row['path']}: {'marked' if row['marked'] else 'NOT marked'} ({row['why']})")
     daemon = result.get("daemon") or {}
     print(f"daemon:     {'running, pid ' + str(daemon['pid']) if daemon.get('running') else 'not running'}")
     counters = result.get("counters") or {}
@@ -67,11 +71,15 @@ def _print_doctor(report) -> None:
     prefiltered = report.hold.holds and report.has("dns_prefilter")
     print(f"DNS replies are held by: {report.hold.value}"
           + (", only those that may be for allowlisted names (eBPF prefilter)" if prefiltered else ""))
-    if report.has("cgroup_bpf"):
+    if report.has("cgroup_bpf") and not report.has("cgroup_paths"):
+        print("engine scope: NOT usable as ramfw runs now (a cgroup namespace): a daemon configured for it puts "
+              "host scope in force on the registry ports instead (fail closed)")
+    elif report.has("cgroup_bpf"):
         loader = "bcc (compiles bpf/mark.bpf.c)" if report.has("bcc") else "hand-assembled, no compiler needed"
         print(f"engine scope: available; its eBPF program is loaded {loader}")
     else:
-        print("engine scope: NOT available here (no cgroup eBPF or no cgroup v2): use scope host")
+        print("engine scope: NOT available here (no cgroup eBPF or no cgroup v2): a daemon configured for it "
+              "puts host scope in force on the registry ports instead (fail closed)")
     print("ramfw cannot enforce here" if report.missing_required() else "ramfw can enforce here")
 
 
@@ -153,7 +161,7 @@ def _run(args) -> int:
             print(json.dumps(result, indent=2))
         else:
             _print_status(result)
-        return 0 if result["enforcing"] else 1
+        return 8 if result.get("degraded") else 0 if result["enforcing"] else 1
     if args.command == "policy":
         policy, warnings = api.lint(args.file, config)
         print(f"{args.file}: valid: organization {policy.organization}, "

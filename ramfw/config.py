@@ -38,9 +38,15 @@ class EnforcementSettings:
     mark_mask: int = 0xFFFF0000
     nflog_group: int = 5241
     engine_processes: tuple[str, ...] = ("dockerd", "containerd", "buildkitd")
-    engine_cgroup: str = ""  # a cgroup v2 path; empty: the cgroup the engine processes are in
+    engine_executables: tuple[str, ...] = ()  # more trusted engine executables (root-owned), beside /usr/bin/...
+    engine_cgroups: tuple[str, ...] = ()  # cgroup v2 paths marked beside those the engine processes are in
+    engine_cgroup: str = ""  # one such path (older configurations)
     dedicated_cgroup: bool = False  # move an engine found in the root cgroup into its own
     bpffs: str = "/sys/fs/bpf"
+
+    @property
+    def configured_cgroups(self) -> tuple[str, ...]:
+        return self.engine_cgroups + ((self.engine_cgroup,) if self.engine_cgroup else ())
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,9 @@ def _validate(config: Config) -> Config:
             raise ConfigError(f"{where}: enforcement.{name} must be a 32-bit value other than 0")
     if e.mark & ~e.mark_mask:
         raise ConfigError(f"{where}: enforcement.mark has bits outside enforcement.mark_mask")
+    for path in e.engine_executables:
+        if not path.startswith("/"):
+            raise ConfigError(f"{where}: enforcement.engine_executables: {path!r} is not an absolute path")
     if not all(0 <= n <= 65535 for n in (e.nflog_group, d.queue_num, d.snoop_group)):
         raise ConfigError(f"{where}: nflog_group, queue_num and snoop_group are 16-bit numbers")
     if e.nflog_group == d.snoop_group:

@@ -122,6 +122,17 @@ def request(config: Config, command: str, timeout: float = 5.0) -> dict:
     raise DaemonError(f"the ramfw daemon is not reachable ({config.daemon.socket}: {failures[0]})")
 
 
+def daemon_present(config: Config) -> bool:
+    """A daemon holds this namespace's lock (running, or still starting): connecting to the
+    abstract socket succeeds only while it listens."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(abstract_address(config))
+        except OSError:
+            return False
+    return True
+
+
 def answers(config: Config) -> bool:
     try:
         request(config, "ping", timeout=1)

@@ -1,13 +1,22 @@
-"""Engine scope in the daemon: find the engine's cgroup, attach the marking program, and say
-what is marked (``kernel.engine`` owns the program and its attachment)."""
+"""Engine scope in the daemon: find every cgroup the engine runs in, mark each, ask the kernel
+whether it is marked, and say why not when it cannot be (``kernel.engine`` owns the program,
+its attachments and the discovery).
+
+Fail closed: whenever engine scope cannot be trusted (no cgroup eBPF, no cgroup v2, an engine
+in the root cgroup or behind a cgroup namespace, a cgroup the kernel does not list the program
+on), ``widened`` says why, and the daemon puts host scope on the registry ports in force until
+the engine is marked again. No engine running at all is not a gap: nothing pulls then, and a
+new one is marked within a second (at once when systemd makes its cgroup again).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from ..config import Config
-from ..kernel import bpf, engine
+from ..kernel import bpf, engine, nft
 from ..kernel.probes import Report
 
 log = logging.getLogger("ramfw")
@@ -16,7 +25,13 @@ log = logging.getLogger("ramfw")
 class EngineScope:
     def __init__(self, config: Config, report: Report):
         self.config, self.report = config, report
-        self.state: dict = {}
+        self.loader = "bcc" if report.has("bcc") else "hand-assembled (no compiler needed)"
+        self.mark: engine.EngineMark | None = None
+        self.watch: engine.CgroupWatch | None = None
+        self.mount: str | None = None
+        self.private_mount: Path | None = None
+        self.widened = ""  # why engine scope cannot be trusted now; empty when it can
+        self.state: dict = {"attached": False, "loader": self.loader}
 
     @property
     def wanted(self) -> bool:
@@ -26,36 +41,113 @@ class EngineScope:
     def attached(self) -> bool:
         return bool(self.state.get("attached"))
 
-    def mark(self, cgroup: str) -> engine.EngineMark:
-        e = self.config.enforcement
-        return engine.EngineMark(cgroup, e.mark, Path(e.bpffs), Path(self.config.daemon.run_dir) / "engine_mark.cgroup",
-                                 use_bcc=self.report.has("bcc"))
-
-    def attach(self) -> str | None:
-        """Mark the engine's sockets if not done yet; return an error worth reporting, if any."""
-        e = self.config.enforcement
-        if not self.wanted or self.attached:
-            return None
-        loader = "bcc" if self.report.has("bcc") else "hand-assembled (no compiler needed)"
+    def start(self) -> None:
+        """Load the marking program (it takes the place of the pinned one, on every cgroup
+        that one marks), then find and mark the engine."""
+        if not self.wanted:
+            return
         if not self.report.has("cgroup_bpf"):
-            self.state = {"attached": False, "loader": loader,
-                          "note": "engine scope is unavailable on this kernel: cgroup eBPF is missing; use scope host"}
-            return None
-        found = engine.locate(bpf.cgroup2_mount(), e.engine_cgroup, e.engine_processes, e.dedicated_cgroup)
-        if found is None:
-            self.state = {"attached": False, "loader": loader,
-                          "note": f"no engine process ({', '.join(e.engine_processes)}) found yet; "
-                                  "looking again every few seconds"}
-            return None
-        if found.note and found.path == bpf.cgroup2_mount():
-            self.state = {"attached": False, "loader": loader, "cgroup": found.path, "note": found.note}
-            return None
+            return self._cannot("cgroup eBPF is missing on this kernel")
+        self.mount = bpf.cgroup2_mount() or self._mount_private()
+        if self.mount is None:
+            return self._cannot("no cgroup v2 hierarchy is mounted and ramfw could not mount one")
+        e = self.config.enforcement
+        self.mark = engine.EngineMark(e.mark, Path(e.bpffs), Path(self.config.daemon.run_dir) / "engine_mark.cgroup",
+                                      use_bcc=self.report.has("bcc"))
         try:
-            self.mark(found.path).apply()
+            self.mark.load()
         except OSError as err:
-            self.state = {"attached": False, "loader": loader, "cgroup": found.path,
-                          "note": f"cannot attach the engine-scope program: {err}"}
-            return self.state["note"]
-        self.state = {"attached": True, "loader": loader, "cgroup": found.path, "note": found.note}
-        log.info("engine scope: marking sockets of cgroup %s (%s)", found.path, loader)
-        return None
+            self.mark = None
+            return self._cannot(f"cannot load the engine-scope program: {err}")
+        try:
+            self.watch = engine.CgroupWatch()
+        except OSError:
+            self.watch = None  # without inotify, a re-made cgroup is marked at the next check
+        self.check()
+
+    def _mount_private(self) -> str | None:
+        """Where no cgroup v2 is visible (a namespace that remounted /sys), mount one of our own."""
+        where = Path(self.config.daemon.run_dir) / "cgroup2"
+        try:
+            bpf.mount_cgroup2(where)
+        except OSError as err:
+            log.warning("no cgroup v2 hierarchy is mounted, and mounting one at %s failed: %s", where, err)
+            return None
+        self.private_mount = where
+        return str(where)
+
+    def _cannot(self, why: str) -> None:
+        self.widened = why
+        self.state = {"attached": False, "loader": self.loader, "cgroups": [], "widened": why}
+
+    def _targets(self, found: engine.Discovery, problems: list[str]) -> dict[str, tuple[str, bool]]:
+        """cgroup -> (why it is marked, whether engine scope depends on it)."""
+        e, mount = self.config.enforcement, self.mount
+        targets: dict[str, tuple[str, bool]] = {}
+        for path in e.configured_cgroups:
+            absolute = path if path.startswith(mount + "/") else os.path.join(mount, path.lstrip("/"))
+            targets[absolute] = ("configured", True)
+        cgroups = dict(found.cgroups)
+        in_root = cgroups.pop(mount, None)
+        if in_root and e.dedicated_cgroup:
+            cgroups[engine.dedicate(mount, in_root)] = in_root
+        elif in_root:
+            problems.append("the engine runs in the root cgroup, shared with every process: marking it would put "
+                            "the whole VM in engine scope; set enforcement.dedicated_cgroup = true to move it into "
+                            "a cgroup of its own")
+        for path, members in cgroups.items():
+            targets[path] = (", ".join(f"{os.path.basename(p.executable)} pid {p.pid}" for p in members), True)
+        for path in self.mark.cgroups():  # a cgroup marked before and made again (an engine restart)
+            if path not in targets and os.path.isdir(path):
+                targets[path] = ("marked before: the engine's cgroup, made again", False)
+        return targets
+
+    def check(self) -> bool:
+        """Find the engine, mark every cgroup it is in, and ask the kernel which are marked.
+        True if ``widened`` changed."""
+        if self.mark is None:
+            return False
+        before = self.widened
+        e = self.config.enforcement
+        found = engine.discover(self.mount, e.engine_processes, e.engine_executables)
+        problems = list(found.problems)
+        rows = []
+        for path, (why, needed) in self._targets(found, problems).items():
+            refused = ""
+            try:
+                if self.mark.attach(path):
+                    log.info("engine scope: marking the sockets of cgroup %s (%s; %s)", path, why, self.loader)
+            except OSError as err:
+                refused = f"cannot mark cgroup {path}: {err.strerror or err}"
+            marked = self.mark.attached(path)
+            if needed and not marked:
+                problems.append(refused or f"cgroup {path} is not marked: the kernel does not list ramfw's program")
+            rows.append({"path": path, "marked": marked, "why": why})
+            if self.watch is not None:
+                self.watch.watch(os.path.dirname(path))
+        self.widened = "; ".join(problems)
+        self.state = {
+            "attached": not problems and any(r["marked"] for r in rows), "loader": self.loader,
+            "cgroups": rows, "widened": self.widened, "ignored": found.ignored,
+            "note": "" if found.processes or e.configured_cgroups else
+            f"no engine process ({', '.join(e.engine_processes)}) runs in this network namespace yet; "
+            "looking every second",
+        }
+        return self.widened != before
+
+    def own_traffic(self) -> tuple[list[bytes], str]:
+        """Host scope covers every local process: ramfw's own connections (policy polls) pass by
+        its cgroup, where it has one of its own. The rules, and what they do (or why none)."""
+        where = self.mount or bpf.cgroup2_mount()
+        own = engine.own_cgroup(where) if where else "no cgroup v2 hierarchy is mounted"
+        if isinstance(own, str):
+            return [], f"not exempt from host scope: {own}"
+        return nft.own_traffic_rules(*own), "exempt from host scope by its cgroup"
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+        if self.mark is not None:
+            self.mark.close()
+        if self.private_mount is not None:
+            bpf.unmount(self.private_mount)

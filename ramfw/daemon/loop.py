@@ -15,6 +15,7 @@ The path of a held reply: ``kernel.queue.Queue.receive`` -> ``Daemon._read`` ->
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import selectors
@@ -95,16 +96,26 @@ class Daemon:
             self.snoop = _bind(Log, self.config.dns.snoop_group, "NFLOG group", "dns.snoop_group")
         if self.report.has("nflog"):
             self.blocks = _bind(Log, self.config.enforcement.nflog_group, "NFLOG group", "enforcement.nflog_group")
-        self.apply()
         self.engine = EngineScope(self.config, self.report)
-        self._report_error(self.engine.attach())
+        self.engine.start()  # before the ruleset: it must know whether engine scope can be trusted
+        self.own_traffic = "not needed"
+        self.apply()
+        self._say_scope()
         self._seed_from_kernel()
         warm_up()
         self.control.open()
-        log.info("ramfw daemon enforcing %s (%d entries, %s mode, DNS hold: %s)",
-                 self.policy.organization, len(self.policy.matcher), self.config.enforcement.mode, self.hold.value)
+        log.info("ramfw daemon enforcing %s (%d entries, %s mode, scope %s, DNS hold: %s)",
+                 self.policy.organization, len(self.policy.matcher), self.config.enforcement.mode,
+                 ", ".join(self.scope), self.hold.value)
         if self.hold is Hold.PASSIVE:
             log.warning("this kernel cannot hold DNS replies: the first connection to a new address can be lost")
+
+    @property
+    def scope(self) -> tuple[str, ...]:
+        """The scope in force: the configured one, widened to host scope (on the registry
+        ports) while engine scope cannot be trusted."""
+        scope = self.config.enforcement.scope
+        return scope + ("host",) if self.engine.widened and "host" not in scope else scope
 
     def apply(self) -> None:
         """Apply the whole ruleset, with the DNS hold this kernel allows."""
@@ -114,9 +125,41 @@ class Daemon:
         else:
             hold_rules = nft.hold_rules(self.hold, d.queue_num, self.prefilter.prog_fd if self.prefilter else None,
                                         d.snoop_group)
-            self.table.apply(ruleset.build_ruleset(e, self.trusted, d.max_addresses, self.hold), hold_rules)
+            settings = dataclasses.replace(e, scope=self.scope)
+            self.table.apply(ruleset.build_ruleset(settings, self.trusted, d.max_addresses, self.hold), hold_rules)
+            if "host" in self.scope:
+                self._exempt_own_traffic()
         record.write(self.config, record.build(self.config, self.policy, self.source, self.trusted,
                                                self.report.to_dict(), daemon_pid=os.getpid()))
+
+    def _exempt_own_traffic(self) -> None:
+        rules, self.own_traffic = self.engine.own_traffic()
+        if rules:
+            try:
+                self.table.set_own_traffic(rules)
+            except OSError as err:
+                self.own_traffic = f"not exempt from host scope: the kernel refused the socket cgroupv2 match ({err})"
+        if self.own_traffic.startswith("not") and self.url_source is not None:
+            log.warning("ramfw's own connections are %s; its policy source %s must be allowlisted or its polls "
+                        "are blocked", self.own_traffic, self.url_source.url)
+
+    def _say_scope(self) -> None:
+        if self.engine.widened:
+            log.warning("engine scope cannot be trusted (%s): host scope is in force on the registry ports "
+                        "until it can (fail closed)", self.engine.widened)
+
+    def _check_engine(self) -> None:
+        """Mark what the engine runs in now; widen or narrow the scope when that changed."""
+        if self.engine.check():
+            self.apply()
+            if not self.engine.widened:
+                log.info("engine scope is marked again: host scope on the registry ports is lifted")
+            self._say_scope()
+
+    def _on_cgroups(self) -> None:
+        """A cgroup was made or removed beside the engine's: an engine restart, mark it now."""
+        self.engine.watch.drain()
+        self._check_engine()
 
     def _seed_from_kernel(self) -> None:
         """A restarted daemon picks up what the kernel still allows, with its expiry."""
@@ -141,6 +184,8 @@ class Daemon:
             sel.register(self.snoop.sock, selectors.EVENT_READ, self._on_snoop)
         if self.blocks:
             sel.register(self.blocks.sock, selectors.EVENT_READ, self._on_block)
+        if self.engine.watch is not None:
+            sel.register(self.engine.watch.fd, selectors.EVENT_READ, self._on_cgroups)
         for listener in self.control.listeners():
             sel.register(listener, selectors.EVENT_READ, lambda listener=listener: self.control.serve(listener))
         sel.register(wake_r, selectors.EVENT_READ, lambda: _drain(wake_r))
@@ -275,7 +320,8 @@ class Daemon:
     def handle(self, command: str) -> dict:
         if command == "ping":
             return {"ok": True}
-        if command == "status":
+        if command == "status":  # what the kernel says now, not a second ago
+            self._guarded(self._check_engine)
             return {"ok": True, "status": status_doc.document(self)}
         if command == "stop":
             self.stopping = True
@@ -319,7 +365,7 @@ class Daemon:
         for refusal in self.table.refusals():
             self.snooper.counters["program_failed"] += 1
             self._error(f"programming the allowed sets failed: {refusal}")
-        self._report_error(self.engine.attach())
+        self._check_engine()
         mtime = _mtime(resolvers.RESOLV_CONF)
         if mtime != self.resolv_mtime and not self.config.dns.trusted_resolvers:
             self.resolv_mtime = mtime
@@ -333,10 +379,6 @@ class Daemon:
                     self._error(str(err))
                 log.info("trusted resolvers now %s", ", ".join(trusted))
 
-    def _report_error(self, text: str | None) -> None:
-        if text:
-            self._error(text)
-
     def _error(self, text: str) -> None:
         """Logged (one line per kind of error per 10 s: a packet that makes the same error
         again and again must not flood the log) and kept for status."""
@@ -344,7 +386,7 @@ class Daemon:
         self.errors.append(text)
 
     def close(self) -> None:
-        for thing in (self.queue, self.snoop, self.blocks, self.prefilter):
+        for thing in (self.queue, self.snoop, self.blocks, self.prefilter, getattr(self, "engine", None)):
             if thing is not None:
                 thing.close()
         self.control.close()

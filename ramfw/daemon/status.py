@@ -27,12 +27,16 @@ def document(daemon) -> dict:
     notes += [f"cap reached: {cap}" for cap in snooper.caps_hit]
     if daemon.engine.state.get("note"):
         notes.append(f"engine scope: {daemon.engine.state['note']}")
+    notes += [f"engine scope ignores {item}" for item in daemon.engine.state.get("ignored", [])]
+    if "host" in daemon.scope:
+        notes.append(f"ramfw's own connections (policy polls) are {daemon.own_traffic}")
     url = daemon.url_source
     return {
         "daemon": {"running": True, "pid": os.getpid(), "since": daemon.started},
         "enforcing": bool(counters),
         "mode": daemon.config.enforcement.mode,
         "scope": list(daemon.config.enforcement.scope),
+        "scope_in_force": list(daemon.scope),
         "dns_hold": daemon.hold.value + (" + eBPF prefilter: only replies that may be for allowlisted names "
                                          "are held, the rest are copied" if daemon.prefilter else ""),
         "engine": daemon.engine.state,

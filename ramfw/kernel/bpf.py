@@ -19,6 +19,7 @@ SOURCE_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"  # the C sour
 # Commands, program types, attach points (include/uapi/linux/bpf.h)
 BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 2, 3
 BPF_PROG_LOAD, BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_PROG_TEST_RUN = 5, 6, 7, 8, 9, 10
+BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_QUERY = 15, 16
 BPF_MAP_TYPE_HASH = 1
 BPF_PROG_TYPE_SOCKET_FILTER, BPF_PROG_TYPE_CGROUP_SOCK = 1, 9
 BPF_CGROUP_INET_SOCK_CREATE = 2
@@ -136,6 +137,18 @@ def cgroup2_mount() -> str | None:
     return None
 
 
+def mount_cgroup2(where: Path) -> None:
+    """Mount a cgroup v2 hierarchy at ``where`` (the same hierarchy as everyone's: there is one)."""
+    where.mkdir(parents=True, exist_ok=True)
+    if _libc.mount(b"cgroup2", str(where).encode(), b"cgroup2", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot mount cgroup2 at {where}: {os.strerror(err)}")
+
+
+def unmount(where: Path) -> None:
+    _libc.umount2(str(where).encode(), 2)  # MNT_DETACH; nothing to do if it is already gone
+
+
 BPF_FS = Path("/sys/fs/bpf")
 
 
@@ -155,6 +168,28 @@ def detach(cgroup: str, prog_fd: int) -> None:
         bpf(BPF_PROG_DETACH, struct.pack("<IIII", fd, prog_fd, BPF_CGROUP_INET_SOCK_CREATE, 0).ljust(32, b"\0"))
     finally:
         os.close(fd)
+
+
+def attached_ids(cgroup: str) -> list[int]:
+    """The ids of the sock_create programs attached to a cgroup directory itself (not
+    inherited), as the kernel reports them (BPF_PROG_QUERY); OSError if it is gone."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ids = (ctypes.c_uint32 * 64)()
+        attr = ctypes.create_string_buffer(struct.pack("<IIIIQI", fd, BPF_CGROUP_INET_SOCK_CREATE, 0, 0,
+                                                       ctypes.addressof(ids), len(ids)).ljust(40, b"\0"))
+        bpf(BPF_PROG_QUERY, attr)
+        count = struct.unpack_from("<I", attr, 24)[0]
+        return list(ids[:min(count, len(ids))])
+    finally:
+        os.close(fd)
+
+
+def program_id(prog_fd: int) -> int:
+    """The kernel's id of a loaded program (BPF_OBJ_GET_INFO_BY_FD: bpf_prog_info.id)."""
+    info = ctypes.create_string_buffer(8)  # type, id: the kernel fills what fits
+    bpf(BPF_OBJ_GET_INFO_BY_FD, struct.pack("<IIQ", prog_fd, len(info), ctypes.addressof(info)).ljust(16, b"\0"))
+    return struct.unpack_from("<I", info, 4)[0]
 
 
 def pin(prog_fd: int, path: Path) -> None:

@@ -85,6 +85,18 @@ def hold_rules(hold: Hold, queue_num: int, prefilter_fd: int | None, snoop_group
     return rules
 
 
+def own_traffic_rules(cgroup_id: int, level: int) -> list[bytes]:
+    """``socket cgroupv2 level <level> == <cgroup_id> accept``: ramfw's own connections (policy
+    polls) pass host scope. The cgroup is named by id, not path: nft resolves paths under
+    /sys/fs/cgroup only, which is not where hybrid layouts mount cgroup v2. Joining a cgroup
+    takes root, so no ordinary process can borrow the exemption (a socket mark could be set by
+    any process with CAP_NET_RAW)."""
+    accept = _expr("immediate", u32(1, nl.NFT_REG_VERDICT),
+                   nested(2, nested(2, u32(1, nl.NF_ACCEPT_VERDICT))))
+    return [b"".join([_expr("socket", u32(1, nl.NFT_SOCKET_CGROUPV2), u32(2, nl.NFT_REG_1), u32(3, level)),
+                      _cmp_eq(struct.pack("=Q", cgroup_id)), accept])]
+
+
 def build_rules_batch(family: str, table: str, chain: str, rules: list[bytes], seq: int = 1,
                       replace: bool = False) -> bytes:
     """One transaction appending ``rules`` to ``chain``; with ``replace``, the chain's old rules

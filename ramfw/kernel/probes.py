@@ -84,7 +84,9 @@ COSTS = {
     "nflog": "blocked connections are counted but not named in status and log",
     "dns_prefilter": "every DNS reply is held, not only those that may be for allowlisted names "
                      "(about 40-80 µs more per reply for other names)",
-    "cgroup_bpf": "engine scope is unavailable: use host scope",
+    "cgroup_bpf": "engine scope is unavailable: the daemon puts host scope on the registry ports in force instead",
+    "cgroup_paths": "engine scope cannot find the engine's cgroups: the daemon puts host scope on the registry "
+                    "ports in force instead",
     "btf": "none today; CO-RE programs would need it",
     "bcc": "none: the engine-scope program is loaded without a compiler",
 }
@@ -216,8 +218,26 @@ def _cgroup_bpf_probe() -> Capability:
     os.close(fd)
     cgroup2 = bpf.cgroup2_mount()
     detail = f"cgroup socket programs; cgroup v2 at {cgroup2}" if cgroup2 else \
-        "cgroup socket programs load, but no cgroup v2 hierarchy is mounted"
-    return Capability("cgroup_bpf", cgroup2 is not None, detail, COSTS["cgroup_bpf"])
+        "cgroup socket programs; no cgroup v2 hierarchy is mounted here: the daemon mounts one of its own"
+    return Capability("cgroup_bpf", True, detail, COSTS["cgroup_bpf"])
+
+
+def _cgroup_paths_probe() -> Capability:
+    """The cgroup paths /proc shows are those of the mounted hierarchy: not so in a cgroup
+    namespace (a LinuxKit service, a container without --cgroupns host), where ramfw would look
+    for the engine's cgroups in the wrong place."""
+    from . import bpf, engine
+
+    mount = bpf.cgroup2_mount()
+    if mount is None:
+        return Capability("cgroup_paths", True, "no cgroup v2 mounted here; the daemon's own mount is the host's",
+                          COSTS["cgroup_paths"])
+    problem = engine.cgroup_namespace_problem(mount)
+    if problem:
+        return Capability("cgroup_paths", False, f"{problem}; run its container "
+                          "with --cgroupns host, or give the engine's cgroups in enforcement.engine_cgroups "
+                          "as the host sees them (docs/linuxkit.md)", COSTS["cgroup_paths"])
+    return Capability("cgroup_paths", True, f"cgroup paths in /proc are those under {mount}", COSTS["cgroup_paths"])
 
 
 def _btf_probe() -> Capability:
@@ -245,7 +265,7 @@ def _bcc_probe() -> Capability:
 
 def probe_here() -> list[Capability]:
     """All probes, in the current network namespace (call only inside a throw-away one)."""
-    return _table_probes() + [_nfnetlink_queue_probe(), _cgroup_bpf_probe(), _btf_probe(), _bcc_probe()]
+    return _table_probes() + [_nfnetlink_queue_probe(), _cgroup_bpf_probe(), _cgroup_paths_probe(), _btf_probe(), _bcc_probe()]
 
 
 def run() -> Report:

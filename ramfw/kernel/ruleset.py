@@ -7,7 +7,9 @@ the process that applied it exits or dies (registry egress fails closed), and on
 
 Layout::
 
-    output   (hook output)   established/related, loopback -> accept; in scope -> registry
+    output   (hook output)   established/related, loopback -> accept; own_traffic; in scope -> registry
+    own_traffic              ramfw's own connections (its cgroup, by id) -> accept; its rules
+                             are ``nft.own_traffic_rules``, swapped in like the DNS chains'.
     forward  (hook forward)  established/related -> accept; in scope -> registry
     registry                 DNS to trusted resolvers, @allow4/@allow6 -> accept;
                              otherwise log to NFLOG, count, reject (enforce) or accept (audit)
@@ -126,6 +128,7 @@ def _verdict_rules(settings: EnforcementSettings, hold: Hold) -> list[list[dict]
 
 
 DNS_CHAINS = {"dns_input": "input", "dns_forward": "forward"}
+OWN_CHAIN = "own_traffic"
 DNS_PRIORITY = -150  # mangle: before anything that could accept the reply
 
 
@@ -155,12 +158,13 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         cmds.append({"add": {"chain": {**t, "name": hook, "type": "filter", "hook": hook,
                                        "prio": 0, "policy": "accept"}}})
     cmds.append({"add": {"chain": {**t, "name": "registry"}}})
+    cmds.append({"add": {"chain": {**t, "name": OWN_CHAIN}}})
     for chain, hook in DNS_CHAINS.items():
         cmds.append({"add": {"chain": {**t, "name": chain, "type": "filter", "hook": hook,
                                        "prio": DNS_PRIORITY, "policy": "accept"}}})
     rules: dict[str, list[list[dict]]] = {
-        "output": [[_ESTABLISHED, _ACCEPT], [_match(_meta("oif"), "lo"), _ACCEPT]]
-        + _in_scope_rules(settings, "output"),
+        "output": [[_ESTABLISHED, _ACCEPT], [_match(_meta("oif"), "lo"), _ACCEPT],
+                   [{"jump": {"target": OWN_CHAIN}}]] + _in_scope_rules(settings, "output"),
         "forward": [[_ESTABLISHED, _ACCEPT]] + _in_scope_rules(settings, "forward"),
         "registry": [
             [_TCP_UDP, _match(_payload("th", "dport"), 53),

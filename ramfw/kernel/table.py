@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 from ..errors import NftablesError
 from ..snoop.snooper import Element
 from . import netlink, nft
-from .ruleset import (DNS_CHAINS, FAMILY, RESOLVERS, Learned, TableState, build_delete_elements, build_remove,
+from .ruleset import (DNS_CHAINS, FAMILY, OWN_CHAIN, RESOLVERS, Learned, TableState, build_delete_elements, build_remove,
                       build_resolvers, parse_state)
 
 CACHE_BYTES = 16 << 20  # the element batches kept for replies seen again
@@ -53,6 +53,11 @@ class Table:
                 self.swap_rules(chain, hold_rules)
             except OSError as err:
                 raise NftablesError(f"cannot add the DNS hold rules: {err.strerror}") from None
+
+    def set_own_traffic(self, rules: list[bytes]) -> None:
+        """The rules that let ramfw's own connections pass host scope (``nft.own_traffic_rules``);
+        OSError when the kernel refuses them (the socket cgroupv2 match needs Linux 5.13)."""
+        self.swap_rules(OWN_CHAIN, rules)
 
     def swap_rules(self, chain: str, rules: list[bytes]) -> None:
         """Replace a chain's rules with ``rules`` in one transaction; OSError with the kernel's

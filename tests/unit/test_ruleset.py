@@ -32,13 +32,21 @@ def test_allowed_sets_have_timeouts_and_a_size():
     assert sets["allow4"]["flags"] == ["timeout"] and sets["allow4"]["size"] == 1234
 
 
-def test_output_chain_order_established_loopback_then_scope():
+def test_output_chain_order_established_loopback_own_traffic_then_scope():
     out = rules(ruleset.build_ruleset(BASE, [], 10), "output")
     assert out[0][0]["match"]["left"] == {"ct": {"key": "state"}} and out[0][-1] == {"accept": None}
     assert out[1][0]["match"] == {"op": "==", "left": {"meta": {"key": "oif"}}, "right": "lo"}
-    assert out[2] == [{"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, BASE.mark_mask]},
+    assert out[2] == [{"jump": {"target": ruleset.OWN_CHAIN}}]
+    assert out[3] == [{"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, BASE.mark_mask]},
                                  "right": BASE.mark}}, {"jump": {"target": "registry"}}]
-    assert len(out) == 3
+    assert len(out) == 4
+
+
+def test_the_own_traffic_chain_is_made_but_never_flushed_by_the_json_transaction():
+    """Its rules (by cgroup id, in raw netlink) are the daemon's to swap, like the DNS chains'."""
+    doc = ruleset.build_ruleset(BASE, [], 10)
+    assert ruleset.OWN_CHAIN in {c["name"] for c in commands(doc, "add", "chain")}
+    assert ruleset.OWN_CHAIN not in {c["name"] for c in commands(doc, "flush", "chain")}
 
 
 def test_engine_scope_leaves_forwarded_traffic_alone():
