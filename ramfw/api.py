@@ -62,7 +62,7 @@ def down(config: Config) -> None:
     except DaemonError:
         pass
     Table(config.enforcement.table).remove()
-    engine.EngineMark("", config.enforcement.mark, Path(config.enforcement.bpffs),
+    engine.EngineMark(config.enforcement.mark, Path(config.enforcement.bpffs),
                       Path(config.daemon.run_dir) / "engine_mark.cgroup").remove()
     try:
         os.unlink(config.daemon.state_file)

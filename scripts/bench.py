@@ -210,10 +210,9 @@ def docker_pull(lab, tmp, rounds=20):
 
     registries = RegistryLab(lab, Path(tmp) / "registries", layers=5, layer_bytes=8 << 20)
     try:
-        cgroup = registries.start_dockerd(bpf.cgroup2_mount())
+        registries.start_engine()  # ramfw finds dockerd and containerd by itself
         config = Path(write_files(tmp))
-        config.write_text(config.read_text() + f'[enforcement]\nengine_cgroup = "{cgroup}"\n'
-                          f'bpffs = "{tmp}/bpffs"\n')
+        config.write_text(config.read_text() + f'[enforcement]\nbpffs = "{tmp}/bpffs"\n')
         times = {"with_ramfw": [], "without_ramfw": []}
         for round_ in range(rounds + 1):
             for mode in times:

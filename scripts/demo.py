@@ -37,14 +37,14 @@ def main() -> int:
         config = Path(tmp, "ramfw.toml")
         try:
             registries = RegistryLab(lab, Path(tmp, "registries"))
-            cgroup = registries.start_dockerd(bpf.cgroup2_mount())
+            registries.start_engine()  # containerd and dockerd, two services: ramfw finds both itself
             policy = Path(tmp, "policy.json")
             policy.write_text(json.dumps({"organizations": [{"name": "acme", "registryAccess": {
                 "enabled": True, "allowDockerHub": True, "registries": [
                     {"address": "allowed-registry.test", "nickname": "Approved"},
                     {"address": "redirect-registry.test", "nickname": "Redirects its blobs"}]}}]}, indent=1))
             config.write_text(f'[policy]\nsource = "{policy}"\ncache = "{tmp}/cache.json"\n'
-                              f'[enforcement]\nengine_cgroup = "{cgroup}"\nbpffs = "{tmp}/bpffs"\n'
+                              f'[enforcement]\nbpffs = "{tmp}/bpffs"\n'
                               f'[dns]\ntrusted_resolvers = ["{NET4}"]\n[daemon]\nrun_dir = "{tmp}/run"\n')
             show("the organization's policy (Docker Hub is allowed by default)", policy.read_text())
             show("ramfw policy lint", lab.ramfw("policy", "lint", str(policy)).stdout)

@@ -32,13 +32,13 @@ def world(tmp_path_factory):
     registries = None
     try:
         registries = RegistryLab(lab, tmp / "registries")
-        cgroup = registries.start_dockerd(bpf.cgroup2_mount())
+        registries.start_engine()  # containerd and dockerd in two cgroups, found by ramfw itself
         lab.policy = tmp / "policy.json"
         write_policy(lab.policy, POLICY)
         lab.config = str(tmp / "ramfw.toml")
         Path(lab.config).write_text(
             f'[policy]\nsource = "{lab.policy}"\ncache = "{tmp}/cache.json"\n'
-            f'[enforcement]\nengine_cgroup = "{cgroup}"\nbpffs = "{bpffs}"\n'
+            f'[enforcement]\nbpffs = "{bpffs}"\n'
             f'[dns]\ntrusted_resolvers = ["{NET4}"]\n[daemon]\nrun_dir = "{tmp}/run"\n')
         lab.daemon = lab.start_daemon(lab.config)
         lab.registries = registries
@@ -81,9 +81,23 @@ def wait_for_block(world, message):
         time.sleep(0.1)
 
 
-def test_engine_scope_is_attached(world):
+def test_engine_scope_finds_and_marks_dockerd_and_containerd_in_their_own_cgroups(world):
+    """Issue #9, 1: a stock layout (two services), no engine cgroup configured."""
     engine = status(world)["engine"]
     assert engine["attached"] and engine["loader"].startswith(("bcc", "hand-assembled"))
+    marked = {row["path"] for row in engine["cgroups"] if row["marked"]}
+    assert marked == {str(world.registries.cgroup), str(world.registries.containerd_cgroup)}
+
+
+def test_a_pull_right_after_the_engine_restarts_is_refused_20_times_of_20(world):
+    """Issue #9, 3: systemd's restart makes docker.service's cgroup again, without the program."""
+    outcomes = []
+    for _ in range(20):
+        world.registries.restart_dockerd()
+        result, _ = pull(world, f"blocked-registry.test/{IMAGE}")
+        outcomes.append("refused" if "connection refused" in result.stderr else result.stderr[-200:] or "pulled")
+    assert outcomes == ["refused"] * 20
+    assert world.ramfw("status", "--config", world.config).returncode == 0
 
 
 def test_pull_from_the_allowed_registry_succeeds(world):

@@ -452,6 +452,42 @@ def test_policy_from_an_https_url_with_etag_and_a_cache(lab, policy_server, tmp_
     assert "last good copy" in result["policy"]["source"] and "unreachable" in result["policy"]["url_error"]
 
 
+def test_host_scope_lets_the_daemons_own_policy_polls_through_and_no_one_else(lab, policy_server, tmp_path):
+    """Issue #9, 7: host scope sent ramfw's own polls to the registry chain: the policy never
+    changed after start. Its cgroup (its own, as a service's) passes; another process does not."""
+    def serve(registries):
+        policy_server["body"] = json.dumps({"organizations": [{"name": "acme", "registryAccess": {
+            "registries": [{"address": r} for r in registries]}}]}).encode()
+
+    serve(["allowed-registry.test"])
+    lab.config = str(tmp_path / "host.toml")
+    Path(lab.config).write_text(
+        f'[policy]\nsource = "{policy_server["url"]}"\ncache = "{tmp_path}/cache/policy.json"\n'
+        f'refresh_interval = 1\nca_file = "{policy_server["ca"]}"\n'
+        '[enforcement]\nscope = ["host"]\nregistry_ports = [443, 8443]\nengine_processes = ["ramfw-test-no-engine"]\n'
+        f'[dns]\ntrusted_resolvers = ["{NET4}"]\n[daemon]\nrun_dir = "{tmp_path}/run-host"\n')
+    lab.daemon = lab.start_daemon(lab.config)
+    assert lab.connect(NET4, 8443)[0] == "refused", "the policy server is no registry: others may not reach it"
+    serve(["allowed-registry.test", "blocked-registry.test"])
+    deadline = time.monotonic() + 10
+    while (result := status(lab))["policy"]["registries"] != ["allowed-registry.test", "blocked-registry.test"]:
+        assert time.monotonic() < deadline, result["policy"]
+        time.sleep(0.1)
+    assert any("exempt from host scope by its cgroup" in note for note in result["notes"])
+    assert lab.connect(NET4, 8443)[0] == "refused"
+
+
+def test_up_while_the_daemon_runs_refuses_and_keeps_the_dns_hold(daemon_lab):
+    """Issue #9, 8: `ramfw up` re-applied the table with no DNS hold rules: the daemon ran on and
+    never learned again."""
+    lab = daemon_lab
+    result = lab.ramfw("up", "--config", lab.config)
+    assert result.returncode == 5 and "ramfw reload" in result.stderr
+    forget(lab, ALLOWED4)
+    assert address_of(lab.resolve("allowed-registry.test")) == ALLOWED4
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+
+
 def test_containers_scope_filters_forwarded_traffic(lab, write_config, write_policy):
     """Traffic the vm forwards from a container bridge, as buildx's docker-container driver makes."""
     container = lab.add_container()

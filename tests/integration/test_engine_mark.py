@@ -1,4 +1,5 @@
-"""Engine scope: the sock_create program marks the sockets of one cgroup's processes only."""
+"""Engine scope: the sock_create program marks the sockets of the engine's cgroups' processes
+only, and whether a cgroup is marked is what the kernel says."""
 
 import os
 import subprocess
@@ -62,12 +63,14 @@ def test_hand_assembled_program_marks_only_the_engine_cgroup(lab, write_config, 
     lab.serve_tcp([ALLOWED4, BLOCKED4], [443])
     assert lab.ramfw("up", "--config", write_config()).returncode == 0
     bpffs = tmp_path / "bpffs"  # a private bpffs, unmounted after: the host's is not touched
-    engine_mark = engine.EngineMark(str(cgroup), MARK, bpffs=bpffs, state_file=tmp_path / "engine.cgroup")
+    engine_mark = engine.EngineMark(MARK, bpffs=bpffs, state_file=tmp_path / "engine.cgroup")
     try:
-        engine_mark.apply()
+        engine_mark.load()
+        assert engine_mark.attach(str(cgroup)) and not engine_mark.attach(str(cgroup))
         assert run_in(lab, cgroup, BLOCKED4) == "refused", "the engine's sockets are marked and filtered"
         assert run_in(lab, None, BLOCKED4) == "connected", "other processes are untouched"
-        engine_mark.apply()  # a restart: new program attached before the old one is detached
+        engine_mark.load()  # a restart: new program attached before the old one is detached
+        assert engine_mark.attached(str(cgroup)) and bpf.attached_ids(str(cgroup)) == [engine_mark.program_id]
         assert run_in(lab, cgroup, BLOCKED4) == "refused"
     finally:
         engine_mark.remove()
@@ -80,12 +83,40 @@ def test_bcc_loader_marks_the_same_way(lab, write_config, tmp_path, cgroup, bcc_
     lab.serve_tcp([BLOCKED4], [443])
     assert lab.ramfw("up", "--config", write_config()).returncode == 0
     bpffs = tmp_path / "bpffs"
-    engine_mark = engine.EngineMark(str(cgroup), MARK, bpffs=bpffs, state_file=tmp_path / "engine.cgroup", use_bcc=True)
+    engine_mark = engine.EngineMark(MARK, bpffs=bpffs, state_file=tmp_path / "engine.cgroup", use_bcc=True)
     try:
-        engine_mark.apply()
+        engine_mark.load()
+        engine_mark.attach(str(cgroup))
         assert run_in(lab, cgroup, BLOCKED4) == "refused"
         assert run_in(lab, None, BLOCKED4) == "connected"
     finally:
         engine_mark.remove()
         subprocess.run(["umount", str(bpffs)], check=False)
     assert run_in(lab, cgroup, BLOCKED4) == "connected"
+
+
+def test_every_engine_cgroup_is_marked_and_a_cgroup_made_again_is_not_until_marked_again(lab, write_config,
+                                                                                          tmp_path, cgroup):
+    """Issue #9, 1 and 3: dockerd and containerd in two cgroups, both marked; and systemd's
+    restart (remove the cgroup, make it again) leaves the new one unmarked, which the kernel
+    says (BPF_PROG_QUERY) rather than a flag set once."""
+    lab.serve_tcp([BLOCKED4], [443])
+    assert lab.ramfw("up", "--config", write_config()).returncode == 0
+    second = lab.cgroup("containerd")
+    bpffs = tmp_path / "bpffs"
+    engine_mark = engine.EngineMark(MARK, bpffs=bpffs, state_file=tmp_path / "engine.cgroup")
+    try:
+        engine_mark.load()
+        for path in (cgroup, second):
+            engine_mark.attach(str(path))
+        assert [run_in(lab, path, BLOCKED4) for path in (cgroup, second)] == ["refused", "refused"]
+        second.rmdir()
+        second.mkdir()  # as systemd does on `systemctl restart containerd`
+        assert not engine_mark.attached(str(second))
+        assert run_in(lab, second, BLOCKED4) == "connected", "the made-again cgroup lost the program"
+        assert engine_mark.attach(str(second)) and run_in(lab, second, BLOCKED4) == "refused"
+        assert sorted(engine_mark.cgroups()) == sorted([str(cgroup), str(second)])
+    finally:
+        engine_mark.remove()
+        subprocess.run(["umount", str(bpffs)], check=False)
+    assert bpf.attached_ids(str(second)) == [] and bpf.attached_ids(str(cgroup)) == []

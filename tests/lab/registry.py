@@ -9,8 +9,8 @@ host, with certificates from a throw-away CA:
     blobs.redirect-cdn.test                       203.0.113.30         ... this CDN host
     /files/<name> on every host                                        for Dockerfile ADD <url>
 
-"The VM" runs dockerd in a cgroup of its own (the engine cgroup), in a private mount
-namespace that sees the test CA, a resolv.conf pointing at the test DNS server and its own
+"The VM" runs containerd and dockerd as a stock systemd install does, each in a cgroup of its
+own (containerd.service, docker.service), dockerd in a private mount namespace that sees the test CA, a resolv.conf pointing at the test DNS server and its own
 /etc/hosts. Nothing is installed on, or left behind on, the host.
 """
 
@@ -32,10 +32,9 @@ import subprocess
 import tarfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
-from .sandbox import ALLOWED4, BLOCKED4, CDN4, NET4, Lab
+from .sandbox import ALLOWED4, BLOCKED4, CDN4, NET4, Lab, remove_cgroup
 
 REDIRECT4 = "203.0.113.40"
 HOSTS = {
@@ -216,11 +215,30 @@ class RegistryLab:
         self.lab.net.run("skopeo", "copy", "--quiet", "--format", "v2s2", "--dest-tls-verify=false", f"oci:{layout}:1",
                          f"docker://127.0.0.1:5000/{IMAGE}")
 
-    # -- the VM: dockerd in the engine cgroup ---------------------------------------------
-    def start_dockerd(self, cgroup2: str) -> Path:
-        """dockerd in a cgroup of its own; returns that cgroup's directory."""
-        self.cgroup = Path(cgroup2) / f"ramfw-sbx-engine-{uuid.uuid4().hex[:8]}"
-        self.cgroup.mkdir()
+    # -- the VM: containerd and dockerd, two services in two cgroups ------------------------
+    def start_engine(self) -> tuple[Path, Path]:
+        """containerd and dockerd as a stock systemd install runs them: two processes, each in
+        a cgroup of its own (containerd.service, docker.service), dockerd told where containerd
+        listens. Returns (dockerd's cgroup, containerd's cgroup)."""
+        root = self.dir / "vm"
+        root.mkdir(parents=True, exist_ok=True)
+        self.containerd_cgroup = self.lab.cgroup("containerd.service")
+        (root / "containerd.toml").write_text("version = 2\n")
+        self.containerd_socket = root / "containerd.sock"
+        self.containerd = self.lab.vm.popen(
+            "containerd", "--config", str(root / "containerd.toml"), "--root", str(root / "containerd"),
+            "--state", str(root / "containerd-state"), "--address", str(self.containerd_socket),
+            "--log-level", "error", stdout=subprocess.DEVNULL, stderr=open(root / "containerd.log", "wb"),
+            preexec_fn=_enter(self.containerd_cgroup))
+        self.lab.processes.append(self.containerd)
+        _wait(lambda: self.containerd_socket.exists() or self.containerd.poll() is not None, "containerd")
+        self.cgroup = self.lab.cgroup("docker.service")
+        self.start_dockerd()
+        return self.cgroup, self.containerd_cgroup
+
+    def start_dockerd(self) -> None:
+        """dockerd in docker.service's cgroup, in a private mount namespace that sees the lab's
+        CA, resolv.conf and hosts; returns once it answers."""
         root = self.dir / "vm"
         etc_docker = root / "etc-docker"
         for host in [*HOSTS, HOSTS_FILE_ONLY, BLOCKED4]:
@@ -241,47 +259,46 @@ class RegistryLab:
         script = "; ".join(f"mount --bind {src} {dst}" for src, dst in mounts)
         script += (f"; exec nsenter --net={self.lab.vm.path} dockerd --data-root {root}/data "
                    f"--exec-root {root}/exec --pidfile {root}/docker.pid -H unix://{self.socket} "
+                   f"--containerd {self.containerd_socket} "
                    "--storage-driver=vfs --iptables=false --ip-masq=false --bridge=none "
                    "--userland-proxy=false --log-level=error")
-        cgroup_procs = self.cgroup / "cgroup.procs"
-
-        def enter_cgroup():
-            cgroup_procs.write_text(str(os.getpid()))
-
         self.dockerd = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                                        preexec_fn=enter_cgroup, stdout=subprocess.DEVNULL,
-                                        stderr=open(root / "dockerd.log", "wb"))
+                                        preexec_fn=_enter(self.cgroup), stdout=subprocess.DEVNULL,
+                                        stderr=open(root / "dockerd.log", "ab"))
         _wait(lambda: self.docker("version", check=False).returncode == 0 or self.dockerd.poll() is not None,
               "dockerd", timeout=60)
         if self.dockerd.poll() is not None:
             raise RuntimeError(f"dockerd exited: {(root / 'dockerd.log').read_text()[-2000:]}")
-        return self.cgroup
+
+    def restart_dockerd(self) -> None:
+        """`systemctl restart docker` as systemd does it: stop, remove the cgroup, make it again, start."""
+        self.stop_dockerd()
+        remove_cgroup(self.cgroup)
+        self.cgroup.mkdir()
+        self.start_dockerd()
+
+    def stop_dockerd(self) -> None:
+        if self.dockerd is not None and self.dockerd.poll() is None:
+            self.dockerd.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.dockerd.wait(20)
 
     def docker(self, *args: str, check: bool = True, timeout: float = 120, **env) -> subprocess.CompletedProcess:
         return subprocess.run(["docker", "-H", f"unix://{self.socket}", *args], capture_output=True, text=True,
                               check=check, timeout=timeout, env={**os.environ, **env})
 
     def close(self) -> None:
-        if self.dockerd is not None and self.dockerd.poll() is None:
-            self.dockerd.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.dockerd.wait(20)
-        if self.cgroup is not None and self.cgroup.exists():
-            for _ in range(50):
-                pids = (self.cgroup / "cgroup.procs").read_text().split()
-                if not pids:
-                    break
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
-                time.sleep(0.1)
-            with contextlib.suppress(OSError):
-                self.cgroup.rmdir()
+        self.stop_dockerd()  # the lab kills containerd and removes both cgroups
         for server in self.fronts:
             with contextlib.suppress(Exception):
                 server.shutdown()
                 server.server_close()
         shutil.rmtree(self.dir / "vm", ignore_errors=True)
+
+
+def _enter(cgroup: Path):
+    """A preexec_fn that puts the child in ``cgroup`` before it executes."""
+    return lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
 
 def _wait(ready, what: str, timeout: float = 20) -> None:

@@ -156,6 +156,7 @@ class Lab:
         self.namespaces: list[Netns] = []
         self.servers: list[TcpServers] = []
         self.processes: list[subprocess.Popen] = []
+        self.cgroups: list[Path] = []
         try:
             self.vm = self._ns("vm")
             self.net = self._ns("net")
@@ -216,15 +217,17 @@ class Lab:
             time.sleep(0.05)
         raise RuntimeError("dnsmasq did not start listening")
 
-    def start_daemon(self, config: str, *args: str, wait: float = 20) -> subprocess.Popen:
+    def start_daemon(self, config: str, *args: str, wait: float = 20, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
         """`ramfw daemon` in the vm namespace; returns once its control socket answers."""
         from ramfw import config as config_mod
         from ramfw.daemon.control import answers
 
         # Its log goes to a file: a pipe nobody reads would stall the daemon once it filled.
         log = tempfile.TemporaryFile()
-        proc = self.vm.popen(*RAMFW, "daemon", "--config", config, *args, cwd=str(ROOT),
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+        cgroup = self.cgroup("daemon")  # a cgroup of its own, as systemd gives a service
+        proc = self.vm.popen(*prefix, *RAMFW, "daemon", "--config", config, *args, cwd=str(ROOT),
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+                             preexec_fn=cgroup and (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))))
         proc.log = log
         self.processes.append(proc)
         loaded = config_mod.load(config)
@@ -237,6 +240,18 @@ class Lab:
                 raise RuntimeError(f"the daemon did not answer within {wait} s")
             time.sleep(0.05)
         return proc
+
+    def cgroup(self, role: str) -> Path | None:
+        """A new cgroup v2 directory, removed by ``close`` (None where no cgroup v2 is mounted)."""
+        from ramfw.kernel.bpf import cgroup2_mount
+
+        mount = cgroup2_mount()
+        if mount is None:
+            return None
+        path = Path(mount) / f"ramfw-sbx-{os.getpid()}-{len(self.cgroups)}-{role}"
+        path.mkdir()
+        self.cgroups.append(path)
+        return path
 
     def resolve(self, name: str, rdtype: str = "A", server: str = NET4, tcp: bool = False,
                 payload: int | None = None, port: int = 53, source: Netns | None = None):
@@ -297,3 +312,21 @@ class Lab:
                 servers.close()
         for ns in reversed(self.namespaces):
             ns.delete()
+        for cgroup in self.cgroups:
+            remove_cgroup(cgroup)
+
+
+def remove_cgroup(path: Path) -> None:
+    """Kill what is left in a test's cgroup, then remove it (a cgroup with a process cannot be)."""
+    for _ in range(50):
+        try:
+            pids = (path / "cgroup.procs").read_text().split()
+        except OSError:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            path.rmdir()
+            return
+        time.sleep(0.1)
