@@ -17,7 +17,7 @@ from . import record as record_mod
 from .config import Config
 from .daemon import control
 from .errors import DaemonError, PolicyError, require_root
-from .kernel import engine, probes, ruleset
+from .kernel import engine, links, probes, ruleset
 from .kernel.table import Table
 from .policy import Policy
 from .policy import source as policy_source
@@ -44,6 +44,7 @@ def up(config: Config, policy_path: str | None = None, report: probes.Report | N
     trusted = resolvers.trusted(config.dns.trusted_resolvers)
     if policy.enabled:
         table.apply(render(config, trusted), hold_rules=[])
+        table.set_container_bridges(links.container_bridges(links.dump()))  # as they are now: no daemon follows
     else:
         table.remove()
     record = record_mod.build(config, policy, source, trusted, report.to_dict())

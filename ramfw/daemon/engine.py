@@ -135,14 +135,38 @@ class EngineScope:
         }
         return self.widened != before
 
-    def own_traffic(self) -> tuple[list[bytes], str]:
+    @property
+    def scope_in_force(self) -> tuple[str, ...]:
+        """The configured scope, widened to host scope (on the registry ports) while engine
+        scope cannot be trusted."""
+        scope = self.config.enforcement.scope
+        return scope + ("host",) if self.widened and "host" not in scope else scope
+
+    def say_scope(self) -> None:
+        if self.widened:
+            log.warning("engine scope cannot be trusted (%s): host scope is in force on the registry ports "
+                        "until it can (fail closed)", self.widened)
+        elif self.wanted:
+            log.info("engine scope is in force on: %s", ", ".join(r["path"] for r in self.state.get("cgroups", []))
+                     or "(no engine running yet)")
+
+    def exempt_own_traffic(self, table, url_source) -> str:
         """Host scope covers every local process: ramfw's own connections (policy polls) pass by
-        its cgroup, where it has one of its own. The rules, and what they do (or why none)."""
+        its cgroup, where it has one of its own. Says what was done, or why not."""
         where = self.mount or bpf.cgroup2_mount()
         own = engine.own_cgroup(where) if where else "no cgroup v2 hierarchy is mounted"
         if isinstance(own, str):
-            return [], f"not exempt from host scope: {own}"
-        return nft.own_traffic_rules(*own), "exempt from host scope by its cgroup"
+            done = f"not exempt from host scope: {own}"
+        else:
+            try:
+                table.set_own_traffic(nft.own_traffic_rules(*own))
+                done = "exempt from host scope by its cgroup"
+            except OSError as err:
+                done = f"not exempt from host scope: the kernel refused the socket cgroupv2 match ({err})"
+        if done.startswith("not") and url_source is not None:
+            log.warning("ramfw's own connections are %s; its policy source %s must be allowlisted or its polls "
+                        "are blocked", done, url_source.url)
+        return done
 
     def close(self) -> None:
         if self.watch is not None:

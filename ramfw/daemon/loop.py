@@ -29,7 +29,8 @@ from pathlib import Path
 from .. import record
 from ..config import Config
 from ..errors import NftablesError, RamfwError, ResourceBusy, require_root
-from ..kernel import nft, probes, ruleset
+from ..kernel import links, nft, probes, ruleset
+from ..kernel.links import LinkWatch
 from ..kernel.nflog import Log
 from ..kernel.queue import NF_ACCEPT, NF_DROP, Queue
 from ..kernel.ruleset import Hold
@@ -96,11 +97,12 @@ class Daemon:
             self.snoop = _bind(Log, self.config.dns.snoop_group, "NFLOG group", "dns.snoop_group")
         if self.report.has("nflog"):
             self.blocks = _bind(Log, self.config.enforcement.nflog_group, "NFLOG group", "enforcement.nflog_group")
+        self.links = LinkWatch()  # before the ruleset: no bridge made meanwhile is missed
         self.engine = EngineScope(self.config, self.report)
         self.engine.start()  # before the ruleset: it must know whether engine scope can be trusted
         self.own_traffic = "not needed"
         self.apply()
-        self._say_scope()
+        self.engine.say_scope()
         self._seed_from_kernel()
         warm_up()
         self.control.open()
@@ -112,10 +114,7 @@ class Daemon:
 
     @property
     def scope(self) -> tuple[str, ...]:
-        """The scope in force: the configured one, widened to host scope (on the registry
-        ports) while engine scope cannot be trusted."""
-        scope = self.config.enforcement.scope
-        return scope + ("host",) if self.engine.widened and "host" not in scope else scope
+        return self.engine.scope_in_force
 
     def apply(self) -> None:
         """Apply the whole ruleset, with the DNS hold this kernel allows."""
@@ -127,34 +126,22 @@ class Daemon:
                                         d.snoop_group)
             settings = dataclasses.replace(e, scope=self.scope)
             self.table.apply(ruleset.build_ruleset(settings, self.trusted, d.max_addresses, self.hold), hold_rules)
+            self._on_links()
             if "host" in self.scope:
-                self._exempt_own_traffic()
+                self.own_traffic = self.engine.exempt_own_traffic(self.table, self.url_source)
         record.write(self.config, record.build(self.config, self.policy, self.source, self.trusted,
                                                self.report.to_dict(), daemon_pid=os.getpid()))
-
-    def _exempt_own_traffic(self) -> None:
-        rules, self.own_traffic = self.engine.own_traffic()
-        if rules:
-            try:
-                self.table.set_own_traffic(rules)
-            except OSError as err:
-                self.own_traffic = f"not exempt from host scope: the kernel refused the socket cgroupv2 match ({err})"
-        if self.own_traffic.startswith("not") and self.url_source is not None:
-            log.warning("ramfw's own connections are %s; its policy source %s must be allowlisted or its polls "
-                        "are blocked", self.own_traffic, self.url_source.url)
-
-    def _say_scope(self) -> None:
-        if self.engine.widened:
-            log.warning("engine scope cannot be trusted (%s): host scope is in force on the registry ports "
-                        "until it can (fail closed)", self.engine.widened)
 
     def _check_engine(self) -> None:
         """Mark what the engine runs in now; widen or narrow the scope when that changed."""
         if self.engine.check():
             self.apply()
-            if not self.engine.widened:
-                log.info("engine scope is marked again: host scope on the registry ports is lifted")
-            self._say_scope()
+            self.engine.say_scope()
+
+    def _on_links(self) -> None:
+        """Links changed (a container network made, a port added): the container bridges again."""
+        self.links.drain()
+        self.table.set_container_bridges(links.container_bridges(links.dump()))
 
     def _on_cgroups(self) -> None:
         """A cgroup was made or removed beside the engine's: an engine restart, mark it now."""
@@ -184,6 +171,7 @@ class Daemon:
             sel.register(self.snoop.sock, selectors.EVENT_READ, self._on_snoop)
         if self.blocks:
             sel.register(self.blocks.sock, selectors.EVENT_READ, self._on_block)
+        sel.register(self.links.sock, selectors.EVENT_READ, self._on_links)
         if self.engine.watch is not None:
             sel.register(self.engine.watch.fd, selectors.EVENT_READ, self._on_cgroups)
         for listener in self.control.listeners():
@@ -386,7 +374,8 @@ class Daemon:
         self.errors.append(text)
 
     def close(self) -> None:
-        for thing in (self.queue, self.snoop, self.blocks, self.prefilter, getattr(self, "engine", None)):
+        for thing in (self.queue, self.snoop, self.blocks, self.prefilter, getattr(self, "engine", None),
+                      getattr(self, "links", None)):
             if thing is not None:
                 thing.close()
         self.control.close()

@@ -7,10 +7,11 @@ the process that applied it exits or dies (registry egress fails closed), and on
 
 Layout::
 
-    output   (hook output)   established/related, loopback -> accept; own_traffic; in scope -> registry
+    output   (hook output)   established/related, loopback, container bridges -> accept; own_traffic;
+                             in scope -> registry
     own_traffic              ramfw's own connections (its cgroup, by id) -> accept; its rules
                              are ``nft.own_traffic_rules``, swapped in like the DNS chains'.
-    forward  (hook forward)  established/related -> accept; in scope -> registry
+    forward  (hook forward)  established/related, container bridges -> accept; in scope -> registry
     registry                 DNS to trusted resolvers, @allow4/@allow6 -> accept;
                              otherwise log to NFLOG, count, reject (enforce) or accept (audit)
     dns_input, dns_forward   (hooks input, forward, priority -150) the DNS hold rules, which
@@ -31,6 +32,7 @@ ALLOW = {4: "allow4", 6: "allow6"}
 PENDING = {4: "pending4", 6: "pending6"}
 PENDING_TIMEOUT = 3  # seconds: covers one SYN retransmission (1 s) with room to spare
 RESOLVERS = {4: "resolvers4", 6: "resolvers6"}
+CONTAINER_BRIDGES = "container_bridges"  # bridges whose ports are all veths or taps (``links``)
 COUNTERS = ("blocked", "audited", "accepted", "deferred")
 LOG_PREFIX = "ramfw "
 SET_TYPES = {4: "ipv4_addr", 6: "ipv6_addr"}
@@ -82,6 +84,7 @@ def _payload(protocol: str, field: str) -> dict:
 
 _ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
 _TCP_UDP = _match(_meta("l4proto"), {"set": ["tcp", "udp"]})
+_TO_CONTAINERS = [_match(_meta("oifname"), "@" + CONTAINER_BRIDGES), {"accept": None}]  # stays on this VM
 _ACCEPT = {"accept": None}
 
 
@@ -151,6 +154,7 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         cmds.append({"add": {"set": {**t, "name": PENDING[version], "type": SET_TYPES[version],
                                      "flags": ["timeout"], "timeout": PENDING_TIMEOUT,
                                      "size": 65536}}})
+    cmds.append({"add": {"set": {**t, "name": CONTAINER_BRIDGES, "type": "ifname"}}})
     cmds += build_resolvers(settings.table, resolvers)["nftables"]
     for counter in COUNTERS:
         cmds.append({"add": {"counter": {**t, "name": counter}}})
@@ -163,9 +167,9 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         cmds.append({"add": {"chain": {**t, "name": chain, "type": "filter", "hook": hook,
                                        "prio": DNS_PRIORITY, "policy": "accept"}}})
     rules: dict[str, list[list[dict]]] = {
-        "output": [[_ESTABLISHED, _ACCEPT], [_match(_meta("oif"), "lo"), _ACCEPT],
+        "output": [[_ESTABLISHED, _ACCEPT], [_match(_meta("oif"), "lo"), _ACCEPT], _TO_CONTAINERS,
                    [{"jump": {"target": OWN_CHAIN}}]] + _in_scope_rules(settings, "output"),
-        "forward": [[_ESTABLISHED, _ACCEPT]] + _in_scope_rules(settings, "forward"),
+        "forward": [[_ESTABLISHED, _ACCEPT], _TO_CONTAINERS] + _in_scope_rules(settings, "forward"),
         "registry": [
             [_TCP_UDP, _match(_payload("th", "dport"), 53),
              _match(_payload("ip", "daddr"), "@" + RESOLVERS[4]), _ACCEPT],
@@ -190,6 +194,13 @@ def build_resolvers(table: str, resolvers: Iterable[str]) -> dict:
         if addresses:
             cmds.append({"add": {"element": {**t, "name": RESOLVERS[version], "elem": addresses}}})
     return {"nftables": cmds}
+
+
+def build_container_bridges(table: str, names: Iterable[str]) -> dict:
+    """Replace the container bridges: traffic routed onto them stays on this VM."""
+    ref = {"family": FAMILY, "table": table, "name": CONTAINER_BRIDGES}
+    names = sorted(set(names))
+    return {"nftables": [{"flush": {"set": ref}}] + ([{"add": {"element": {**ref, "elem": names}}}] if names else [])}
 
 
 def build_remove(table: str) -> dict:

@@ -17,8 +17,8 @@ from typing import Iterable, Iterator
 from ..errors import NftablesError
 from ..snoop.snooper import Element
 from . import netlink, nft
-from .ruleset import (DNS_CHAINS, FAMILY, OWN_CHAIN, RESOLVERS, Learned, TableState, build_delete_elements, build_remove,
-                      build_resolvers, parse_state)
+from .ruleset import (DNS_CHAINS, FAMILY, OWN_CHAIN, RESOLVERS, Learned, TableState, build_container_bridges,
+                      build_delete_elements, build_remove, build_resolvers, parse_state)
 
 CACHE_BYTES = 16 << 20  # the element batches kept for replies seen again
 
@@ -65,6 +65,9 @@ class Table:
         with netlink.open_socket() as sock:
             sock.send(nft.build_rules_batch(FAMILY, self.name, chain, rules, replace=True))
             netlink.wait_acks(sock, len(rules) + 1, "DNS hold rule")
+
+    def set_container_bridges(self, names: Iterable[str]) -> None:
+        self.run(build_container_bridges(self.name, names))
 
     def set_resolvers(self, resolvers: Iterable[str]) -> None:
         self.run(build_resolvers(self.name, resolvers))

@@ -180,8 +180,9 @@ class Lab:
         self.namespaces.append(ns)
         return ns
 
-    def add_container(self) -> Netns:
-        """A "container" behind the vm, whose traffic the vm forwards (as a container bridge does)."""
+    def add_container(self, bridge: str | None = None) -> Netns:
+        """A "container" behind the vm, whose traffic the vm forwards: on a veth routed by the
+        vm, or, with ``bridge``, on a bridge of that name holding the veth (as docker0 does)."""
         container = self._ns("ctr")
         inside, outside = f"rfc{os.getpid() % 100000}", f"rfb{os.getpid() % 100000}"
         run("ip", "link", "add", inside, "netns", container.name, "type", "veth", "peer", "name", outside,
@@ -189,7 +190,11 @@ class Lab:
         container.run("ip", "addr", "add", f"{CONTAINER4}/24", "dev", inside)
         container.run("ip", "link", "set", inside, "up")
         container.run("ip", "route", "add", "default", "via", BRIDGE4)
-        self.vm.run("ip", "addr", "add", f"{BRIDGE4}/24", "dev", outside)
+        if bridge is not None:
+            self.vm.run("ip", "link", "add", bridge, "type", "bridge")
+            self.vm.run("ip", "link", "set", outside, "master", bridge)
+            self.vm.run("ip", "link", "set", bridge, "up")
+        self.vm.run("ip", "addr", "add", f"{BRIDGE4}/24", "dev", bridge or outside)
         self.vm.run("ip", "link", "set", outside, "up")
         self.vm.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         self.net.run("ip", "route", "add", "198.51.100.0/24", "via", VM4)

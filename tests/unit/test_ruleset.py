@@ -32,14 +32,16 @@ def test_allowed_sets_have_timeouts_and_a_size():
     assert sets["allow4"]["flags"] == ["timeout"] and sets["allow4"]["size"] == 1234
 
 
-def test_output_chain_order_established_loopback_own_traffic_then_scope():
+def test_output_chain_order_established_loopback_containers_own_traffic_then_scope():
     out = rules(ruleset.build_ruleset(BASE, [], 10), "output")
     assert out[0][0]["match"]["left"] == {"ct": {"key": "state"}} and out[0][-1] == {"accept": None}
     assert out[1][0]["match"] == {"op": "==", "left": {"meta": {"key": "oif"}}, "right": "lo"}
-    assert out[2] == [{"jump": {"target": ruleset.OWN_CHAIN}}]
-    assert out[3] == [{"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, BASE.mark_mask]},
+    assert out[2] == [{"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "@container_bridges"}},
+                      {"accept": None}]
+    assert out[3] == [{"jump": {"target": ruleset.OWN_CHAIN}}]
+    assert out[4] == [{"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, BASE.mark_mask]},
                                  "right": BASE.mark}}, {"jump": {"target": "registry"}}]
-    assert len(out) == 4
+    assert len(out) == 5
 
 
 def test_the_own_traffic_chain_is_made_but_never_flushed_by_the_json_transaction():
@@ -140,3 +142,12 @@ def test_the_dns_chains_exist_and_their_rules_are_left_to_the_hold_transaction()
         assert set(ruleset.DNS_CHAINS) <= chains
         assert flushed == {"output", "forward", "registry"}
         assert all(rules(doc, chain) == [] for chain in ruleset.DNS_CHAINS)
+
+
+def test_container_bridges_are_bridges_whose_ports_are_all_veths_or_taps():
+    from ramfw.kernel import links
+
+    found = [(1, "lo", "", 0), (2, "docker0", "bridge", 0), (3, "veth1", "veth", 2), (4, "veth2", "veth", 2),
+             (5, "br0", "bridge", 0), (6, "eth0", "", 5), (7, "vm-br", "bridge", 0), (8, "tap0", "tun", 7),
+             (9, "br-empty", "bridge", 0), (10, "bond-br", "bridge", 0), (11, "bond0", "bond", 10)]
+    assert links.container_bridges(found) == ["br-empty", "docker0", "vm-br"]
