@@ -84,9 +84,11 @@ def status(config: Config) -> dict:
                                  f"{result['policy']['organization']} has registryAccess.enabled false")
         elif result["enforcing"] and result["engine"].get("widened"):
             result["degraded"] = True
+            widened = "host" in result["scope_in_force"]
             result["message"] = (f"ramfw is enforcing in {result['mode']} mode, but NOT as configured: engine scope "
-                                 f"cannot be trusted ({result['engine']['widened']}), so host scope is in force on "
-                                 "the registry ports (fail closed)")
+                                 f"cannot be trusted ({result['engine']['widened']}), " +
+                                 ("so host scope is in force on the registry ports (fail closed)" if widened else
+                                  "and putting host scope in force failed: see the errors below"))
         elif result["enforcing"]:
             result["message"] = f"ramfw is enforcing in {result['mode']} mode"
         else:

@@ -35,9 +35,14 @@ def read_line(conn: socket.socket, limit: int = 65536) -> str:
     return data.decode(errors="replace").strip()
 
 
+def peer_cred(conn: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the other end, as the kernel recorded it (SO_PEERCRED)."""
+    pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid
+
+
 def peer_uid(conn: socket.socket) -> int:
-    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return uid
+    return peer_cred(conn)[1]
 
 
 class ControlServer:
@@ -57,6 +62,10 @@ class ControlServer:
         except OSError:
             self.lock.close()
             self.lock = None
+            holder = _holder(abstract_address(self.config))
+            if holder and holder[1] != 0:
+                raise DaemonError(f"the daemon's address in this network namespace is held by pid {holder[0]} "
+                                  f"(uid {holder[1]}), not by a ramfw daemon: stop that process") from None
             raise DaemonError("another ramfw daemon is running in this network namespace "
                               "(`ramfw status` talks to it)") from None
         self.lock.listen(16)
@@ -115,6 +124,9 @@ def request(config: Config, command: str, timeout: float = 5.0) -> dict:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(timeout)
                 sock.connect(address)
+                if peer_uid(sock) != 0:  # a squatter on the address, not the daemon (which runs as root)
+                    failures.append(f"{address!r} is held by uid {peer_uid(sock)}, not by the ramfw daemon")
+                    continue
                 sock.sendall(json.dumps({"command": command}).encode() + b"\n")
                 return json.loads(read_line(sock, 1 << 26))
         except (OSError, ValueError) as err:
@@ -122,15 +134,21 @@ def request(config: Config, command: str, timeout: float = 5.0) -> dict:
     raise DaemonError(f"the ramfw daemon is not reachable ({config.daemon.socket}: {failures[0]})")
 
 
-def daemon_present(config: Config) -> bool:
-    """A daemon holds this namespace's lock (running, or still starting): connecting to the
-    abstract socket succeeds only while it listens."""
+def _holder(address: str) -> tuple[int, int] | None:
+    """(pid, uid) of whoever listens on ``address``, or None."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
-            sock.connect(abstract_address(config))
+            sock.connect(address)
         except OSError:
-            return False
-    return True
+            return None
+        return peer_cred(sock)
+
+
+def daemon_present(config: Config) -> bool:
+    """A daemon holds this namespace's lock (running, or still starting): it listens on the
+    abstract address, as root (anyone else there is a squatter, not the daemon)."""
+    holder = _holder(abstract_address(config))
+    return holder is not None and holder[1] == 0
 
 
 def answers(config: Config) -> bool:

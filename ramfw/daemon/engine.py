@@ -11,6 +11,7 @@ new one is marked within a second (at once when systemd makes its cgroup again).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -31,6 +32,7 @@ class EngineScope:
         self.mount: str | None = None
         self.private_mount: Path | None = None
         self.widened = ""  # why engine scope cannot be trusted now; empty when it can
+        self._refused: tuple[str, str] = ("", "")  # the own-traffic rules the kernel refused, not retried
         self.state: dict = {"attached": False, "loader": self.loader}
 
     @property
@@ -46,6 +48,12 @@ class EngineScope:
         that one marks), then find and mark the engine."""
         if not self.wanted:
             return
+        try:
+            self._start()
+        except Exception as err:  # noqa: BLE001 - the ruleset must still be applied, fail closed
+            self._cannot(f"starting engine scope failed: {err!r}")
+
+    def _start(self) -> None:
         if not self.report.has("cgroup_bpf"):
             return self._cannot("cgroup eBPF is missing on this kernel")
         self.mount = bpf.cgroup2_mount() or self._mount_private()
@@ -99,15 +107,22 @@ class EngineScope:
             targets[path] = (", ".join(f"{os.path.basename(p.executable)} pid {p.pid}" for p in members), True)
         for path in self.mark.cgroups():  # a cgroup marked before and made again (an engine restart)
             if path not in targets and os.path.isdir(path):
-                targets[path] = ("marked before: the engine's cgroup, made again", False)
+                targets[path] = ("held the engine before: kept marked for its restart", False)
         return targets
 
     def check(self) -> bool:
         """Find the engine, mark every cgroup it is in, and ask the kernel which are marked.
-        True if ``widened`` changed."""
+        True if ``widened`` changed. Whatever fails on the way fails closed."""
         if self.mark is None:
             return False
         before = self.widened
+        try:
+            self._check()
+        except Exception as err:  # noqa: BLE001 - engine scope that cannot be checked is not trusted
+            self._cannot(f"checking engine scope failed: {err!r}")
+        return self.widened != before
+
+    def _check(self) -> None:
         e = self.config.enforcement
         found = engine.discover(self.mount, e.engine_processes, e.engine_executables)
         problems = list(found.problems)
@@ -133,7 +148,6 @@ class EngineScope:
             f"no engine process ({', '.join(e.engine_processes)}) runs in this network namespace yet; "
             "looking every second",
         }
-        return self.widened != before
 
     @property
     def scope_in_force(self) -> tuple[str, ...]:
@@ -150,23 +164,35 @@ class EngineScope:
             log.info("engine scope is in force on: %s", ", ".join(r["path"] for r in self.state.get("cgroups", []))
                      or "(no engine running yet)")
 
-    def exempt_own_traffic(self, table, url_source) -> str:
+    def own_traffic(self) -> tuple[list[bytes], str]:
         """Host scope covers every local process: ramfw's own connections (policy polls) pass by
-        its cgroup, where it has one of its own. Says what was done, or why not."""
+        its cgroup while no other process is in it. The rules (none: no exemption) and what
+        they do."""
+        if "host" not in self.scope_in_force:
+            return [], "not in host scope"
         where = self.mount or bpf.cgroup2_mount()
         own = engine.own_cgroup(where) if where else "no cgroup v2 hierarchy is mounted"
         if isinstance(own, str):
-            done = f"not exempt from host scope: {own}"
-        else:
-            try:
-                table.set_own_traffic(nft.own_traffic_rules(*own))
-                done = "exempt from host scope by its cgroup"
-            except OSError as err:
-                done = f"not exempt from host scope: the kernel refused the socket cgroupv2 match ({err})"
-        if done.startswith("not") and url_source is not None:
+            return [], f"not exempt from host scope: {own}"
+        return nft.own_traffic_rules(*own), "exempt from host scope by its cgroup"
+
+    def exempt_own_traffic(self, table, current: str, url_source) -> str:
+        """Swap the own-traffic rules if what they should be is not ``current`` (checked every
+        second: a process that joins ramfw's cgroup ends the exemption); what is in force."""
+        rules, what = self.own_traffic()
+        if what == current or (what, current) == self._refused:
+            return current
+        try:
+            table.set_own_traffic(rules)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                table.set_own_traffic([])
+            refused = f"not exempt from host scope: the kernel refused the socket cgroupv2 match ({err})"
+            self._refused, what = (what, refused), refused
+        if what.startswith("not exempt") and url_source is not None:
             log.warning("ramfw's own connections are %s; its policy source %s must be allowlisted or its polls "
-                        "are blocked", done, url_source.url)
-        return done
+                        "are blocked", what, url_source.url)
+        return what
 
     def close(self) -> None:
         if self.watch is not None:

@@ -100,7 +100,7 @@ class Daemon:
         self.links = LinkWatch()  # before the ruleset: no bridge made meanwhile is missed
         self.engine = EngineScope(self.config, self.report)
         self.engine.start()  # before the ruleset: it must know whether engine scope can be trusted
-        self.own_traffic = "not needed"
+        self.own_traffic, self.applied_scope = "", ()
         self.apply()
         self.engine.say_scope()
         self._seed_from_kernel()
@@ -114,29 +114,38 @@ class Daemon:
 
     @property
     def scope(self) -> tuple[str, ...]:
-        return self.engine.scope_in_force
+        """The scope the kernel was last given (the engine's state may ask for another)."""
+        return self.applied_scope
 
     def apply(self) -> None:
         """Apply the whole ruleset, with the DNS hold this kernel allows."""
         e, d = self.config.enforcement, self.config.dns
         if not self.policy.enabled:
             self.table.remove()
+            self.applied_scope = ()
         else:
             hold_rules = nft.hold_rules(self.hold, d.queue_num, self.prefilter.prog_fd if self.prefilter else None,
                                         d.snoop_group)
-            settings = dataclasses.replace(e, scope=self.scope)
+            scope = self.engine.scope_in_force
+            settings = dataclasses.replace(e, scope=scope)
             self.table.apply(ruleset.build_ruleset(settings, self.trusted, d.max_addresses, self.hold), hold_rules)
+            self.applied_scope = scope
             self._on_links()
-            if "host" in self.scope:
-                self.own_traffic = self.engine.exempt_own_traffic(self.table, self.url_source)
+            self.own_traffic = self.engine.exempt_own_traffic(self.table, "", self.url_source)
         record.write(self.config, record.build(self.config, self.policy, self.source, self.trusted,
                                                self.report.to_dict(), daemon_pid=os.getpid()))
 
     def _check_engine(self) -> None:
-        """Mark what the engine runs in now; widen or narrow the scope when that changed."""
-        if self.engine.check():
-            self.apply()
+        """Mark what the engine runs in now; widen or narrow the scope when that changed (or
+        when applying it failed before: it is tried again every second)."""
+        changed = self.engine.check()
+        if not self.policy.enabled:
+            return
+        if changed or self.applied_scope != self.engine.scope_in_force:
             self.engine.say_scope()
+            self.apply()
+        else:
+            self.own_traffic = self.engine.exempt_own_traffic(self.table, self.own_traffic, self.url_source)
 
     def _on_links(self) -> None:
         """Links changed (a container network made, a port added): the container bridges again."""

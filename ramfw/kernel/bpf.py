@@ -20,6 +20,7 @@ SOURCE_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"  # the C sour
 BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 2, 3
 BPF_PROG_LOAD, BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_PROG_TEST_RUN = 5, 6, 7, 8, 9, 10
 BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_QUERY = 15, 16
+ATTR_SIZE = 160  # room for every field of union bpf_attr a newer kernel may write back (query.revision, ...)
 BPF_MAP_TYPE_HASH = 1
 BPF_PROG_TYPE_SOCKET_FILTER, BPF_PROG_TYPE_CGROUP_SOCK = 1, 9
 BPF_CGROUP_INET_SOCK_CREATE = 2
@@ -177,7 +178,7 @@ def attached_ids(cgroup: str) -> list[int]:
     try:
         ids = (ctypes.c_uint32 * 64)()
         attr = ctypes.create_string_buffer(struct.pack("<IIIIQI", fd, BPF_CGROUP_INET_SOCK_CREATE, 0, 0,
-                                                       ctypes.addressof(ids), len(ids)).ljust(40, b"\0"))
+                                                       ctypes.addressof(ids), len(ids)).ljust(ATTR_SIZE, b"\0"))
         bpf(BPF_PROG_QUERY, attr)
         count = struct.unpack_from("<I", attr, 24)[0]
         return list(ids[:min(count, len(ids))])

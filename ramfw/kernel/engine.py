@@ -104,9 +104,33 @@ def _members(cgroup: str) -> list[str]:
         return []
 
 
+def _read(path: Path) -> str | None:
+    """A /proc file as text, whatever bytes it holds (a process names itself as it likes:
+    ``prctl(PR_SET_NAME)`` takes any bytes, and needs no privilege); None if it is gone."""
+    try:
+        return path.read_bytes().decode(errors="surrogateescape")
+    except OSError:
+        return None
+
+
+def _effective_uid(status: str) -> int | None:
+    for line in status.splitlines():
+        if line.startswith("Uid:") and len(line.split()) > 2:
+            return int(line.split()[2])
+    return None
+
+
 def discover(mount: str, names: tuple[str, ...], configured_executables: tuple[str, ...] = (),
              proc: Path = Path("/proc"), trusted: dict[tuple[int, int], str] | None = None) -> Discovery:
-    """Every cgroup holding a verified engine process of this network namespace."""
+    """Every cgroup holding a verified engine process of this network namespace.
+
+    A verified engine process runs as root a trusted executable. A root process of this
+    namespace with an engine's name that runs another file is a problem, not ignored: it may be
+    the engine installed where ramfw does not look (snap, k3s, /opt, a LinuxKit service's own
+    root filesystem), and engine scope fails closed until it is named in engine_executables or
+    its cgroup in engine_cgroups. Other processes with an engine's name (not root, or in
+    another network namespace: Docker-in-Docker) are only listed.
+    """
     found = Discovery()
     if trusted is None:
         trusted = trusted_executables(names, configured_executables)
@@ -115,20 +139,24 @@ def discover(mount: str, names: tuple[str, ...], configured_executables: tuple[s
         pid = entry.name
         if not pid.isdigit():
             continue
-        try:
-            comm = (entry / "comm").read_text().strip()
-        except OSError:
-            continue
+        comm = (_read(entry / "comm") or "").strip()
         if comm not in names or _namespace(proc, pid, "net") != own_net:
+            continue
+        status, cgroup = _read(entry / "status"), _read(entry / "cgroup")
+        if status is None or cgroup is None:
+            continue  # gone meanwhile
+        uid = _effective_uid(status)
+        if uid != 0:
+            found.ignored.append(f"pid {pid} ({comm}) runs as uid {uid}, not root: not the engine")
             continue
         executable = _executable(proc, pid, trusted)
         if executable is None:
-            found.ignored.append(f"pid {pid} ({comm}) runs no trusted engine executable")
+            found.problems.append(
+                f"pid {pid} ({comm}) runs as root in this network namespace a file that is not a trusted engine "
+                "executable (if it is your engine, name its file in enforcement.engine_executables or its cgroup "
+                "in enforcement.engine_cgroups)")
             continue
-        try:
-            relative = v2_path((entry / "cgroup").read_text())
-        except OSError:
-            continue
+        relative = v2_path(cgroup)
         if relative is None:
             found.problems.append(f"pid {pid} ({comm}) is in no cgroup v2")
             continue
@@ -147,7 +175,7 @@ def _own_path(mount: str, proc: Path) -> tuple[str, str] | str:
     cgroup namespace /proc shows paths relative to it, and the mounted hierarchy's directory
     of that name does not hold this process."""
     try:
-        relative = v2_path((proc / "self" / "cgroup").read_text())
+        relative = v2_path((proc / "self" / "cgroup").read_bytes().decode(errors="surrogateescape"))
     except OSError as err:
         return f"cannot read its cgroup: {err}"
     if relative is None:
@@ -175,6 +203,8 @@ def own_cgroup(mount: str, proc: Path = Path("/proc")) -> tuple[int, int] | str:
         return "ramfw runs in the root cgroup, shared with every process (run it as a service, in a cgroup of its own)"
     if _members(path) != [str(os.getpid())]:
         return f"ramfw's cgroup {relative} holds other processes too"
+    if any(child.is_dir() for child in Path(path).iterdir()):
+        return f"ramfw's cgroup {relative} has child cgroups (the exemption would cover them)"
     return os.stat(path).st_ino, relative.strip("/").count("/") + 1
 
 
@@ -236,11 +266,18 @@ class EngineMark:
             text = self.state_file.read_text()
         except OSError:
             return []
-        return json.loads(text) if text.startswith("[") else [text]  # a single path: older versions
+        if not text.startswith("["):
+            return [text] if text.startswith("/") else []  # a single path: older versions
+        try:
+            return [c for c in json.loads(text) if isinstance(c, str)]
+        except ValueError:
+            return []  # torn: the daemon marks what it finds again
 
     def _save(self, cgroups: list[str]) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(json.dumps(sorted(set(cgroups))))
+        partial = self.state_file.with_name(self.state_file.name + ".new")
+        partial.write_text(json.dumps(sorted(set(cgroups))))
+        partial.replace(self.state_file)
 
     def load(self) -> None:
         """Load a new program and put it in the pinned one's place, on every cgroup that one

@@ -20,6 +20,7 @@ import pytest
 
 from ramfw import config as config_mod
 from ramfw.kernel.table import Table
+from tests.integration.test_engine_mark import run_in
 from tests.lab.sandbox import ALLOWED4, ALLOWED6, BLOCKED4, CDN4, NET4, NET6, ROGUE_DNS4
 
 MARK = 0x52410000
@@ -475,6 +476,30 @@ def test_host_scope_lets_the_daemons_own_policy_polls_through_and_no_one_else(la
         time.sleep(0.1)
     assert any("exempt from host scope by its cgroup" in note for note in result["notes"])
     assert lab.connect(NET4, 8443)[0] == "refused"
+    # A process that joins the daemon's cgroup ends the exemption (within a second's check).
+    home = next(c for c in reversed(lab.cgroups) if c.name.endswith("-daemon"))
+    lab.processes.append(subprocess.Popen(["sleep", "60"], preexec_fn=lambda: (home / "cgroup.procs").write_text(
+        str(os.getpid()))))
+    deadline = time.monotonic() + 5
+    while not any("holds other processes too" in note for note in status(lab)["notes"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert run_in(lab, home, NET4, 8443) == "refused"
+
+
+def test_a_squatter_on_the_daemons_address_is_named_and_fools_no_one(lab, write_config, write_policy):
+    """An unprivileged process listening on the namespace's abstract address: `ramfw up` is not
+    refused for it, and a daemon that cannot start names it."""
+    write_policy(["allowed-registry.test"])
+    config = write_config()
+    squat = ("import os, socket, time; os.setuid(65534); s = socket.socket(socket.AF_UNIX); "
+             "s.bind('\\0ramfw/ramfw'); s.listen(); print('ready', flush=True); time.sleep(60)")
+    squatter = lab.vm.popen(sys.executable, "-c", squat, stdout=subprocess.PIPE)
+    lab.processes.append(squatter)
+    assert squatter.stdout.readline() == b"ready\n"
+    assert lab.ramfw("up", "--config", config).returncode == 0
+    with pytest.raises(RuntimeError, match=f"held by pid {squatter.pid} \\(uid 65534\\), not by a ramfw daemon"):
+        lab.start_daemon(config)
 
 
 def test_up_while_the_daemon_runs_refuses_and_keeps_the_dns_hold(daemon_lab):

@@ -18,7 +18,7 @@ import socket, sys
 s = socket.socket()
 s.settimeout(3)
 try:
-    s.connect((sys.argv[1], 443))
+    s.connect((sys.argv[1], int(sys.argv[2])))
     print("connected")
 except ConnectionRefusedError:
     print("refused")
@@ -49,12 +49,12 @@ def cgroup():
         path.rmdir()
 
 
-def run_in(lab, cgroup, address):
+def run_in(lab, cgroup, address, port=443):
     """A process in the vm's network namespace, optionally placed in ``cgroup`` before exec."""
     def enter():
         if cgroup is not None:
             (cgroup / "cgroup.procs").write_text(str(os.getpid()))
-    result = subprocess.run(["nsenter", f"--net={lab.vm.path}", sys.executable, "-c", CONNECT, address],
+    result = subprocess.run(["nsenter", f"--net={lab.vm.path}", sys.executable, "-c", CONNECT, address, str(port)],
                             capture_output=True, text=True, preexec_fn=enter, timeout=10)
     return result.stdout.strip()
 

@@ -16,8 +16,9 @@ from tests.integration.test_engine_mark import run_in
 from tests.lab.sandbox import BLOCKED4, NET4, RAMFW, ROOT, remove_cgroup
 
 ENGINE = """
-import ctypes, sys, time
-ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME: what /proc/<pid>/comm says
+import ctypes, os, sys, time
+os.setuid(int(sys.argv[2]))
+ctypes.CDLL(None).prctl(15, bytes.fromhex(sys.argv[1]), 0, 0, 0)  # PR_SET_NAME: what /proc/<pid>/comm says
 print("ready", flush=True)
 time.sleep(3600)
 """
@@ -40,9 +41,10 @@ def engine_lab(lab, write_config, write_policy, tmp_path):
         subprocess.run(["umount", str(lab.bpffs)], capture_output=True)
 
 
-def start_engine(lab, cgroup, name="fakeengine", executable=sys.executable):
+def start_engine(lab, cgroup, name="fakeengine", executable=sys.executable, uid=0):
     """A stand-in engine in ``cgroup``, in the vm's network namespace; returns once it runs."""
-    proc = lab.vm.popen(executable, "-c", ENGINE, name, stdout=subprocess.PIPE,
+    proc = lab.vm.popen(executable, "-c", ENGINE, (name if isinstance(name, bytes) else name.encode()).hex(),
+                        str(uid), stdout=subprocess.PIPE,
                         preexec_fn=lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())))
     lab.processes.append(proc)
     assert proc.stdout.readline() == b"ready\n"
@@ -67,18 +69,53 @@ def test_every_cgroup_of_the_engine_is_found_and_marked(engine_lab):
     assert [run_in(lab, c, BLOCKED4) for c in (docker, containerd, user)] == ["refused", "refused", "connected"]
 
 
-def test_a_process_named_like_the_engine_is_not_marked(engine_lab, tmp_path):
-    """Issue #9, 2: a copy of the engine's executable (as a container's own) is not the engine."""
+def test_a_root_process_named_like_the_engine_running_another_file_is_not_marked_and_not_trusted(engine_lab,
+                                                                                                tmp_path):
+    """Issue #9, 2: a copy of the engine's executable (as a container's own, or an engine
+    installed where ramfw does not look: snap, k3s, /opt) is not the engine: never marked, never
+    moved; and as it may be the real engine, engine scope fails closed until configured."""
     lab = engine_lab
-    impostor = lab.cgroup("impostor")
+    elsewhere = lab.cgroup("elsewhere")
     copy = tmp_path / "python-copy"
     copy.write_bytes(Path(os.path.realpath(sys.executable)).read_bytes())
     copy.chmod(0o755)
-    start_engine(lab, impostor, executable=str(copy))
+    start_engine(lab, elsewhere, executable=str(copy))
     lab.daemon = lab.start_daemon(lab.config)
-    _, result = status(lab)
-    assert result["engine"]["cgroups"] == [] and "runs no trusted engine executable" in result["notes"][-1]
-    assert run_in(lab, impostor, BLOCKED4) == "connected"
+    code, result = status(lab)
+    assert code == 8 and result["engine"]["cgroups"] == [] and "engine_executables" in result["message"]
+    assert run_in(lab, elsewhere, BLOCKED4) == "refused", "caught by host scope, not by a mark"
+    assert run_in(lab, lab.cgroup("user"), BLOCKED4) == "refused"
+
+
+def test_an_unprivileged_user_running_the_engine_file_changes_nothing(engine_lab):
+    """Anyone may run /usr/bin/containerd: as another uid it neither gets its cgroup marked
+    nor puts host scope in force."""
+    lab = engine_lab
+    shared = lab.cgroup("cron.service")
+    start_engine(lab, shared, uid=65534)
+    lab.daemon = lab.start_daemon(lab.config)
+    code, result = status(lab)
+    assert code == 0 and result["engine"]["cgroups"] == [] and result["scope_in_force"] == ["engine"]
+    assert any("uid 65534" in note for note in result["notes"])
+    assert run_in(lab, shared, BLOCKED4) == "connected"
+
+
+def test_a_process_named_with_any_bytes_does_not_blind_discovery(engine_lab):
+    """prctl(PR_SET_NAME) takes any bytes and no privilege: a name that is not UTF-8 made every
+    check raise, at start (no ruleset at all) and after (a restarted engine stayed unmarked)."""
+    lab = engine_lab
+    start_engine(lab, lab.cgroup("poison"), name=b"\xff\xfe", uid=65534)
+    docker = lab.cgroup("docker.service")
+    engine = start_engine(lab, docker)
+    lab.daemon = lab.start_daemon(lab.config)
+    engine.kill()
+    engine.wait()
+    remove_cgroup(docker)
+    docker.mkdir()
+    start_engine(lab, docker)
+    assert run_in(lab, docker, BLOCKED4) == "refused"
+    code, result = status(lab)
+    assert code == 0 and [r["marked"] for r in result["engine"]["cgroups"]] == [True], result["errors"]
 
 
 def test_an_engine_restarted_the_way_systemd_does_is_marked_before_it_can_connect(engine_lab):

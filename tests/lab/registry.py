@@ -37,6 +37,7 @@ from pathlib import Path
 from .sandbox import ALLOWED4, BLOCKED4, CDN4, NET4, Lab, remove_cgroup
 
 REDIRECT4 = "203.0.113.40"
+DOCKER0, POOL = "192.0.2.1/25", "192.0.2.128/25"  # the engine's bridge and its user-defined networks
 HOSTS = {
     "allowed-registry.test": ALLOWED4,
     "blocked-registry.test": BLOCKED4,
@@ -49,9 +50,9 @@ _BLOB = re.compile(r"/v2/.+/blobs/sha256:[0-9a-f]{64}")
 
 
 def tools_missing() -> str | None:
-    for tool in ("dockerd", "docker", "docker-registry", "skopeo", "openssl", "containerd", "runc"):
+    for tool in ("dockerd", "docker", "docker-registry", "skopeo", "openssl", "containerd", "runc", "busybox"):
         if shutil.which(tool) is None:
-            return f"{tool} is not installed (scripts/setup installs docker.io, docker-registry, skopeo)"
+            return f"{tool} is not installed (scripts/setup installs docker.io, docker-registry, skopeo, busybox-static)"
     return None
 
 
@@ -259,9 +260,10 @@ class RegistryLab:
         script = "; ".join(f"mount --bind {src} {dst}" for src, dst in mounts)
         script += (f"; exec nsenter --net={self.lab.vm.path} dockerd --data-root {root}/data "
                    f"--exec-root {root}/exec --pidfile {root}/docker.pid -H unix://{self.socket} "
-                   f"--containerd {self.containerd_socket} "
-                   "--storage-driver=vfs --iptables=false --ip-masq=false --bridge=none "
-                   "--userland-proxy=false --log-level=error")
+                   f"--containerd {self.containerd_socket} --storage-driver=vfs --log-level=error "
+                   # a stock engine: its default bridge, iptables (here iptables-nft) and the userland
+                   # proxy, on documentation addresses; all of it inside the vm's namespace
+                   f"--bip {DOCKER0} --default-address-pool base={POOL},size=28")
         self.dockerd = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                                         preexec_fn=_enter(self.cgroup), stdout=subprocess.DEVNULL,
                                         stderr=open(root / "dockerd.log", "ab"))
@@ -283,9 +285,39 @@ class RegistryLab:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.dockerd.wait(20)
 
-    def docker(self, *args: str, check: bool = True, timeout: float = 120, **env) -> subprocess.CompletedProcess:
-        return subprocess.run(["docker", "-H", f"unix://{self.socket}", *args], capture_output=True, text=True,
-                              check=check, timeout=timeout, env={**os.environ, **env})
+    def docker(self, *args: str, check: bool = True, timeout: float = 120, input: bytes | None = None,
+               **env) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker", "-H", f"unix://{self.socket}", *args], capture_output=True,
+                              text=input is None, input=input, check=check, timeout=timeout, env={**os.environ, **env})
+
+    def import_images(self) -> None:
+        """Runnable images made from the host's files (no registry needed): ``local/busybox``
+        (Debian's busybox-static) and ``local/registry`` (Debian's docker-registry)."""
+        applets = ("sh", "httpd", "wget", "nslookup", "mkdir", "echo", "sleep", "cat")
+        self._import("local/busybox:1", {"bin/busybox": "/bin/busybox"}, {f"bin/{a}": "busybox" for a in applets},
+                     'CMD ["/bin/sh"]')
+        registry = shutil.which("docker-registry")
+        files = {"usr/bin/docker-registry": registry}
+        ldd = subprocess.run(["ldd", registry], capture_output=True, text=True, check=True).stdout
+        for path in re.findall(r"(/\S+\.so[.\d]*)", ldd):
+            files[path.lstrip("/")] = os.path.realpath(path)
+        config = self.dir / "registry-container.yml"
+        config.write_text("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+                          "    rootdirectory: /var/lib/registry\nhttp:\n  addr: :5000\n")
+        files["etc/docker/registry/config.yml"] = str(config)
+        self._import("local/registry:1", files, {},
+                     'CMD ["/usr/bin/docker-registry", "serve", "/etc/docker/registry/config.yml"]')
+
+    def _import(self, name: str, files: dict[str, str], links: dict[str, str], command: str) -> None:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for inside, outside in files.items():
+                tar.add(outside, arcname=inside)
+            for inside, target in links.items():
+                info = tarfile.TarInfo(inside)
+                info.type, info.linkname = tarfile.SYMTYPE, target
+                tar.addfile(info)
+        self.docker("import", "--change", command, "-", name, input=buffer.getvalue())
 
     def close(self) -> None:
         self.stop_dockerd()  # the lab kills containerd and removes both cgroups

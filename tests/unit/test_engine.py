@@ -32,10 +32,12 @@ class World:
     def trusted(self):
         return {(st.st_dev, st.st_ino): str(path) for path in self.bin.iterdir() for st in [os.stat(path)]}
 
-    def process(self, pid, comm, cgroup, exe=None, net=OUR_NET, listed=True, mnt="mnt:[1]"):
+    def process(self, pid, comm, cgroup, exe=None, net=OUR_NET, listed=True, mnt="mnt:[1]", uid=0):
         entry = self.proc / str(pid)
         (entry / "ns").mkdir(parents=True)
-        (entry / "comm").write_text(comm + "\n")
+        (entry / "comm").write_bytes((comm if isinstance(comm, bytes) else comm.encode()) + b"\n")
+        (entry / "status").write_text(f"Name:\tx\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+        comm = comm if isinstance(comm, str) else "x"
         (entry / "cgroup").write_text(cgroup if cgroup.startswith(("0::", "12:")) else f"0::{cgroup}\n")
         os.symlink(exe or self.bin / comm, entry / "exe")
         os.symlink(net, entry / "ns" / "net")
@@ -77,15 +79,33 @@ def test_stock_systemd_install_marks_dockerd_and_containerd_each_in_its_own_serv
     assert not found.problems and not found.ignored
 
 
-def test_a_process_that_calls_itself_dockerd_is_not_the_engine(world):
+def test_a_process_that_calls_itself_dockerd_is_never_marked(world):
     """Issue #9, 2: recognized by the file it runs (device and inode), never by its name: a
-    container's own /usr/bin/dockerd is another file, even where its path reads the same."""
+    container's own /usr/bin/dockerd is another file, even where its path reads the same. It is
+    not marked (nor moved into ramfw's cgroup); as root in this namespace it may be an engine
+    installed elsewhere, so engine scope is not trusted until the configuration says."""
     world.process(10, "dockerd", "/system.slice/docker.service")
     world.process(40, "dockerd", "/system.slice/docker-abc.scope", exe=world.impostors / "dockerd")
-    world.process(41, "dockerd", "/system.slice/docker-abc.scope", exe=world.impostors / "dockerd")
+    world.process(41, "dockerd", "/system.slice/docker-abc.scope", exe=world.impostors / "dockerd", uid=1000)
     found = world.discover()
     assert list(found.cgroups) == [str(world.mount / "system.slice/docker.service")]
-    assert len(found.ignored) == 2 and "pid 40" in found.ignored[0]
+    assert len(found.problems) == 1 and "pid 40" in found.problems[0] and "engine_executables" in found.problems[0]
+    assert found.ignored == ["pid 41 (dockerd) runs as uid 1000, not root: not the engine"]
+
+
+def test_an_unprivileged_process_cannot_make_itself_the_engine(world):
+    """Anyone may run /usr/bin/containerd; only root's counts (an unprivileged one cannot get a
+    cgroup of its choosing marked, nor the root cgroup reported)."""
+    world.process(50, "containerd", "/system.slice/cron.service", uid=65534)
+    found = world.discover()
+    assert found.cgroups == {} and found.problems == [] and "uid 65534" in found.ignored[0]
+
+
+def test_a_name_that_is_not_utf8_is_read_not_raised(world):
+    """A process may name itself any bytes (prctl needs no privilege): discovery goes on."""
+    world.process(60, b"\xff\xfe", "/x.scope")
+    world.process(10, "dockerd", "/system.slice/docker.service")
+    assert list(world.discover().cgroups) == [str(world.mount / "system.slice/docker.service")]
 
 
 def test_an_upgraded_engine_still_running_its_replaced_file_is_trusted_only_in_our_mount_namespace(world):
@@ -94,7 +114,7 @@ def test_an_upgraded_engine_still_running_its_replaced_file_is_trusted_only_in_o
     world.process(11, "dockerd", "/x.scope", exe=gone, mnt="mnt:[99]")
     found = world.discover()
     assert list(found.cgroups) == [str(world.mount / "system.slice/docker.service")]
-    assert "pid 11" in found.ignored[0]
+    assert "pid 11" in found.problems[0]
 
 
 def test_engines_of_other_network_namespaces_are_not_ours(world):
