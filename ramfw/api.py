@@ -9,23 +9,20 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
 
 from . import policy as policy_mod
 from . import record as record_mod
 from .config import Config
 from .daemon import control
 from .errors import DaemonError, PolicyError, require_root
-from .kernel import engine, links, probes, ruleset
+from .daemon.engine import EngineScope
+from .kernel import bpf, engine, links, probes, ruleset
 from .kernel.table import Table
 from .policy import Policy
 from .policy import source as policy_source
 from .snoop import resolvers
-
-
-def render(config: Config, trusted: Iterable[str]) -> dict:
-    return ruleset.build_ruleset(config.enforcement, trusted, config.dns.max_addresses)
 
 
 def up(config: Config, policy_path: str | None = None, report: probes.Report | None = None) -> dict:
@@ -42,12 +39,19 @@ def up(config: Config, policy_path: str | None = None, report: probes.Report | N
     report.check_required()
     table = Table(config.enforcement.table)
     trusted = resolvers.trusted(config.dns.trusted_resolvers)
+    scope = EngineScope(config, report)  # marks the engine as it runs now: no daemon follows it
+    scope.start()
+    scope.close()
     if policy.enabled:
-        table.apply(render(config, trusted), hold_rules=[])
+        table.apply(ruleset.build_ruleset(replace(config.enforcement, scope=scope.scope_in_force), trusted,
+                                          config.dns.max_addresses), hold_rules=[])
         table.set_container_bridges(links.container_bridges(links.dump()))  # as they are now: no daemon follows
     else:
         table.remove()
-    record = record_mod.build(config, policy, source, trusted, report.to_dict())
+    notes = [f"engine scope cannot be trusted ({scope.widened}): host scope is in force on the registry ports"] \
+        if scope.widened else []
+    record = record_mod.build(config, policy, source, trusted, report.to_dict(), scope_in_force=list(scope.scope_in_force))
+    record["notes"] += notes
     record_mod.write(config, record)
     return record
 
@@ -120,7 +124,12 @@ def kernel_status(config: Config) -> dict:
     elif not state.exists:
         result["message"] = "ramfw is not enforcing: no ramfw table in this network namespace"
     else:
+        unmarked = _unmarked_engine(config)
         result["message"] = f"ramfw is enforcing in {state.mode} mode"
+        if unmarked:
+            result["degraded"] = True
+            result["message"] += (f", but NOT as configured: {unmarked}; no daemon runs to mark it "
+                                  "(start `ramfw daemon`)")
         result["mode"] = state.mode
         result["counters"] = {k: v["packets"] for k, v in (state.counters or {}).items()}
         learned: dict[str, list] = {}
@@ -133,6 +142,29 @@ def kernel_status(config: Config) -> dict:
         result.update(policy=record["policy"], scope=record["scope"], capabilities=record["capabilities"],
                       notes=record["notes"], dns_hold="none (no daemon)")
     return result
+
+
+def _unmarked_engine(config: Config) -> str:
+    """Without a daemon, what ``up`` (or a daemon before) marked may be gone: an engine
+    restarted in a new cgroup. What the kernel says, or "" when engine scope holds."""
+    record = record_mod.read(config) or {}
+    if "engine" not in config.enforcement.scope or "host" in record.get("scope_in_force", []):
+        return ""
+    mount = bpf.cgroup2_mount()
+    mark = engine.EngineMark(config.enforcement.mark, Path(config.enforcement.bpffs),
+                             Path(config.daemon.run_dir) / "engine_mark.cgroup")
+    try:
+        fd = bpf.pinned(mark.pin_path)
+    except OSError:
+        return "the engine-scope program is not loaded"
+    try:
+        mark.program_id = bpf.program_id(fd)
+    finally:
+        os.close(fd)
+    found = engine.discover(mount, config.enforcement.engine_processes, config.enforcement.engine_executables) \
+        if mount else engine.Discovery()
+    missing = [path for path in found.cgroups if not mark.attached(path)]
+    return "; ".join(found.problems + [f"engine cgroup {path} is not marked" for path in missing])
 
 
 def doctor() -> probes.Report:

@@ -130,7 +130,7 @@ def _run(args) -> int:
         pol = record["policy"]
         state = "enforcing" if pol["enabled"] else "not restricting (registryAccess.enabled is false)"
         print(f"ramfw {state}: {pol['organization']}, {pol['entries']} entries, "
-              f"mode {record['mode']}, scope {', '.join(record['scope'])}")
+              f"mode {record['mode']}, scope {', '.join(record['scope_in_force'])}")
         for note in record["notes"]:
             print(f"note: {note}", file=sys.stderr)
         return 0

@@ -63,11 +63,6 @@ class EngineScope:
         self.mark = engine.EngineMark(e.mark, Path(e.bpffs), Path(self.config.daemon.run_dir) / "engine_mark.cgroup",
                                       use_bcc=self.report.has("bcc"))
         try:
-            self.mark.load()
-        except OSError as err:
-            self.mark = None
-            return self._cannot(f"cannot load the engine-scope program: {err}")
-        try:
             self.watch = engine.CgroupWatch()
         except OSError:
             self.watch = None  # without inotify, a re-made cgroup is marked at the next check
@@ -127,7 +122,14 @@ class EngineScope:
         found = engine.discover(self.mount, e.engine_processes, e.engine_executables)
         problems = list(found.problems)
         rows = []
-        for path, (why, needed) in self._targets(found, problems).items():
+        targets = self._targets(found, problems)
+        if targets and self.mark.fd is None:  # loaded when first needed: nothing is pinned for no engine
+            try:
+                self.mark.load()
+            except OSError as err:
+                targets = {}
+                problems.append(f"cannot load the engine-scope program: {err}")
+        for path, (why, needed) in targets.items():
             refused = ""
             try:
                 if self.mark.attach(path):

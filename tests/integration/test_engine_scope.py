@@ -169,3 +169,35 @@ def test_no_engine_running_is_said_and_is_not_a_gap(engine_lab):
     while run_in(lab, docker, BLOCKED4) != "refused":  # found within a second
         assert time.monotonic() < deadline
     assert status(lab)[1]["engine"]["attached"]
+
+
+def test_up_without_a_daemon_marks_the_engine_and_status_says_when_that_no_longer_holds(engine_lab):
+    """`ramfw up` alone marked nothing in engine scope, and status said "enforcing", exit 0."""
+    lab = engine_lab
+    docker = lab.cgroup("docker.service")
+    engine = start_engine(lab, docker)
+    assert lab.ramfw("up", "--config", lab.config).returncode == 0
+    assert run_in(lab, docker, BLOCKED4) == "refused"
+    assert lab.ramfw("status", "--config", lab.config).returncode == 0
+    engine.kill()
+    engine.wait()
+    remove_cgroup(docker)
+    docker.mkdir()
+    start_engine(lab, docker)  # restarted, and no daemon follows it
+    result = lab.ramfw("status", "--config", lab.config)
+    assert result.returncode == 8 and f"engine cgroup {docker} is not marked" in result.stdout.splitlines()[0]
+
+
+def test_where_no_cgroup_v2_is_visible_the_daemon_mounts_its_own(engine_lab):
+    """Issue #9, 4: started where /sys shows no cgroup v2 (as under `ip netns exec`), the daemon
+    logged one INFO line and marked nothing; it mounts the hierarchy itself and marks the engine."""
+    lab = engine_lab
+    docker = lab.cgroup("docker.service")
+    start_engine(lab, docker)
+    hide = f'umount -l {bpf.cgroup2_mount()} && exec "$@"'
+    lab.daemon = lab.start_daemon(lab.config, prefix=("unshare", "-m", "--propagation", "private",
+                                                      "sh", "-c", hide, "sh"))
+    code, result = status(lab)
+    assert code == 0 and [Path(r["path"]).name for r in result["engine"]["cgroups"] if r["marked"]] == [docker.name]
+    assert "/cgroup2/" in result["engine"]["cgroups"][0]["path"]
+    assert run_in(lab, docker, BLOCKED4) == "refused"
