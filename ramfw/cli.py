@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from . import __version__, api
+from . import __version__, api, record
 from . import config as config_mod
 from .errors import RamfwError
 
@@ -99,12 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     down = commands.add_parser("down", help="remove everything ramfw added")
     status = commands.add_parser("status", help="what is enforced, learned and blocked")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    commands.add_parser("doctor", help="what this kernel can do and what ramfw will use")
+    doctor = commands.add_parser("doctor", help="what this kernel can do and what ramfw will use")
     pol = commands.add_parser("policy", help="policy tools")
     pol_commands = pol.add_subparsers(dest="policy_command", required=True)
     lint = pol_commands.add_parser("lint", help="validate a policy file and warn about gaps")
     lint.add_argument("file")
-    for sub in (up, daemon, reload, boot, down, status, lint):
+    for sub in (up, daemon, reload, boot, down, status, lint, doctor):
         sub.add_argument("--config", help=f"configuration file (default: {config_mod.DEFAULT_PATH})")
     args = parser.parse_args(argv)
     try:
@@ -120,18 +120,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    config = config_mod.load(args.config)
     if args.command == "doctor":
         report = api.doctor()
         _print_doctor(report)
+        for note in record.proxy_notes(config):
+            print(f"proxy: {note}")
         return 3 if report.missing_required() else 0
-    config = config_mod.load(args.config)
     if args.command == "up":
-        record = api.up(config, args.policy)
-        pol = record["policy"]
+        applied = api.up(config, args.policy)
+        pol = applied["policy"]
         state = "enforcing" if pol["enabled"] else "not restricting (registryAccess.enabled is false)"
         print(f"ramfw {state}: {pol['organization']}, {pol['entries']} entries, "
-              f"mode {record['mode']}, scope {', '.join(record['scope_in_force'])}")
-        for note in record["notes"]:
+              f"mode {applied['mode']}, scope {', '.join(applied['scope_in_force'])}")
+        for note in applied["notes"]:
             print(f"note: {note}", file=sys.stderr)
         return 0
     if args.command == "daemon":

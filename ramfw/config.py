@@ -43,6 +43,7 @@ class EnforcementSettings:
     engine_cgroup: str = ""  # one such path (older configurations)
     dedicated_cgroup: bool = False  # move an engine found in the root cgroup into its own
     bpffs: str = "/sys/fs/bpf"
+    proxies: tuple[str, ...] = ()  # the engine's explicit HTTP(S) proxies, "address:port": reachable in scope
 
     @property
     def configured_cgroups(self) -> tuple[str, ...]:
@@ -113,6 +114,14 @@ def _coerce(value: object, default: object, where: str):
     return value
 
 
+def split_proxy(entry: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``192.0.2.8:3128`` or ``[2001:db8::8]:3128``; ValueError when it is neither."""
+    host, _, port = entry.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{entry!r} is not address:port")
+    return ipaddress.ip_address(host.strip("[]")), int(port)
+
+
 def _validate(config: Config) -> Config:
     where = config.path
     e, d, p = config.enforcement, config.dns, config.policy
@@ -131,6 +140,12 @@ def _validate(config: Config) -> Config:
             raise ConfigError(f"{where}: enforcement.{name} must be a 32-bit value other than 0")
     if e.mark & ~e.mark_mask:
         raise ConfigError(f"{where}: enforcement.mark has bits outside enforcement.mark_mask")
+    for entry in e.proxies:
+        try:
+            split_proxy(entry)
+        except ValueError:
+            raise ConfigError(f"{where}: enforcement.proxies: {entry!r} is not address:port (an IP address: "
+                              "a proxy's name would itself need resolving)") from None
     for path in e.engine_executables:
         if not path.startswith("/"):
             raise ConfigError(f"{where}: enforcement.engine_executables: {path!r} is not an absolute path")

@@ -12,9 +12,16 @@ from .config import Config
 from .policy import Policy
 
 
+def proxy_notes(config: Config) -> list[str]:
+    """What an explicit proxy changes: ramfw sees the proxy, not the registries behind it."""
+    return [f"the engine's proxy {proxy} is reachable in scope: registry filtering behind it depends on the "
+            "proxy, which must enforce the allowlist itself (ramfw sees the proxy's address, not the registries "
+            "the engine asks it for)" for proxy in config.enforcement.proxies]
+
+
 def build(config: Config, policy: Policy, source: str, trusted: list[str], capabilities: dict, **extra) -> dict:
     return {"applied_at": time.time(), "config": config.path, "policy_source": source,
-            "policy": policy.summary(), "notes": list(policy.notes),
+            "policy": policy.summary(), "notes": list(policy.notes) + proxy_notes(config),
             "mode": config.enforcement.mode, "scope": list(config.enforcement.scope),
             "table": config.enforcement.table, "trusted_resolvers": trusted,
             "capabilities": capabilities, **extra}

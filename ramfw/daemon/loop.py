@@ -111,6 +111,8 @@ class Daemon:
                  ", ".join(self.scope), self.hold.value)
         if self.hold is Hold.PASSIVE:
             log.warning("this kernel cannot hold DNS replies: the first connection to a new address can be lost")
+        for note in record.proxy_notes(self.config):
+            log.warning("%s", note)
 
     @property
     def scope(self) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+from .. import record
 from ..kernel.ruleset import Hold
 
 PASSIVE_NOTE = ("DNS replies are copied, not held: the first connection to a new address can be lost; "
@@ -21,7 +22,7 @@ def document(daemon) -> dict:
                              for a, expiry in addresses.items() if expiry > now),
                             key=lambda x: x["address"])
                for name, addresses in sorted(snooper.learned.items())}
-    notes = list(daemon.policy.notes)
+    notes = list(daemon.policy.notes) + record.proxy_notes(daemon.config)
     if daemon.hold is Hold.PASSIVE:
         notes.append(PASSIVE_NOTE)
     notes += [f"cap reached: {cap}" for cap in snooper.caps_hit]

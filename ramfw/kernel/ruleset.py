@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable
 
-from ..config import EnforcementSettings
+from ..config import EnforcementSettings, split_proxy
 
 FAMILY = "inet"
 ALLOW = {4: "allow4", 6: "allow6"}
@@ -86,6 +86,9 @@ _ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in"
 _TCP_UDP = _match(_meta("l4proto"), {"set": ["tcp", "udp"]})
 _TO_CONTAINERS = [_match(_meta("oifname"), "@" + CONTAINER_BRIDGES), {"accept": None}]  # stays on this VM
 _ACCEPT = {"accept": None}
+# A loopback connection that a NAT rule redirected (a transparent proxy on 127.0.0.1) is not
+# local traffic: it goes on to the scope rules, judged by its original destination.
+_NOT_REDIRECTED = {"match": {"op": "!", "left": {"ct": {"key": "status"}}, "right": "dnat"}}
 
 
 def _ports(ports: Iterable[int]) -> list[dict]:
@@ -104,6 +107,17 @@ def _in_scope_rules(settings: EnforcementSettings, hook: str) -> list[list[dict]
             rules.append(_ports(settings.registry_ports) + [jump])
     elif "containers" in settings.scope:
         rules.append(_ports(settings.registry_ports) + [jump])
+    return rules
+
+
+def _proxy_rules(proxies: Iterable[str]) -> list[list[dict]]:
+    """The explicit HTTP(S) proxies the engine is configured with: reachable on their port."""
+    rules = []
+    for entry in proxies:
+        address, port = split_proxy(entry)
+        proto = "ip" if address.version == 4 else "ip6"
+        rules.append([_match(_meta("l4proto"), "tcp"), _match(_payload(proto, "daddr"), str(address)),
+                      _match(_payload("tcp", "dport"), port), {"counter": "accepted"}, _ACCEPT])
     return rules
 
 
@@ -167,7 +181,7 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         cmds.append({"add": {"chain": {**t, "name": chain, "type": "filter", "hook": hook,
                                        "prio": DNS_PRIORITY, "policy": "accept"}}})
     rules: dict[str, list[list[dict]]] = {
-        "output": [[_ESTABLISHED, _ACCEPT], [_match(_meta("oif"), "lo"), _ACCEPT], _TO_CONTAINERS,
+        "output": [[_ESTABLISHED, _ACCEPT], [_match(_meta("oif"), "lo"), _NOT_REDIRECTED, _ACCEPT], _TO_CONTAINERS,
                    [{"jump": {"target": OWN_CHAIN}}]] + _in_scope_rules(settings, "output"),
         "forward": [[_ESTABLISHED, _ACCEPT], _TO_CONTAINERS] + _in_scope_rules(settings, "forward"),
         "registry": [
@@ -177,7 +191,11 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
              _match(_payload("ip6", "daddr"), "@" + RESOLVERS[6]), _ACCEPT],
             [_match(_payload("ip", "daddr"), "@" + ALLOW[4]), {"counter": "accepted"}, _ACCEPT],
             [_match(_payload("ip6", "daddr"), "@" + ALLOW[6]), {"counter": "accepted"}, _ACCEPT],
-        ] + _verdict_rules(settings, hold),
+            # redirected (DNAT) to a local or other address: judged by where the client was going
+            [_match({"ct": {"key": "ip daddr", "dir": "original"}}, "@" + ALLOW[4]), {"counter": "accepted"}, _ACCEPT],
+            [_match({"ct": {"key": "ip6 daddr", "dir": "original"}}, "@" + ALLOW[6]), {"counter": "accepted"},
+             _ACCEPT],
+        ] + _proxy_rules(settings.proxies) + _verdict_rules(settings, hold),
     }
     for chain, chain_rules in rules.items():
         cmds.append({"flush": {"chain": {**t, "name": chain}}})
