@@ -83,13 +83,16 @@ class EngineScope:
         self.widened = why
         self.state = {"attached": False, "loader": self.loader, "cgroups": [], "widened": why}
 
+    def configured(self) -> list[str]:
+        """The configured engine cgroups, as absolute directories."""
+        mount = self.mount
+        return [path if path.startswith(mount + "/") else os.path.join(mount, path.lstrip("/"))
+                for path in self.config.enforcement.configured_cgroups]
+
     def _targets(self, found: engine.Discovery, problems: list[str]) -> dict[str, tuple[str, bool]]:
         """cgroup -> (why it is marked, whether engine scope depends on it)."""
         e, mount = self.config.enforcement, self.mount
-        targets: dict[str, tuple[str, bool]] = {}
-        for path in e.configured_cgroups:
-            absolute = path if path.startswith(mount + "/") else os.path.join(mount, path.lstrip("/"))
-            targets[absolute] = ("configured", True)
+        targets: dict[str, tuple[str, bool]] = {path: ("configured", True) for path in self.configured()}
         cgroups = dict(found.cgroups)
         in_root = cgroups.pop(mount, None)
         if in_root and e.dedicated_cgroup:
@@ -119,7 +122,8 @@ class EngineScope:
 
     def _check(self) -> None:
         e = self.config.enforcement
-        found = engine.discover(self.mount, e.engine_processes, e.engine_executables)
+        found = engine.discover(self.mount, e.engine_processes, e.engine_executables,
+                                configured_cgroups=frozenset(self.configured()))
         problems = list(found.problems)
         rows = []
         targets = self._targets(found, problems)

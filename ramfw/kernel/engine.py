@@ -121,7 +121,8 @@ def _effective_uid(status: str) -> int | None:
 
 
 def discover(mount: str, names: tuple[str, ...], configured_executables: tuple[str, ...] = (),
-             proc: Path = Path("/proc"), trusted: dict[tuple[int, int], str] | None = None) -> Discovery:
+             proc: Path = Path("/proc"), trusted: dict[tuple[int, int], str] | None = None,
+             configured_cgroups: frozenset[str] = frozenset()) -> Discovery:
     """Every cgroup holding a verified engine process of this network namespace.
 
     A verified engine process runs as root a trusted executable. A root process of this
@@ -129,7 +130,8 @@ def discover(mount: str, names: tuple[str, ...], configured_executables: tuple[s
     the engine installed where ramfw does not look (snap, k3s, /opt, a LinuxKit service's own
     root filesystem), and engine scope fails closed until it is named in engine_executables or
     its cgroup in engine_cgroups. Other processes with an engine's name (not root, or in
-    another network namespace: Docker-in-Docker) are only listed.
+    another network namespace: Docker-in-Docker) are only listed. A process in one of the
+    ``configured_cgroups`` (absolute) is marked by configuration, whatever file it runs.
     """
     found = Discovery()
     if trusted is None:
@@ -149,18 +151,20 @@ def discover(mount: str, names: tuple[str, ...], configured_executables: tuple[s
         if uid != 0:
             found.ignored.append(f"pid {pid} ({comm}) runs as uid {uid}, not root: not the engine")
             continue
+        relative = v2_path(cgroup)
+        if relative is None:
+            found.problems.append(f"pid {pid} ({comm}) is in no cgroup v2")
+            continue
+        path = os.path.join(mount, relative.lstrip("/")) if relative != "/" else mount
         executable = _executable(proc, pid, trusted)
+        if executable is None and path in configured_cgroups:
+            continue
         if executable is None:
             found.problems.append(
                 f"pid {pid} ({comm}) runs as root in this network namespace a file that is not a trusted engine "
                 "executable (if it is your engine, name its file in enforcement.engine_executables or its cgroup "
                 "in enforcement.engine_cgroups)")
             continue
-        relative = v2_path(cgroup)
-        if relative is None:
-            found.problems.append(f"pid {pid} ({comm}) is in no cgroup v2")
-            continue
-        path = os.path.join(mount, relative.lstrip("/")) if relative != "/" else mount
         if pid not in _members(path):
             found.problems.append(
                 f"pid {pid} ({comm}) is in cgroup {relative} as this process sees it, but {path} does not hold "

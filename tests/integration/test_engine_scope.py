@@ -85,6 +85,15 @@ def test_a_root_process_named_like_the_engine_running_another_file_is_not_marked
     assert code == 8 and result["engine"]["cgroups"] == [] and "engine_executables" in result["message"]
     assert run_in(lab, elsewhere, BLOCKED4) == "refused", "caught by host scope, not by a mark"
     assert run_in(lab, lab.cgroup("user"), BLOCKED4) == "refused"
+    # Configured, as docs/linuxkit.md says for an engine ramfw cannot verify: marked, scope as configured.
+    lab.daemon.terminate()
+    lab.daemon.wait(10)
+    Path(lab.config).write_text(Path(lab.config).read_text().replace(
+        "[enforcement]\n", f'[enforcement]\nengine_cgroups = ["{elsewhere}"]\n'))
+    lab.daemon = lab.start_daemon(lab.config)
+    code, result = status(lab)
+    assert code == 0 and [(r["path"], r["marked"]) for r in result["engine"]["cgroups"]] == [(str(elsewhere), True)]
+    assert run_in(lab, lab.cgroup("user2"), BLOCKED4) == "connected"
 
 
 def test_an_unprivileged_user_running_the_engine_file_changes_nothing(engine_lab):
