@@ -267,6 +267,28 @@ def test_the_engine_stays_marked_while_the_daemon_restarts(world):
     assert pull(world, f"allowed-registry.test/{IMAGE}")[0].returncode == 0
 
 
+def test_where_engine_scope_cannot_work_blocked_pulls_still_fail_and_status_says_why(world):
+    """Issue #9, 4: a daemon that cannot find the engine's cgroups (here: started in a cgroup
+    namespace) said "enforcing", exit 0, and every blocked pull succeeded."""
+    assert world.ramfw("down", "--config", world.config).returncode == 0  # no mark left from before
+    assert world.daemon.wait(10) == 0
+    try:
+        world.daemon = world.start_daemon(world.config, prefix=("unshare", "--cgroup"))
+        assert bpf.attached_ids(str(world.registries.cgroup)) == [], "nothing marks the engine now"
+        fresh(world)
+        result, _ = pull(world, f"blocked-registry.test/{IMAGE}")
+        assert result.returncode != 0 and "connection refused" in result.stderr, result.stderr
+        assert pull(world, f"allowed-registry.test/{IMAGE}")[0].returncode == 0
+        text = world.ramfw("status", "--config", world.config)
+        assert text.returncode == 8 and "NOT as configured" in text.stdout.splitlines()[0]
+        assert "cgroup namespace" in text.stdout.splitlines()[0]
+    finally:
+        world.daemon.terminate()
+        world.daemon.wait(10)
+        world.daemon = world.start_daemon(world.config)
+    assert world.ramfw("status", "--config", world.config).returncode == 0
+
+
 def test_zz_down_detaches_the_engine_program_and_removes_the_table(world):
     """Runs last in this module: after `ramfw down`, nothing of ramfw filters the engine."""
     result = world.ramfw("down", "--config", world.config)
