@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 from ..snoop.snooper import Element
 from . import netlink as nl
 from .netlink import attr, nested, string, u32
-from .ruleset import ALLOW, PENDING, Hold, Learned
+from .ruleset import ALLOW, PENDING, UNSOLICITED, Hold, Learned
 
 XT_BPF_MODE_FD_ELF = 2
 XT_BPF_INFO_V1_SIZE = 528  # mode, count, fd, a 512-byte union, the kernel's pointer
@@ -35,8 +35,34 @@ def _expr(name: str, *data: bytes) -> bytes:
     return nested(nl.NFTA_LIST_ELEM, string(nl.NFTA_EXPR_NAME, name), nested(nl.NFTA_EXPR_DATA, *data))
 
 
-def _cmp_eq(value: bytes) -> bytes:
-    return _expr("cmp", u32(1, nl.NFT_REG_1), u32(2, nl.NFT_CMP_EQ), nested(3, attr(1, value)))
+def _cmp_eq(value: bytes, op: int = nl.NFT_CMP_EQ) -> bytes:
+    return _expr("cmp", u32(1, nl.NFT_REG_1), u32(2, op), nested(3, attr(1, value)))
+
+
+_ACCEPT = _expr("immediate", u32(1, nl.NFT_REG_VERDICT), nested(2, nested(2, u32(1, nl.NF_ACCEPT_VERDICT))))
+_COUNT_UNSOLICITED = _expr("objref", u32(1, nl.NFT_OBJECT_COUNTER), string(2, UNSOLICITED))
+
+# What makes a reply unsolicited, each on its own (a rule matches a conjunction, so their
+# negations are three rules): not part of a tracked flow; a flow the peer opened (its side is
+# the original direction: it sent first); a source address that would not be routed back out
+# of the interface it came in on (forged: the reverse-path check, IPv4 and IPv6 alike, which
+# also keeps loopback sources to lo).
+_UNSOLICITED = (
+    [_expr("ct", u32(1, nl.NFT_REG_1), u32(2, nl.NFT_CT_STATE)),
+     _expr("bitwise", u32(1, nl.NFT_REG_1), u32(2, nl.NFT_REG_1), u32(3, 4),
+           nested(4, attr(1, struct.pack("=I", nl.CT_STATE_ESTABLISHED))), nested(5, attr(1, b"\0" * 4))),
+     _cmp_eq(b"\0" * 4)],
+    [_expr("ct", u32(1, nl.NFT_REG_1), u32(2, nl.NFT_CT_DIRECTION)), _cmp_eq(bytes([nl.CT_DIR_REPLY]), nl.NFT_CMP_NEQ)],
+    [_expr("fib", u32(1, nl.NFT_REG_1), u32(2, nl.NFT_FIB_RESULT_OIF),
+           u32(3, nl.NFTA_FIB_F_SADDR | nl.NFTA_FIB_F_IIF | nl.NFTA_FIB_F_PRESENT)), _cmp_eq(b"\0")],
+)
+
+
+def _unsolicited_rules() -> list[bytes]:
+    """Replies that answer no query this VM (or a container it forwards for) sent to that
+    resolver are counted and pass unread: they teach nothing."""
+    return [b"".join(_from_dns(proto) + test + [_COUNT_UNSOLICITED, _ACCEPT])
+            for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP) for test in _UNSOLICITED]
 
 
 def _from_dns(l4proto: int) -> list[bytes]:
@@ -72,11 +98,11 @@ def hold_rules(hold: Hold, queue_num: int, prefilter_fd: int | None, snoop_group
     """The expressions of each DNS hold rule, in order (see the module's docstring)."""
     tcp, udp = socket.IPPROTO_TCP, socket.IPPROTO_UDP
     if hold is Hold.PASSIVE:
-        return [b"".join(_from_dns(proto) + [_log(snoop_group)]) for proto in (tcp, udp)]
+        return _unsolicited_rules() + [b"".join(_from_dns(proto) + [_log(snoop_group)]) for proto in (tcp, udp)]
     if hold is Hold.NONE:
         return []
     queue = _queue(queue_num, native=hold is Hold.NFT_QUEUE)
-    rules = [b"".join(_from_dns(tcp) + [queue])]
+    rules = _unsolicited_rules() + [b"".join(_from_dns(tcp) + [queue])]
     if prefilter_fd is None:
         rules.append(b"".join(_from_dns(udp) + [queue]))
     else:
@@ -91,10 +117,8 @@ def own_traffic_rules(cgroup_id: int, level: int) -> list[bytes]:
     /sys/fs/cgroup only, which is not where hybrid layouts mount cgroup v2. Joining a cgroup
     takes root, so no ordinary process can borrow the exemption (a socket mark could be set by
     any process with CAP_NET_RAW)."""
-    accept = _expr("immediate", u32(1, nl.NFT_REG_VERDICT),
-                   nested(2, nested(2, u32(1, nl.NF_ACCEPT_VERDICT))))
     return [b"".join([_expr("socket", u32(1, nl.NFT_SOCKET_CGROUPV2), u32(2, nl.NFT_REG_1), u32(3, level)),
-                      _cmp_eq(struct.pack("=Q", cgroup_id)), accept])]
+                      _cmp_eq(struct.pack("=Q", cgroup_id)), _ACCEPT])]
 
 
 def build_rules_batch(family: str, table: str, chain: str, rules: list[bytes], seq: int = 1,

@@ -33,7 +33,8 @@ PENDING = {4: "pending4", 6: "pending6"}
 PENDING_TIMEOUT = 3  # seconds: covers one SYN retransmission (1 s) with room to spare
 RESOLVERS = {4: "resolvers4", 6: "resolvers6"}
 CONTAINER_BRIDGES = "container_bridges"  # bridges whose ports are all veths or taps (``links``)
-COUNTERS = ("blocked", "audited", "accepted", "deferred")
+UNSOLICITED = "unsolicited"  # DNS replies that answer no query of ours: counted, never read
+COUNTERS = ("blocked", "audited", "accepted", "deferred", UNSOLICITED)
 LOG_PREFIX = "ramfw "
 SET_TYPES = {4: "ipv4_addr", 6: "ipv6_addr"}
 

@@ -32,6 +32,7 @@ ALLOWED4, BLOCKED4 = "203.0.113.10", "203.0.113.20"
 ALLOWED6, BLOCKED6 = "2001:db8::10", "2001:db8::20"
 CDN4 = "203.0.113.30"
 BRIDGE4, CONTAINER4 = "198.51.100.1", "198.51.100.2"
+BRIDGE6, CONTAINER6 = "2001:db8:1::1", "2001:db8:1::2"
 ROGUE_DNS4 = "203.0.113.53"
 
 
@@ -188,14 +189,19 @@ class Lab:
         run("ip", "link", "add", inside, "netns", container.name, "type", "veth", "peer", "name", outside,
             "netns", self.vm.name)
         container.run("ip", "addr", "add", f"{CONTAINER4}/24", "dev", inside)
+        container.run("ip", "addr", "add", f"{CONTAINER6}/64", "dev", inside, "nodad")
         container.run("ip", "link", "set", inside, "up")
         container.run("ip", "route", "add", "default", "via", BRIDGE4)
+        container.run("ip", "-6", "route", "add", "default", "via", BRIDGE6)
         if bridge is not None:
             self.vm.run("ip", "link", "add", bridge, "type", "bridge")
             self.vm.run("ip", "link", "set", outside, "master", bridge)
             self.vm.run("ip", "link", "set", bridge, "up")
         self.vm.run("ip", "addr", "add", f"{BRIDGE4}/24", "dev", bridge or outside)
+        self.vm.run("ip", "addr", "add", f"{BRIDGE6}/64", "dev", bridge or outside, "nodad")
         self.vm.run("ip", "link", "set", outside, "up")
+        self.vm.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        self.net.run("ip", "-6", "route", "add", "2001:db8:1::/64", "via", VM6)
         self.vm.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         self.net.run("ip", "route", "add", "198.51.100.0/24", "via", VM4)
         return container

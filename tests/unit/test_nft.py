@@ -14,34 +14,53 @@ def types(batch):
     return [msg_type for msg_type, _, _ in netlink.messages(batch)]
 
 
+UNSOLICITED = 6  # the first rules of every hold: three tests of an unsolicited reply, TCP and UDP
+
+
+def held(rules):
+    """The rules after those that pass unsolicited replies unread."""
+    assert all(b"unsolicited\0" in r and b"objref\0" in r for r in rules[:UNSOLICITED])
+    return rules[UNSOLICITED:]
+
+
+def test_unsolicited_replies_are_counted_and_pass_before_anything_holds_or_copies_them():
+    """Issue #8, 1: conntrack (an established flow, the reply direction: the resolver did not
+    send first) and the reverse-path check (fib saddr . iif oif exists), each negated."""
+    for hold in (Hold.XT_NFQUEUE, Hold.NFT_QUEUE, Hold.PASSIVE):
+        rules = nft.hold_rules(hold, 5241, prefilter_fd=None, snoop_group=5242)[:UNSOLICITED]
+        assert [b"ct\0" in r and b"bitwise\0" in r for r in rules] == [True, False, False] * 2
+        assert [b"fib\0" in r for r in rules] == [False, False, True] * 2
+        assert all(b"queue\0" not in r and b"log\0" not in r and b"immediate\0" in r for r in rules)
+
+
 def test_plain_hold_rules_queue_tcp_and_udp():
-    rules = nft.hold_rules(Hold.XT_NFQUEUE, 5241, prefilter_fd=None, snoop_group=5242)
+    rules = held(nft.hold_rules(Hold.XT_NFQUEUE, 5241, prefilter_fd=None, snoop_group=5242))
     assert len(rules) == 2 and all(b"NFQUEUE" in r for r in rules)
 
 
 def test_prefiltered_hold_rules_match_bpf_then_copy_the_rest():
-    rules = nft.hold_rules(Hold.NFT_QUEUE, 5241, prefilter_fd=7, snoop_group=5242)
+    rules = held(nft.hold_rules(Hold.NFT_QUEUE, 5241, prefilter_fd=7, snoop_group=5242))
     assert len(rules) == 3
     assert b"bpf\0" in rules[1] and b"queue\0" in rules[1]
     assert b"log\0" in rules[2] and b"queue\0" not in rules[2]
 
 
 def test_native_queue_hold_uses_bypass():
-    rules = nft.hold_rules(Hold.NFT_QUEUE, 7, prefilter_fd=None, snoop_group=2)
+    rules = held(nft.hold_rules(Hold.NFT_QUEUE, 7, prefilter_fd=None, snoop_group=2))
     bypass = netlink.attr(3, struct.pack("!H", netlink.NFQ_FLAG_BYPASS))
     number = netlink.attr(1, struct.pack("!H", 7))
     assert len(rules) == 2 and all(b"queue\0" in r and bypass in r and number in r for r in rules)
 
 
 def test_passive_hold_copies_tcp_and_udp_replies_to_the_snoop_group():
-    rules = nft.hold_rules(Hold.PASSIVE, 7, prefilter_fd=None, snoop_group=2)
+    rules = held(nft.hold_rules(Hold.PASSIVE, 7, prefilter_fd=None, snoop_group=2))
     assert len(rules) == 2
     assert all(b"log\0" in r and netlink.attr(1, struct.pack("!H", 2)) in r and b"queue\0" not in r for r in rules)
     assert nft.hold_rules(Hold.NONE, 7, None, 2) == []
 
 
 def test_replacing_flushes_and_adds_in_one_transaction():
-    rules = nft.hold_rules(Hold.XT_NFQUEUE, 5241, prefilter_fd=None, snoop_group=5242)
+    rules = held(nft.hold_rules(Hold.XT_NFQUEUE, 5241, prefilter_fd=None, snoop_group=5242))
     assert types(nft.build_rules_batch("inet", "ramfw", "dns_input", rules)) == [0x10, NEW, NEW, 0x11]
     assert types(nft.build_rules_batch("inet", "ramfw", "dns_input", rules, replace=True)) == [0x10, DEL, NEW, NEW, 0x11]
 

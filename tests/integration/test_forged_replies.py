@@ -1,0 +1,122 @@
+"""Only the real resolver teaches (issue #8, 1): a DNS reply that answers no query this VM (or
+a container it forwards for) sent is counted and passes unread, however it was made: sent from
+the resolver's own address without a query, or forged with the resolver's address from a
+container behind the VM (root in a container keeps CAP_NET_RAW), to the VM or to a host the
+VM forwards to, IPv4 and IPv6."""
+
+import json
+import socket
+import struct
+import time
+
+import dns.message
+import dns.rrset
+import pytest
+
+from tests.lab.sandbox import ALLOWED4, ALLOWED6, BLOCKED4, BLOCKED6, CDN4, CONTAINER4, CONTAINER6, NET4, NET6, VM4, VM6
+
+MARK = 0x52410000
+
+
+def reply(name: str, rdtype: str, address: str) -> bytes:
+    message = dns.message.make_response(dns.message.make_query(name, rdtype))
+    message.answer.append(dns.rrset.from_text(name + ".", 300, "IN", rdtype, address))
+    return message.to_wire()
+
+
+def checksum(data: bytes) -> int:
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF or 0xFFFF
+
+
+def forged_udp(src: str, dst: str, payload: bytes, sport: int = 53, dport: int = 40000) -> bytes:
+    """A whole IP packet (header onwards) from ``src``:53, as a raw socket sends it."""
+    family = socket.AF_INET6 if ":" in src else socket.AF_INET
+    s, d = socket.inet_pton(family, src), socket.inet_pton(family, dst)
+    length = 8 + len(payload)
+    if family == socket.AF_INET:
+        udp = struct.pack("!HHHH", sport, dport, length, 0) + payload  # no checksum: allowed over IPv4
+        return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0, 64, 17, 0, s, d) + udp
+    pseudo = s + d + struct.pack("!IxxxB", length, 17)
+    udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
+    udp = udp[:6] + struct.pack("!H", checksum(pseudo + udp)) + udp[8:]
+    return struct.pack("!IHBB", 6 << 28, length, 17, 64) + s + d + udp
+
+
+def send_raw(ns, packet: bytes, dst: str) -> None:
+    with ns.inside():
+        if ":" in dst:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)  # header included
+            sock.sendto(packet, (dst, 0))
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            sock.sendto(packet, (dst, 0))
+        sock.close()
+
+
+@pytest.fixture
+def forge_lab(lab, write_config, write_policy):
+    lab.serve_tcp([CDN4, BLOCKED4, ALLOWED4, BLOCKED6, ALLOWED6], [443])
+    lab.container = lab.add_container()
+    write_policy(["allowed-registry.test"])
+    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}", "{NET6}"]\n', scope=["engine", "containers"],
+                              registry_ports=[443])
+    lab.daemon = lab.start_daemon(lab.config)
+    return lab
+
+
+def unsolicited(lab) -> int:
+    return json.loads(lab.ramfw("status", "--json", "--config", lab.config).stdout)["counters"].get("unsolicited", 0)
+
+
+def settle(lab, before: int, expected: int) -> None:
+    deadline = time.monotonic() + 3
+    while unsolicited(lab) < before + expected:
+        assert time.monotonic() < deadline, f"{unsolicited(lab) - before} of {expected} counted as unsolicited"
+        time.sleep(0.05)
+
+
+def test_a_reply_from_the_resolvers_address_that_answers_no_query_teaches_nothing(forge_lab):
+    """One UDP packet from <resolver>:53 to the VM's port 9, no query ever sent, opened the
+    address it named."""
+    lab = forge_lab
+    before = unsolicited(lab)
+    for source, target, rdtype, opened in ((NET4, VM4, "A", CDN4), (NET6, VM6, "AAAA", BLOCKED6)):
+        with lab.net.inside():
+            sock = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((source, 53))
+        sock.sendto(reply("allowed-registry.test", rdtype, opened), (target, 9))
+        sock.close()
+    settle(lab, before, 2)
+    assert lab.connect(CDN4, mark=MARK)[0] == "refused"
+    assert lab.connect(BLOCKED6, mark=MARK)[0] == "refused"
+
+
+def test_replies_forged_from_a_container_teach_nothing_to_the_vm_or_forwarded(forge_lab):
+    """Root in a container behind the VM forges the resolver's address, to the VM itself (input)
+    and to a host the VM forwards to (forward); IPv4 was stopped only by rp_filter=1, IPv6 never."""
+    lab = forge_lab
+    before = unsolicited(lab)
+    forged = [(NET4, VM4, "A", BLOCKED4), (NET4, ALLOWED4, "A", BLOCKED4),
+              (NET6, VM6, "AAAA", BLOCKED6), (NET6, ALLOWED6, "AAAA", BLOCKED6)]
+    for source, target, rdtype, opened in forged:
+        send_raw(lab.container, forged_udp(source, target, reply("allowed-registry.test", rdtype, opened)), target)
+    settle(lab, before, 2)  # those to the VM; those forwarded are dropped on the way by the route check too
+    assert lab.connect(BLOCKED4, mark=MARK)[0] == "refused"
+    assert lab.connect(BLOCKED6, mark=MARK)[0] == "refused"
+    assert lab.connect(BLOCKED4, source=lab.container)[0] == "refused"
+
+
+def test_real_replies_still_teach_to_the_vm_and_to_a_container(forge_lab):
+    lab = forge_lab
+    lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4},{ALLOWED6}")
+    for source in (lab.vm, lab.container):
+        for rdtype in ("A", "AAAA"):
+            answer = lab.resolve("allowed-registry.test", rdtype, source=source)
+            assert answer.answer, (source, rdtype)
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+    assert lab.connect(ALLOWED6, mark=MARK)[0] == "connected"
+    assert lab.connect(ALLOWED4, source=lab.container)[0] == "connected"
