@@ -220,7 +220,10 @@ def test_malformed_replies_are_released_and_counted(daemon_lab):
     with lab.net.inside():
         sender = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     sender.bind((NET6, 53))
+    sender.settimeout(3)
     try:
+        receiver.sendto(b"a query", (NET6, 53))  # a flow towards the resolver: its answers are replies
+        assert sender.recvfrom(64)[0] == b"a query"
         for garbage in (b"", b"\x00", b"\xff" * 11, b"\x12\x34\x81\x80\x00\x01" + b"\xff" * 40):
             sender.sendto(garbage, receiver.getsockname()[:2])
             assert receiver.recv(2048) == garbage, "a malformed reply is released untouched"
