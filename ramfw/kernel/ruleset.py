@@ -7,11 +7,13 @@ the process that applied it exits or dies (registry egress fails closed), and on
 
 Layout::
 
-    output   (hook output)   established/related, loopback, container bridges -> accept; own_traffic;
-                             in scope -> registry
+    output   (hook output)   loopback (not redirected), container bridges -> accept; flows the peer
+                             opened, in scope -> registry; established/related -> accept;
+                             own_traffic; in scope -> registry
     own_traffic              ramfw's own connections (its cgroup, by id) -> accept; its rules
                              are ``nft.own_traffic_rules``, swapped in like the DNS chains'.
-    forward  (hook forward)  established/related, container bridges -> accept; in scope -> registry
+    forward  (hook forward)  container bridges -> accept; flows the peer opened, in scope -> registry;
+                             established/related -> accept; in scope -> registry
     registry                 DNS to trusted resolvers, @allow4/@allow6 -> accept;
                              otherwise log to NFLOG, count, reject (enforce) or accept (audit)
     dns_input, dns_forward   (hooks input, forward, priority -150) the DNS hold rules, which
@@ -94,6 +96,27 @@ _NOT_REDIRECTED = {"match": {"op": "!", "left": {"ct": {"key": "status"}}, "righ
 
 def _ports(ports: Iterable[int]) -> list[dict]:
     return [_TCP_UDP, _match(_payload("th", "dport"), {"set": sorted(ports)})]
+
+
+_REPLY = _match({"ct": {"key": "direction"}}, "reply")
+_SYN_ONLY = _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "syn")
+
+
+def _peer_first_rules(settings: EnforcementSettings, hook: str) -> list[list[dict]]:
+    """Flows the peer opened: our packets are their reply direction, which the established rule
+    would accept unchecked. A peer that sends first (or a forged first packet that made the
+    kernel track the flow that way) must not open a way out: an in-scope TCP SYN without ACK in
+    the reply direction (a simultaneous open: no server sends one) and in-scope UDP to a
+    registry port in the reply direction are judged like a new connection. Inbound services on
+    the VM are untouched: their answers go to the client's port, a SYN-ACK or data, never a
+    bare SYN, and a client's port is not a registry port."""
+    udp_to_registry = [_match(_meta("l4proto"), "udp"), _match(_payload("udp", "dport"),
+                                                              {"set": sorted(settings.registry_ports)})]
+    rules = []
+    for scope_rule in _in_scope_rules(settings, hook):
+        rules.append([_REPLY, _match(_meta("l4proto"), "tcp"), _SYN_ONLY] + scope_rule)
+        rules.append([_REPLY] + udp_to_registry + scope_rule)
+    return rules
 
 
 def _in_scope_rules(settings: EnforcementSettings, hook: str) -> list[list[dict]]:
@@ -182,9 +205,11 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         cmds.append({"add": {"chain": {**t, "name": chain, "type": "filter", "hook": hook,
                                        "prio": DNS_PRIORITY, "policy": "accept"}}})
     rules: dict[str, list[list[dict]]] = {
-        "output": [[_ESTABLISHED, _ACCEPT], [_match(_meta("oif"), "lo"), _NOT_REDIRECTED, _ACCEPT], _TO_CONTAINERS,
-                   [{"jump": {"target": OWN_CHAIN}}]] + _in_scope_rules(settings, "output"),
-        "forward": [[_ESTABLISHED, _ACCEPT], _TO_CONTAINERS] + _in_scope_rules(settings, "forward"),
+        "output": [[_match(_meta("oif"), "lo"), _NOT_REDIRECTED, _ACCEPT], _TO_CONTAINERS]
+        + _peer_first_rules(settings, "output") + [[_ESTABLISHED, _ACCEPT], [{"jump": {"target": OWN_CHAIN}}]]
+        + _in_scope_rules(settings, "output"),
+        "forward": [_TO_CONTAINERS] + _peer_first_rules(settings, "forward") + [[_ESTABLISHED, _ACCEPT]]
+        + _in_scope_rules(settings, "forward"),
         "registry": [
             [_TCP_UDP, _match(_payload("th", "dport"), 53),
              _match(_payload("ip", "daddr"), "@" + RESOLVERS[4]), _ACCEPT],

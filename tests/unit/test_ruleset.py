@@ -32,16 +32,20 @@ def test_allowed_sets_have_timeouts_and_a_size():
     assert sets["allow4"]["flags"] == ["timeout"] and sets["allow4"]["size"] == 1234
 
 
-def test_output_chain_order_established_loopback_containers_own_traffic_then_scope():
+def test_output_chain_order_loopback_containers_peer_first_established_own_traffic_then_scope():
     out = rules(ruleset.build_ruleset(BASE, [], 10), "output")
-    assert out[0][0]["match"]["left"] == {"ct": {"key": "state"}} and out[0][-1] == {"accept": None}
-    assert out[1][0]["match"] == {"op": "==", "left": {"meta": {"key": "oif"}}, "right": "lo"}
-    assert out[2] == [{"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "@container_bridges"}},
+    marked = [{"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, BASE.mark_mask]}, "right": BASE.mark}},
+              {"jump": {"target": "registry"}}]
+    reply = {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "reply"}}
+    assert out[0][0]["match"] == {"op": "==", "left": {"meta": {"key": "oif"}}, "right": "lo"}
+    assert out[1] == [{"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "@container_bridges"}},
                       {"accept": None}]
-    assert out[3] == [{"jump": {"target": ruleset.OWN_CHAIN}}]
-    assert out[4] == [{"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, BASE.mark_mask]},
-                                 "right": BASE.mark}}, {"jump": {"target": "registry"}}]
-    assert len(out) == 5
+    assert out[2][0] == reply and out[2][-2:] == marked  # a bare SYN in the reply direction
+    assert out[3][0] == reply and out[3][-2:] == marked  # UDP to a registry port in the reply direction
+    assert out[4][0]["match"]["left"] == {"ct": {"key": "state"}} and out[4][-1] == {"accept": None}
+    assert out[5] == [{"jump": {"target": ruleset.OWN_CHAIN}}]
+    assert out[6] == marked
+    assert len(out) == 7
 
 
 def test_the_own_traffic_chain_is_made_but_never_flushed_by_the_json_transaction():
@@ -61,9 +65,9 @@ def test_host_and_containers_scopes_filter_registry_ports():
     doc = ruleset.build_ruleset(s, [], 10)
     for chain in ("output", "forward"):
         jumps = [r for r in rules(doc, chain) if {"jump": {"target": "registry"}} in r]
-        assert len(jumps) == 1
-        assert {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}},
-                          "right": {"set": [443, 5000]}}} in jumps[0]
+        assert len(jumps) == 3  # two for flows the peer opened, then new ones
+        assert all({"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}},
+                              "right": {"set": [443, 5000]}}} in jump for jump in jumps)
 
 
 def test_registry_chain_enforce_rejects_and_counts():
