@@ -161,9 +161,12 @@ def _unmarked_engine(config: Config) -> str:
         mark.program_id = bpf.program_id(fd)
     finally:
         os.close(fd)
-    found = engine.discover(mount, config.enforcement.engine_processes, config.enforcement.engine_executables) \
-        if mount else engine.Discovery()
-    missing = [path for path in found.cgroups if not mark.attached(path)]
+    if mount is None:
+        return "no cgroup v2 hierarchy is mounted here to check the engine's marks"
+    configured = [engine.under(mount, path) for path in config.enforcement.configured_cgroups]
+    found = engine.discover(mount, config.enforcement.engine_processes, config.enforcement.engine_executables,
+                            configured_cgroups=frozenset(configured))
+    missing = [path for path in sorted(set(found.cgroups) | set(configured)) if not mark.attached(path)]
     return "; ".join(found.problems + [f"engine cgroup {path} is not marked" for path in missing])
 
 

@@ -85,9 +85,7 @@ class EngineScope:
 
     def configured(self) -> list[str]:
         """The configured engine cgroups, as absolute directories."""
-        mount = self.mount
-        return [path if path.startswith(mount + "/") else os.path.join(mount, path.lstrip("/"))
-                for path in self.config.enforcement.configured_cgroups]
+        return [engine.under(self.mount, path) for path in self.config.enforcement.configured_cgroups]
 
     def _targets(self, found: engine.Discovery, problems: list[str]) -> dict[str, tuple[str, bool]]:
         """cgroup -> (why it is marked, whether engine scope depends on it)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from .. import record
 from ..config import Config
 from ..errors import NftablesError, RamfwError, ResourceBusy, require_root
-from ..kernel import links, nft, probes, ruleset
+from ..kernel import links, netlink, nft, probes, ruleset
 from ..kernel.links import LinkWatch
 from ..kernel.nflog import Log
 from ..kernel.queue import NF_ACCEPT, NF_DROP, Queue
@@ -135,7 +135,8 @@ class Daemon:
             self._on_links()
             self.own_traffic = self.engine.exempt_own_traffic(self.table, "", self.url_source)
         record.write(self.config, record.build(self.config, self.policy, self.source, self.trusted,
-                                               self.report.to_dict(), daemon_pid=os.getpid()))
+                                               self.report.to_dict(), daemon_pid=os.getpid(),
+                                               scope_in_force=list(self.applied_scope)))
 
     def _check_engine(self) -> None:
         """Mark what the engine runs in now; widen or narrow the scope when that changed (or
@@ -152,7 +153,10 @@ class Daemon:
     def _on_links(self) -> None:
         """Links changed (a container network made, a port added): the container bridges again."""
         self.links.drain()
-        self.table.set_container_bridges(links.container_bridges(links.dump()))
+        try:
+            self.table.set_container_bridges(links.container_bridges(links.dump()))
+        except OSError as err:  # the set stays as it was; a bridge not in it is filtered (fail closed)
+            self._error(f"reading the container bridges failed: {err}")
 
     def _on_cgroups(self) -> None:
         """A cgroup was made or removed beside the engine's: an engine restart, mark it now."""
@@ -187,7 +191,7 @@ class Daemon:
             sel.register(self.engine.watch.fd, selectors.EVENT_READ, self._on_cgroups)
         for listener in self.control.listeners():
             sel.register(listener, selectors.EVENT_READ, lambda listener=listener: self.control.serve(listener))
-        sel.register(wake_r, selectors.EVENT_READ, lambda: _drain(wake_r))
+        sel.register(wake_r, selectors.EVENT_READ, lambda: netlink.drain(wake_r))
         self._wake = wake_w
         if self.url_source is not None:
             threading.Thread(target=self._poll_policy, name="policy-poller", daemon=True).start()
@@ -407,11 +411,3 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
-
-
-def _drain(sock: socket.socket) -> None:
-    try:
-        while sock.recv(512):
-            pass
-    except (BlockingIOError, OSError):
-        pass

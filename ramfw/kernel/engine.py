@@ -47,6 +47,11 @@ class Discovery:
         return [p for members in self.cgroups.values() for p in members]
 
 
+def under(mount: str, path: str) -> str:
+    """A cgroup path as configured (relative to the hierarchy, or already under ``mount``) made absolute."""
+    return path if path.startswith(mount + "/") else os.path.join(mount, path.lstrip("/"))
+
+
 def v2_path(proc_cgroup: str) -> str | None:
     """The cgroup v2 path from the text of /proc/<pid>/cgroup (the ``0::`` line), or None."""
     for line in proc_cgroup.splitlines():

@@ -1,11 +1,12 @@
 """The container bridges of this network namespace, read over rtnetlink (not /sys: a daemon
 entered into a namespace with ``nsenter --net`` sees the host's /sys/class/net).
 
-A container bridge is a bridge whose every port is a veth or a tap: what Docker, containerd
-and Podman make (docker0, br-<id>, cni0). Traffic routed onto one stays on this VM, reaching a
-container: it is not egress, so ramfw lets it pass (``docker run -p`` through docker-proxy, a
-registry container on ``localhost:5000``). A bridge with any other port (a NIC, a VLAN, a
-bond) may carry traffic off the VM, and is not one.
+A container bridge is a bridge whose every port is a veth whose other end is in another
+network namespace (a container's), or a tap: what Docker, containerd and Podman make (docker0,
+br-<id>, cni0). Traffic routed onto one stays on this VM, reaching a container: it is not
+egress, so ramfw lets it pass (``docker run -p`` through docker-proxy, a registry container on
+``localhost:5000``). A bridge with any other port (a NIC, a VLAN, a bond, a veth whose other end
+is here and may be a port of another bridge) may carry traffic off the VM, and is not one.
 """
 
 from __future__ import annotations
@@ -17,16 +18,26 @@ from . import netlink as nl
 
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTMGRP_LINK = 1
-IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO = 3, 10, 18
+IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_LINK_NETNSID = 3, 10, 18, 37
+NLM_F_DUMP_INTR = 0x10
 IFLA_INFO_KIND = 1
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 PORT_KINDS = {"veth", "tun"}  # a container's end, a VM's tap
 
 
 def _links(data: bytes) -> list[tuple[int, str, str, int]]:
-    """(index, name, kind, master index) of each link in a dump's datagram."""
+    """(index, name, kind, master index) of each link in a dump's datagram; a veth whose other
+    end is in this namespace has the kind ``veth-here``. OSError if the kernel reports an error
+    or an interrupted dump (the list would be incomplete: a bridge could look all-container)."""
     found = []
     for msg_type, start, end in nl.messages(data):
+        flags = nl.HEADER.unpack_from(data, start - nl.HEADER.size)[2]
+        if flags & NLM_F_DUMP_INTR:
+            raise OSError(4, "the link dump was interrupted by a change")
+        if msg_type == nl.NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", data, start)
+            if code:
+                raise OSError(-code, "the link dump failed")
         if msg_type != RTM_NEWLINK or start + IFINFOMSG.size > end:
             continue
         index = IFINFOMSG.unpack_from(data, start)[2]
@@ -35,11 +46,24 @@ def _links(data: bytes) -> list[tuple[int, str, str, int]]:
         info = nl.parse_attrs(attrs.get(IFLA_LINKINFO, b""))
         kind = info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode(errors="replace")
         master = struct.unpack("=I", attrs[IFLA_MASTER])[0] if len(attrs.get(IFLA_MASTER, b"")) == 4 else 0
+        if kind == "veth" and IFLA_LINK_NETNSID not in attrs:
+            kind = "veth-here"
         found.append((index, name, kind, master))
     return found
 
 
-def dump() -> list[tuple[int, str, str, int]]:
+def dump(attempts: int = 3) -> list[tuple[int, str, str, int]]:
+    """Every link of this namespace; an interrupted dump is made again."""
+    for attempt in range(attempts):
+        try:
+            return _dump()
+        except InterruptedError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _dump() -> list[tuple[int, str, str, int]]:
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
         sock.settimeout(5)
         body = IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
@@ -70,11 +94,7 @@ class LinkWatch:
         self.sock.bind((0, RTMGRP_LINK))
 
     def drain(self) -> None:
-        try:
-            while self.sock.recv(1 << 16):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+        nl.drain(self.sock)
 
     def close(self) -> None:
         self.sock.close()

@@ -139,6 +139,15 @@ def open_socket(rcvbuf: int = 8 << 20) -> socket.socket:
     return sock
 
 
+def drain(sock: socket.socket) -> None:
+    """Read and drop what waits on a non-blocking socket (wake-ups, change notifications)."""
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except OSError:  # BlockingIOError: empty
+        pass
+
+
 _seq = itertools.count(1)
 
 

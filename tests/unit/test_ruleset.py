@@ -1,5 +1,7 @@
 from dataclasses import replace
 
+import pytest
+
 from ramfw.config import EnforcementSettings
 from ramfw.kernel import ruleset
 from ramfw.kernel.ruleset import Hold
@@ -155,3 +157,28 @@ def test_container_bridges_are_bridges_whose_ports_are_all_veths_or_taps():
              (5, "br0", "bridge", 0), (6, "eth0", "", 5), (7, "vm-br", "bridge", 0), (8, "tap0", "tun", 7),
              (9, "br-empty", "bridge", 0), (10, "bond-br", "bridge", 0), (11, "bond0", "bond", 10)]
     assert links.container_bridges(found) == ["br-empty", "docker0", "vm-br"]
+
+
+def test_a_bridge_with_a_veth_whose_other_end_is_here_is_not_a_container_bridge():
+    """That other end may be a port of a bridge with a NIC: traffic onto this one leaves the VM."""
+    from ramfw.kernel import links
+
+    found = [(2, "br-a", "bridge", 0), (3, "va", "veth-here", 2), (4, "vb", "veth-here", 5),
+             (5, "br-uplink", "bridge", 0), (6, "eth0", "", 5)]
+    assert links.container_bridges(found) == []
+
+
+def test_a_link_dump_that_was_interrupted_or_failed_is_an_error_not_a_short_list():
+    import struct
+
+    from ramfw.kernel import links, netlink
+
+    body = links.IFINFOMSG.pack(0, 0, 7, 0, 0) + netlink.attr(links.IFLA_IFNAME, b"docker0\0")
+    whole = netlink.HEADER.pack(netlink.HEADER.size + len(body), links.RTM_NEWLINK, 0, 1, 0) + body
+    assert links._links(whole) == [(7, "docker0", "", 0)]
+    interrupted = netlink.HEADER.pack(netlink.HEADER.size + len(body), links.RTM_NEWLINK, links.NLM_F_DUMP_INTR, 1, 0)
+    with pytest.raises(InterruptedError):
+        links._links(interrupted + body)
+    error = netlink.HEADER.pack(netlink.HEADER.size + 4, netlink.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -16)
+    with pytest.raises(OSError):
+        links._links(error)
