@@ -153,10 +153,20 @@ def test_dockerfile_add_url_is_restricted(world, tmp_path):
         assert (result.returncode == 0) is ok, result.stderr
 
 
+def test_buildkit_builds_are_restricted_like_pulls(world):
+    """Issue #9, 5: BuildKit, the default builder since Engine 23, runs in dockerd: its base-image
+    pulls and ADD downloads are the engine's (driven through the Engine API: see buildkit())."""
+    cases = {f"FROM allowed-registry.test/{IMAGE}\n": "",
+             f"FROM blocked-registry.test/{IMAGE}\n": "connection refused",
+             "FROM scratch\nADD https://allowed-registry.test/files/hello.txt /hello.txt\n": "",
+             "FROM scratch\nADD https://blocked-registry.test/files/hello.txt /hello.txt\n": "connection refused"}
+    for dockerfile, expected in cases.items():
+        error = world.registries.buildkit(dockerfile)
+        assert (expected in error) if expected else error == "", (dockerfile, error)
+
+
 def test_from_in_a_dockerfile_is_restricted_like_a_pull(world, tmp_path):
-    """The builder's own base-image pulls. Debian 12's engine (20.10) has BuildKit, but its CLI
-    needs the buildx plugin, which Debian 12 does not package: the classic builder is what can
-    be driven here (docs/design.md says what that leaves untested)."""
+    """The classic builder's base-image pulls (DOCKER_BUILDKIT=0)."""
     for name, ok in (("allowed-registry.test", True), ("blocked-registry.test", False)):
         context = tmp_path / name
         context.mkdir()
@@ -213,6 +223,23 @@ def test_container_dns_through_the_engines_resolver(world):
         assert f"Address: {ALLOWED4}" in result.stdout, result.stdout + result.stderr
     finally:
         docker("network", "rm", "labnet", check=False)
+
+
+def test_a_container_that_fetches_itself_is_blocked_in_containers_scope_only(world, tmp_path):
+    """Issue #9, 5: a buildx docker-container builder (BuildKit in a container), a pull-through
+    cache, any container: its own connections are not the engine's. Engine scope alone lets
+    them pass (its documented limit); containers scope blocks them. (buildx itself is not in
+    Debian 12: a container connecting to the registry stands in for the builder.)"""
+    probe = ["run", "--rm", "local/busybox:1", "sh", "-c", f"nc -w 3 {BLOCKED4} 443 </dev/null && echo open || echo closed"]
+    assert world.registries.docker(*probe).stdout.strip() == "open", "engine scope alone: not the engine's"
+    containers = tmp_path / "containers.toml"
+    containers.write_text(Path(world.config).read_text().replace(
+        "[enforcement]\n", '[enforcement]\nscope = ["engine", "containers"]\n'))
+    restart_daemon(world, str(containers))
+    try:
+        assert world.registries.docker(*probe).stdout.strip() == "closed"
+    finally:
+        restart_daemon(world, world.config)
 
 
 def test_hosts_file_and_hard_coded_addresses_do_not_get_through(world):

@@ -27,11 +27,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import tarfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 from .sandbox import ALLOWED4, BLOCKED4, CDN4, NET4, Lab, remove_cgroup
@@ -98,6 +100,9 @@ class _FrontHandler(http.server.BaseHTTPRequestHandler):
         body = self._body()
         if self.path.startswith("/files/"):
             return self._reply(200, {"Content-Type": "text/plain"}, f"hello from {self.headers['Host']}\n".encode())
+        if self.path.startswith("/dockerfile?"):  # a build's remote context: the Dockerfile in the query
+            text = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["text"][0]
+            return self._reply(200, {"Content-Type": "text/plain"}, text.encode())
         if self.server.redirect_to and self.command == "GET" and _BLOB.fullmatch(self.path.split("?")[0]):
             return self._reply(307, {"Location": f"https://{self.server.redirect_to}{self.path}"}, b"")
         with self.server.lab.net.inside():
@@ -289,6 +294,24 @@ class RegistryLab:
                **env) -> subprocess.CompletedProcess:
         return subprocess.run(["docker", "-H", f"unix://{self.socket}", *args], capture_output=True,
                               text=input is None, input=input, check=check, timeout=timeout, env={**os.environ, **env})
+
+    def buildkit(self, dockerfile: str) -> str:
+        """Build ``dockerfile`` with the engine's BuildKit, through the Engine API (Debian 12's CLI
+        needs the buildx plugin for BuildKit, which Debian 12 does not package): the context is a
+        URL on the allowed registry's host that serves the Dockerfile, which dockerd fetches
+        itself. Returns the build's error, or "" when it succeeded."""
+        context = "https://allowed-registry.test/dockerfile?" + urllib.parse.urlencode({"text": dockerfile})
+        query = urllib.parse.urlencode({"version": "2", "remote": context, "nocache": "1"})
+        conn = http.client.HTTPConnection("docker", timeout=120)
+        conn.sock = socket.socket(socket.AF_UNIX)
+        conn.sock.connect(str(self.socket))
+        try:
+            conn.request("POST", f"/v1.41/build?{query}", body=b"")
+            stream = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        errors = [json.loads(line).get("error") for line in stream.splitlines() if line.strip()]
+        return next((e for e in errors if e), "")
 
     def import_images(self) -> None:
         """Runnable images made from the host's files (no registry needed): ``local/busybox``
