@@ -33,6 +33,9 @@ def _print_status(result: dict) -> None:
         print(f"kernel:     {caps.get('kernel')}; missing: {', '.join(missing) or 'nothing'}")
     if result.get("dns_hold"):
         print(f"DNS hold:   {result['dns_hold']}")
+    if "trusted_resolvers" in result:
+        origin = f" (from {result['trusted_from']})" if result.get("trusted_from") else ""
+        print(f"resolvers:  {', '.join(result['trusted_resolvers']) or 'NONE: nothing is learned'}{origin}")
     if result.get("scope_in_force") and result["scope_in_force"] != result.get("scope"):
         print(f"in force:   {', '.join(result['scope_in_force'])} (widened: fail closed)")
     eng = result.get("engine") or {}

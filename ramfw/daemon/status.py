@@ -7,6 +7,7 @@ import time
 
 from .. import record
 from ..kernel.ruleset import Hold
+from ..snoop import resolvers
 
 PASSIVE_NOTE = ("DNS replies are copied, not held: the first connection to a new address can be lost; "
                 "mitigation: a first SYN to an unknown address is dropped, not reset, so its retransmission "
@@ -23,6 +24,9 @@ def document(daemon) -> dict:
                             key=lambda x: x["address"])
                for name, addresses in sorted(snooper.learned.items())}
     notes = list(daemon.policy.notes) + record.proxy_notes(daemon.config)
+    if not daemon.trusted:
+        notes.append(f"no DNS resolver is trusted ({resolvers.RESOLV_CONF} names none, and dns.trusted_resolvers is "
+                     "empty): nothing is learned, every registry connection in scope is refused")
     if daemon.hold is Hold.PASSIVE:
         notes.append(PASSIVE_NOTE)
     notes += [f"cap reached: {cap}" for cap in snooper.caps_hit]
@@ -45,6 +49,7 @@ def document(daemon) -> dict:
         "policy": {**daemon.policy.summary(), "source": daemon.source, "loaded_at": daemon.policy_loaded,
                    **({"url": url.url, "url_error": url.last_error} if url else {})},
         "trusted_resolvers": daemon.trusted,
+        "trusted_from": "dns.trusted_resolvers" if daemon.config.dns.trusted_resolvers else str(resolvers.RESOLV_CONF),
         "learned": {k: v for k, v in learned.items() if v},
         "counters": {**dict(snooper.counters), **counters, "learned_addresses": snooper.total},
         "recent_blocks": list(daemon.blocks_log.recent),

@@ -1,4 +1,11 @@
-"""Which DNS servers ramfw trusts: the ones in resolv.conf plus the well-known loopback stubs."""
+"""Which DNS servers ramfw trusts: the configured ones, else the nameservers resolv.conf names.
+
+Nothing is trusted for being well known: an address like 127.0.0.11 (Docker's embedded DNS,
+which lives in each container's namespace, not the VM's) or 10.255.255.254 (WSL2's DNS
+tunnel) could be bound by a local process or given to a container, and would then teach.
+A loopback stub (systemd-resolved's 127.0.0.53, WSL2's tunnel) is trusted when resolv.conf
+names it, which is when the VM's lookups go to it.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,6 @@ import ipaddress
 from pathlib import Path
 
 RESOLV_CONF = Path("/etc/resolv.conf")
-# systemd-resolved, Docker's embedded DNS, WSL2 DNS tunnelling (current and earlier address).
-LOOPBACK_STUBS = ("127.0.0.53", "127.0.0.11", "10.255.255.254", "127.0.0.42")
 
 
 def from_resolv_conf(text: str) -> list[str]:
@@ -25,11 +30,16 @@ def from_resolv_conf(text: str) -> list[str]:
 
 
 def trusted(configured: tuple[str, ...], resolv_conf: Path = RESOLV_CONF) -> list[str]:
-    """The configured resolvers; by default resolv.conf's nameservers and the loopback stubs."""
+    """The configured resolvers; by default the nameservers resolv.conf names now."""
+    return [address for address, _ in with_origins(configured, resolv_conf)]
+
+
+def with_origins(configured: tuple[str, ...], resolv_conf: Path = RESOLV_CONF) -> list[tuple[str, str]]:
+    """(address, where it came from) of each trusted resolver."""
     if configured:
-        return [str(ipaddress.ip_address(r)) for r in configured]
+        return [(str(ipaddress.ip_address(r)), "dns.trusted_resolvers") for r in configured]
     try:
         text = resolv_conf.read_text()
     except OSError:
         text = ""
-    return list(dict.fromkeys(from_resolv_conf(text) + list(LOOPBACK_STUBS)))
+    return [(address, str(resolv_conf)) for address in dict.fromkeys(from_resolv_conf(text))]

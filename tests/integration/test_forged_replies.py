@@ -120,3 +120,40 @@ def test_real_replies_still_teach_to_the_vm_and_to_a_container(forge_lab):
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
     assert lab.connect(ALLOWED6, mark=MARK)[0] == "connected"
     assert lab.connect(ALLOWED4, source=lab.container)[0] == "connected"
+
+
+STUB = """
+import os, socket, sys
+import dns.message, dns.rrset
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.11", 53))
+os.setuid(65534)  # an unprivileged user, once the port is bound (as a lowered ip_unprivileged_port_start allows)
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(512)
+    reply = dns.message.make_response(dns.message.from_wire(data))
+    reply.answer.append(dns.rrset.from_text(reply.question[0].name, 300, "IN", "A", sys.argv[1]))
+    s.sendto(reply.to_wire(), peer)
+"""
+
+
+def test_a_well_known_stub_address_is_not_trusted_unless_resolv_conf_names_it(lab, write_config, write_policy,
+                                                                             tmp_path):
+    """Issue #8, 2: 127.0.0.53, 127.0.0.11, 10.255.255.254 and 127.0.0.42 were trusted whatever
+    resolv.conf said: a local user's server on 127.0.0.11:53 taught the daemon."""
+    import subprocess
+    import sys
+
+    lab.serve_tcp([CDN4], [443])
+    write_policy(["allowed-registry.test"])
+    (tmp_path / "resolv.conf").write_text(f"nameserver {NET4}\n")
+    config = write_config()  # no dns.trusted_resolvers: the default
+    hide = f'mount --bind {tmp_path / "resolv.conf"} /etc/resolv.conf && exec "$@"'
+    lab.daemon = lab.start_daemon(config, prefix=("unshare", "-m", "--propagation", "private", "sh", "-c", hide, "sh"))
+    stub = lab.vm.popen(sys.executable, "-c", STUB, CDN4, stdout=subprocess.PIPE)
+    lab.processes.append(stub)
+    assert stub.stdout.readline() == b"ready\n"
+    assert lab.resolve("allowed-registry.test", server="127.0.0.11").answer
+    assert lab.connect(CDN4, mark=MARK)[0] == "refused"
+    result = json.loads(lab.ramfw("status", "--json", "--config", config).stdout)
+    assert result["trusted_resolvers"] == [NET4] and result["trusted_from"] == "/etc/resolv.conf"

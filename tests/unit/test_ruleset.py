@@ -124,13 +124,18 @@ def test_parse_state_reads_back_counters_elements_and_mode():
     assert state.resolvers == ("192.0.2.53",)
 
 
-def test_trusted_resolvers_default_to_resolv_conf_and_stubs(tmp_path):
+def test_trusted_resolvers_default_to_resolv_conf_only(tmp_path):
+    """Issue #8, 2: no address is trusted for being well known (127.0.0.11, 10.255.255.254 and
+    the like were, whatever resolv.conf said); a loopback stub only when resolv.conf names it."""
     conf = tmp_path / "resolv.conf"
     conf.write_text("# comment\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nnameserver bogus\nsearch x\n")
-    found = resolvers.trusted((), conf)
-    assert found[:2] == ["192.0.2.53", "fe80::1"] and "127.0.0.53" in found and "127.0.0.11" in found
+    assert resolvers.trusted((), conf) == ["192.0.2.53", "fe80::1"]
+    assert resolvers.with_origins((), conf) == [("192.0.2.53", str(conf)), ("fe80::1", str(conf))]
     assert resolvers.trusted(("2001:db8::53",), conf) == ["2001:db8::53"]
-    assert "127.0.0.53" in resolvers.trusted((), tmp_path / "missing")
+    assert resolvers.with_origins(("2001:db8::53",), conf) == [("2001:db8::53", "dns.trusted_resolvers")]
+    assert resolvers.trusted((), tmp_path / "missing") == []
+    conf.write_text("nameserver 127.0.0.53\n")
+    assert resolvers.trusted((), conf) == ["127.0.0.53"]
 
 
 def test_passive_hold_defers_first_syns():
