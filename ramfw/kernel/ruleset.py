@@ -94,8 +94,13 @@ _ACCEPT = {"accept": None}
 _NOT_REDIRECTED = {"match": {"op": "!", "left": {"ct": {"key": "status"}}, "right": "dnat"}}
 
 
+# Every transport with ports where TCP and UDP have them: a scope by port covers them all
+# (UDP-Lite to a never-learned address passed when only TCP and UDP were matched).
+_PORTED = _match(_meta("l4proto"), {"set": ["tcp", "udp", "udplite", "sctp", "dccp"]})
+
+
 def _ports(ports: Iterable[int]) -> list[dict]:
-    return [_TCP_UDP, _match(_payload("th", "dport"), {"set": sorted(ports)})]
+    return [_PORTED, _match(_payload("th", "dport"), {"set": sorted(ports)})]
 
 
 _REPLY = _match({"ct": {"key": "direction"}}, "reply")
@@ -110,8 +115,8 @@ def _peer_first_rules(settings: EnforcementSettings, hook: str) -> list[list[dic
     registry port in the reply direction are judged like a new connection. Inbound services on
     the VM are untouched: their answers go to the client's port, a SYN-ACK or data, never a
     bare SYN, and a client's port is not a registry port."""
-    udp_to_registry = [_match(_meta("l4proto"), "udp"), _match(_payload("udp", "dport"),
-                                                              {"set": sorted(settings.registry_ports)})]
+    udp_to_registry = [_match(_meta("l4proto"), {"set": ["udp", "udplite"]}),
+                       _match(_payload("th", "dport"), {"set": sorted(settings.registry_ports)})]
     rules = []
     for scope_rule in _in_scope_rules(settings, hook):
         rules.append([_REPLY, _match(_meta("l4proto"), "tcp"), _SYN_ONLY] + scope_rule)

@@ -82,6 +82,33 @@ def test_host_scope_filters_registry_ports_of_every_process(lab, write_config):
     assert lab.connect(BLOCKED4, 8080)[0] == "connected"
 
 
+def test_host_scope_covers_every_transport_with_ports_not_only_tcp_and_udp(lab, write_config):
+    """Issue #8, 3: UDP-Lite (IP protocol 136) to a never-learned address passed in host scope."""
+    import socket
+
+    up(lab, write_config(scope=["host"], registry_ports=[443]))
+    udplite = 136
+    with lab.net.inside():
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, udplite)
+    peer.bind((BLOCKED4, 443))
+    peer.settimeout(1)
+    with lab.vm.inside():
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, udplite)
+    try:
+        try:
+            client.sendto(b"over UDP-Lite", (BLOCKED4, 443))
+        except PermissionError:
+            pass  # refused on the way out
+        try:
+            got = peer.recv(64)
+        except (TimeoutError, OSError):
+            got = None
+        assert got is None
+    finally:
+        peer.close()
+        client.close()
+
+
 def test_down_leaves_the_ruleset_exactly_as_before_and_repeats(lab, write_config):
     lab.vm.run("nft", "add table inet other; add chain inet other c { type filter hook output priority 10; }; "
                "add rule inet other c tcp dport 9 counter")
