@@ -4,14 +4,22 @@ The daemon listens on a socket file in its run directory and on an abstract sock
 network namespace. The abstract socket is also the lock that keeps one daemon per namespace
 (what WSL2 needs: its distributions share a network namespace, not /run), and a control
 socket every distribution can reach. Mutating commands need uid 0 (``SO_PEERCRED``).
+
+No client can stall the daemon's loop: each connection is read and answered by a thread of
+its own, within a deadline for the whole request (a client that sends a byte a second is cut
+off), and at most ``MAX_CLIENTS`` at once; only the command itself runs in the loop, handed
+over through a queue and a wake-up. A client believes only a server running as root.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
 import struct
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -19,15 +27,24 @@ from ..config import Config
 from ..errors import DaemonError
 
 READ_ONLY = ("ping", "status")  # what any local user may ask
+MAX_CLIENTS = 16
+DEADLINE = 2.0  # seconds for a whole request to arrive, and for its answer to leave
 
 
 def abstract_address(config: Config) -> str:
     return f"\0ramfw/{config.enforcement.table}"
 
 
-def read_line(conn: socket.socket, limit: int = 65536) -> str:
+def read_line(conn: socket.socket, limit: int = 65536, deadline: float | None = None) -> str:
+    """One line; with ``deadline`` (a time.monotonic() value) the whole line must come by then,
+    else TimeoutError."""
     data = bytearray()
     while b"\n" not in data[-65536:] and len(data) < limit:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the request did not arrive in time")
+            conn.settimeout(remaining)
         chunk = conn.recv(65536)
         if not chunk:
             break
@@ -45,13 +62,25 @@ def peer_uid(conn: socket.socket) -> int:
     return peer_cred(conn)[1]
 
 
-class ControlServer:
-    """The daemon's two listening sockets; ``serve`` answers one connection with ``handle``."""
+class _Request:
+    def __init__(self, command: str, uid: int):
+        self.command, self.uid = command, uid
+        self.reply: dict = {"ok": False, "error": "the daemon did not answer in time"}
+        self.done = threading.Event()
 
-    def __init__(self, config: Config, handle: Callable[[str], dict]):
+
+class ControlServer:
+    """The daemon's two listening sockets. ``serve`` (in the loop) accepts a connection and
+    gives it a thread; ``run_pending`` (in the loop) runs the commands those threads read,
+    with ``handle(command, uid)``; ``wake`` (set by the loop) tells the loop one is waiting."""
+
+    def __init__(self, config: Config, handle: Callable[[str, int], dict]):
         self.config, self.handle = config, handle
         self.lock: socket.socket | None = None
         self.control: socket.socket | None = None
+        self.wake: Callable[[], None] = lambda: None
+        self.pending: queue.Queue[_Request] = queue.Queue()
+        self.clients = threading.BoundedSemaphore(MAX_CLIENTS)
 
     def take_lock(self) -> None:
         """Bind the namespace's abstract address: a second daemon stops here, before it
@@ -88,21 +117,54 @@ class ControlServer:
             conn, _ = listener.accept()
         except OSError:
             return
-        with conn:
-            conn.settimeout(2)
-            try:
-                request = json.loads(read_line(conn) or "{}")
-                command = request.get("command", "")
-                if peer_uid(conn) != 0 and command not in READ_ONLY:
-                    reply = {"ok": False, "error": f"{command} needs root"}
-                else:
-                    reply = self.handle(command)
-            except (OSError, ValueError) as err:
-                reply = {"ok": False, "error": str(err)}
-            try:
+        try:
+            limited = peer_uid(conn) != 0  # root always gets an answer; others share MAX_CLIENTS
+        except OSError:
+            conn.close()
+            return
+        if limited and not self.clients.acquire(blocking=False):
+            conn.close()  # too many at once: the loop never waits for a client
+            return
+        threading.Thread(target=self._client, args=(conn, limited), name="control-client", daemon=True).start()
+
+    def _client(self, conn: socket.socket, limited: bool) -> None:
+        try:
+            with conn:
+                reply = self._answer(conn)
+                conn.settimeout(DEADLINE)
                 conn.sendall(json.dumps(reply).encode() + b"\n")
-            except OSError:
-                pass
+        except OSError:
+            pass
+        finally:
+            if limited:
+                self.clients.release()
+
+    def _answer(self, conn: socket.socket) -> dict:
+        try:
+            request = json.loads(read_line(conn, deadline=time.monotonic() + DEADLINE) or "{}")
+            command, uid = str(request.get("command", "")), peer_uid(conn)
+        except (OSError, ValueError, AttributeError) as err:
+            return {"ok": False, "error": str(err) or type(err).__name__}
+        if uid != 0 and command not in READ_ONLY:
+            return {"ok": False, "error": f"{command} needs root"}
+        pending = _Request(command, uid)
+        self.pending.put(pending)
+        self.wake()
+        pending.done.wait(30)
+        return pending.reply
+
+    def run_pending(self) -> None:
+        """In the loop: run every command the client threads have read."""
+        while True:
+            try:
+                pending = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                pending.reply = self.handle(pending.command, pending.uid)
+            except Exception as err:  # noqa: BLE001 - the client gets an answer, the loop goes on
+                pending.reply = {"ok": False, "error": repr(err)}
+            pending.done.set()
 
     def close(self) -> None:
         if self.control is not None:
@@ -128,10 +190,10 @@ def request(config: Config, command: str, timeout: float = 5.0) -> dict:
                     failures.append(f"{address!r} is held by uid {peer_uid(sock)}, not by the ramfw daemon")
                     continue
                 sock.sendall(json.dumps({"command": command}).encode() + b"\n")
-                return json.loads(read_line(sock, 1 << 26))
+                return json.loads(read_line(sock, 1 << 26))  # a status can be large; the timeout is per read
         except (OSError, ValueError) as err:
             failures.append(str(err))
-    raise DaemonError(f"the ramfw daemon is not reachable ({config.daemon.socket}: {failures[0]})")
+    raise DaemonError(f"the ramfw daemon is not reachable ({config.daemon.socket}: {'; '.join(failures)})")
 
 
 def _holder(address: str) -> tuple[int, int] | None:

@@ -191,8 +191,9 @@ class Daemon:
             sel.register(self.engine.watch.fd, selectors.EVENT_READ, self._on_cgroups)
         for listener in self.control.listeners():
             sel.register(listener, selectors.EVENT_READ, lambda listener=listener: self.control.serve(listener))
-        sel.register(wake_r, selectors.EVENT_READ, lambda: netlink.drain(wake_r))
+        sel.register(wake_r, selectors.EVENT_READ, lambda: (netlink.drain(wake_r), self.control.run_pending()))
         self._wake = wake_w
+        self.control.wake = self._wake_up
         if self.url_source is not None:
             threading.Thread(target=self._poll_policy, name="policy-poller", daemon=True).start()
         next_housekeeping = time.monotonic() + HOUSEKEEPING
@@ -222,12 +223,16 @@ class Daemon:
             self._poll_now.clear()
             if self.url_source.refresh():
                 self.reload_requested = True
-                try:
-                    self._wake.send(b"r")
-                except OSError:
-                    pass
+                self._wake_up()
             if self.url_source.last_error and self.url_source.last_error not in self.errors:
                 self._error(self.url_source.last_error)
+
+    def _wake_up(self) -> None:
+        """From another thread: make the loop look at its wake-up socket now."""
+        try:
+            self._wake.send(b"w")
+        except OSError:  # full: it is awake already
+            pass
 
     def _guarded(self, step) -> None:
         """Whatever goes wrong in one step is logged and counted; the daemon keeps running,
@@ -320,12 +325,13 @@ class Daemon:
                 self.blocks_log.record(self.snooper.block_message(segment.dst), segment.dst, segment.dport)
 
     # -- control -----------------------------------------------------------------------------
-    def handle(self, command: str) -> dict:
+    def handle(self, command: str, uid: int = 0) -> dict:
         if command == "ping":
             return {"ok": True}
-        if command == "status":  # what the kernel says now, not a second ago
-            self._guarded(self._check_engine)
-            return {"ok": True, "status": status_doc.document(self)}
+        if command == "status":  # what the kernel says now, not a second ago; the full list for root only
+            if uid == 0:
+                self._guarded(self._check_engine)
+            return {"ok": True, "status": status_doc.document(self, full=uid == 0)}
         if command == "stop":
             self.stopping = True
             return {"ok": True, "message": "the daemon is stopping"}

@@ -14,15 +14,16 @@ PASSIVE_NOTE = ("DNS replies are copied, not held: the first connection to a new
                 "(1 s later) passes once the reply has been read")
 
 
-def document(daemon) -> dict:
-    """``daemon`` is the running ``loop.Daemon``."""
+def document(daemon, full: bool = True) -> dict:
+    """``daemon`` is the running ``loop.Daemon``. Without ``full`` (any local user may ask) the
+    learned addresses are left out: listing 100,000 of them costs the loop time."""
     now = time.time()
     snooper = daemon.snooper
     counters = daemon.table.counters()
     learned = {name: sorted(({"address": a, "expires_in": int(expiry - now)}
                              for a, expiry in addresses.items() if expiry > now),
                             key=lambda x: x["address"])
-               for name, addresses in sorted(snooper.learned.items())}
+               for name, addresses in sorted(snooper.learned.items())} if full else {}
     notes = list(daemon.policy.notes) + record.proxy_notes(daemon.config)
     if not daemon.trusted:
         notes.append(f"no DNS resolver is trusted ({resolvers.RESOLV_CONF} names none, and dns.trusted_resolvers is "

@@ -490,6 +490,49 @@ def test_host_scope_lets_the_daemons_own_policy_polls_through_and_no_one_else(la
     assert run_in(lab, home, NET4, 8443) == "refused"
 
 
+SLOW_CLIENT = """
+import os, socket, sys, time
+os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX)
+s.connect("\\0" + sys.argv[1])
+print("connected", flush=True)
+for byte in b'{"command": "status"}' * 5:
+    s.send(bytes([byte]))
+    time.sleep(1)
+"""
+
+
+def test_no_local_user_can_stall_the_daemon_through_its_control_socket(daemon_lab):
+    """Issue #8, 5: a client (uid 65534) sending a byte a second stalled the loop (a 2 s timeout
+    per read, in the loop): allowlisted lookups timed out, root's status took 5 s. Clients are
+    now served beside the loop, with a deadline for the whole request, and root always gets in."""
+    lab = daemon_lab
+    address = "ramfw/ramfw"  # the abstract address, less its leading NUL
+    slow = [lab.vm.popen(sys.executable, "-c", SLOW_CLIENT, address, stdout=subprocess.PIPE) for _ in range(20)]
+    lab.processes.extend(slow)
+    for client in slow:
+        assert client.stdout.readline() == b"connected\n"
+    for _ in range(5):
+        forget(lab, ALLOWED4)
+        start = time.monotonic()
+        assert address_of(lab.resolve("allowed-registry.test")) == ALLOWED4
+        assert time.monotonic() - start < 0.5
+        assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+        start = time.monotonic()
+        assert status(lab)["daemon"]["running"] and time.monotonic() - start < 1.5, "root's status at once"
+        time.sleep(0.3)
+
+
+def test_a_user_who_is_not_root_gets_a_status_without_the_learned_list(daemon_lab):
+    lab = daemon_lab
+    lab.resolve("allowed-registry.test")
+    asker = ("import os, socket; os.setgid(65534); os.setuid(65534); s = socket.socket(socket.AF_UNIX); "
+             "s.connect('\\0ramfw/ramfw'); s.sendall(b'{\"command\": \"status\"}\\n'); s.shutdown(socket.SHUT_WR); "
+             "print(b''.join(iter(lambda: s.recv(65536), b'')).decode())")
+    answer = json.loads(lab.vm.run(sys.executable, "-c", asker).stdout)["status"]
+    assert answer["learned"] == {} and answer["counters"] and status(lab)["learned"]
+
+
 def test_a_squatter_on_the_daemons_address_is_named_and_fools_no_one(lab, write_config, write_policy):
     """An unprivileged process listening on the namespace's abstract address: `ramfw up` is not
     refused for it, and a daemon that cannot start names it."""
@@ -501,6 +544,8 @@ def test_a_squatter_on_the_daemons_address_is_named_and_fools_no_one(lab, write_
     lab.processes.append(squatter)
     assert squatter.stdout.readline() == b"ready\n"
     assert lab.ramfw("up", "--config", config).returncode == 0
+    reload = lab.ramfw("reload", "--config", config)  # the squatter's answer was believed: rc 0
+    assert reload.returncode == 5 and "held by uid 65534, not by the ramfw daemon" in reload.stderr
     with pytest.raises(RuntimeError, match=f"held by pid {squatter.pid} \\(uid 65534\\), not by a ramfw daemon"):
         lab.start_daemon(config)
 
