@@ -83,6 +83,9 @@ def _print_doctor(report) -> None:
     else:
         print("engine scope: NOT available here (no cgroup eBPF or no cgroup v2): a daemon configured for it "
               "puts host scope in force on the registry ports instead (fail closed)")
+    print("tamper: a change another process makes to ramfw's table (nft flush ruleset, ...) is seen as it is "
+          "committed and put back within a second by the daemon, which names the process; the table is not "
+          "protected from the change itself (nf_tables table ownership is not used): root can always remove ramfw")
     print("ramfw cannot enforce here" if report.missing_required() else "ramfw can enforce here")
 
 

@@ -205,7 +205,6 @@ def memory(lab, tmp):
 def docker_pull(lab, tmp, rounds=20):
     """docker pull of a 5-layer image (5 x 8 MB) through ramfw and without it, interleaved,
     after one warm-up pull of each kind that is not counted."""
-    from ramfw.kernel import bpf
     from tests.lab.registry import IMAGE, RegistryLab
 
     registries = RegistryLab(lab, Path(tmp) / "registries", layers=5, layer_bytes=8 << 20)

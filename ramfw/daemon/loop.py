@@ -24,7 +24,6 @@ import socket
 import threading
 import time
 from collections import deque
-from pathlib import Path
 
 from .. import record
 from ..config import Config
@@ -43,6 +42,7 @@ from . import status as status_doc
 from .blocks import BlockLog, Throttle
 from .control import ControlServer
 from .engine import EngineScope
+from .guard import Guard
 
 log = logging.getLogger("ramfw")
 HOUSEKEEPING = 1.0
@@ -81,7 +81,7 @@ class Daemon:
         self.report.check_required()
         self.hold = Hold.PASSIVE if self.config.dns.hold == "passive" else self.report.hold
         self.table = Table(self.config.enforcement.table)
-        self.resolv_mtime = _mtime(resolvers.RESOLV_CONF)
+        self.resolv_conf = resolvers.Follower(self.config.dns.trusted_resolvers)
         self.trusted = resolvers.trusted(self.config.dns.trusted_resolvers)
         self.snooper = Snooper(self.policy, set(self.trusted), self.config.dns)
         # The queue is bound before the hold rules exist: a held reply never meets an unbound
@@ -98,6 +98,7 @@ class Daemon:
         if self.report.has("nflog"):
             self.blocks = _bind(Log, self.config.enforcement.nflog_group, "NFLOG group", "enforcement.nflog_group")
         self.links = LinkWatch()  # before the ruleset: no bridge made meanwhile is missed
+        self.guard = Guard(self)  # and no change made by another process
         self.engine = EngineScope(self.config, self.report)
         self.engine.start()  # before the ruleset: it must know whether engine scope can be trusted
         self.own_traffic, self.applied_scope = "", ()
@@ -187,6 +188,7 @@ class Daemon:
         if self.blocks:
             sel.register(self.blocks.sock, selectors.EVENT_READ, self._on_block)
         sel.register(self.links.sock, selectors.EVENT_READ, self._on_links)
+        sel.register(self.guard.watch.sock, selectors.EVENT_READ, self.guard.on_notifications)
         if self.engine.watch is not None:
             sel.register(self.engine.watch.fd, selectors.EVENT_READ, self._on_cgroups)
         for listener in self.control.listeners():
@@ -375,18 +377,16 @@ class Daemon:
             self.snooper.counters["program_failed"] += 1
             self._error(f"programming the allowed sets failed: {refusal}")
         self._check_engine()
-        mtime = _mtime(resolvers.RESOLV_CONF)
-        if mtime != self.resolv_mtime and not self.config.dns.trusted_resolvers:
-            self.resolv_mtime = mtime
-            trusted = resolvers.trusted(())
-            if trusted != self.trusted:
-                self.trusted = trusted
-                self.snooper.trusted = set(trusted)
-                try:
-                    self.table.set_resolvers(trusted)
-                except NftablesError as err:
-                    self._error(str(err))
-                log.info("trusted resolvers now %s", ", ".join(trusted))
+        self.guard.verify()
+        trusted = self.resolv_conf.changed()
+        if trusted is not None and trusted != self.trusted:
+            self.trusted = trusted
+            self.snooper.trusted = set(trusted)
+            try:
+                self.table.set_resolvers(trusted)
+            except NftablesError as err:
+                self._error(str(err))
+            log.info("trusted resolvers now %s", ", ".join(trusted) or "none")
 
     def _error(self, text: str) -> None:
         """Logged (one line per kind of error per 10 s: a packet that makes the same error
@@ -396,7 +396,7 @@ class Daemon:
 
     def close(self) -> None:
         for thing in (self.queue, self.snoop, self.blocks, self.prefilter, getattr(self, "engine", None),
-                      getattr(self, "links", None)):
+                      getattr(self, "links", None), getattr(self, "guard", None)):
             if thing is not None:
                 thing.close()
         self.control.close()
@@ -410,10 +410,3 @@ def _bind(kind, number: int, what: str, setting: str):
     except OSError as err:
         raise ResourceBusy(f"cannot bind {what} {number}: {err.strerror or err}; another program (Suricata, "
                            f"ulogd, ...) may hold it: set {setting} in the configuration to a free number") from None
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0

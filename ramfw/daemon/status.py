@@ -34,6 +34,10 @@ def document(daemon, full: bool = True) -> dict:
     if daemon.engine.state.get("note"):
         notes.append(f"engine scope: {daemon.engine.state['note']}")
     notes += [f"engine scope ignores {item}" for item in daemon.engine.state.get("ignored", [])]
+    if daemon.guard.repairs:
+        last = daemon.guard.repairs[-1]
+        notes.append(f"ramfw's table was changed by someone else and put back {len(daemon.guard.repairs)} "
+                     f"time(s); last by {last['by']}, {int(now - last['at'])} s ago")
     if "host" in daemon.scope:
         notes.append(f"ramfw's own connections (policy polls) are {daemon.own_traffic}")
     url = daemon.url_source
@@ -54,6 +58,7 @@ def document(daemon, full: bool = True) -> dict:
         "learned": {k: v for k, v in learned.items() if v},
         "counters": {**dict(snooper.counters), **counters, "learned_addresses": snooper.total},
         "recent_blocks": list(daemon.blocks_log.recent),
+        "repairs": daemon.guard.repairs,
         "notes": notes,
         "errors": list(daemon.errors),
     }

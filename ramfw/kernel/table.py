@@ -36,6 +36,8 @@ class Table:
         self._sock = None
         self._batches: dict[tuple, list[bytes]] = {}
         self._cached = 0
+        self.expected: dict[str, int] = {}  # rules per chain, as last applied (``verify``)
+        self._sets: set[str] = set()
 
     # -- the table and its rules -------------------------------------------------------------
     def run(self, document: dict) -> dict:
@@ -48,6 +50,12 @@ class Table:
         """The table (one JSON transaction), then the DNS chains' rules swapped in one netlink
         transaction: a chain is never empty between its old rules and its new ones."""
         self.run(ruleset)
+        commands = ruleset["nftables"]
+        self._sets = {c["add"]["set"]["name"] for c in commands if "set" in c.get("add", {})}
+        self.expected = {c["add"]["chain"]["name"]: 0 for c in commands if "chain" in c.get("add", {})}
+        for c in commands:
+            if "rule" in c.get("add", {}):
+                self.expected[c["add"]["rule"]["chain"]] += 1
         for chain in DNS_CHAINS:
             try:
                 self.swap_rules(chain, hold_rules)
@@ -65,6 +73,31 @@ class Table:
         with netlink.open_socket() as sock:
             sock.send(nft.build_rules_batch(FAMILY, self.name, chain, rules, replace=True))
             netlink.wait_acks(sock, len(rules) + 1, "DNS hold rule")
+        self.expected[chain] = len(rules)
+
+    def verify(self) -> list[str]:
+        """What differs between the kernel's table and what was last applied (its chains' rule
+        counts, its sets; not the sets' elements): [] when nothing does."""
+        import nftables
+
+        terse = nftables.Nftables()
+        terse.set_json_output(True)
+        terse.set_terse_output(True)  # no set elements: 100,000 of them would cost hundreds of MB
+        rc, output, _ = terse.json_cmd({"nftables": [{"list": {"table": {"family": FAMILY, "name": self.name}}}]})
+        if rc != 0:
+            return [f"the table inet {self.name} is gone"]
+        found: dict[str, int] = {}
+        sets = set()
+        for item in (output or {}).get("nftables", []):
+            if "chain" in item:
+                found.setdefault(item["chain"]["name"], 0)
+            elif "rule" in item:
+                found[item["rule"]["chain"]] = found.get(item["rule"]["chain"], 0) + 1
+            elif "set" in item:
+                sets.add(item["set"]["name"])
+        differences = [f"chain {chain} has {found.get(chain, 'no')} rules, not {count}"
+                       for chain, count in self.expected.items() if found.get(chain) != count]
+        return differences + [f"set {name} is gone" for name in sorted(self._sets - sets)]
 
     def set_container_bridges(self, names: Iterable[str]) -> None:
         self.run(build_container_bridges(self.name, names))

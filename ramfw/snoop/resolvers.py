@@ -43,3 +43,28 @@ def with_origins(configured: tuple[str, ...], resolv_conf: Path = RESOLV_CONF) -
     except OSError:
         text = ""
     return [(address, str(resolv_conf)) for address in dict.fromkeys(from_resolv_conf(text))]
+
+
+class Follower:
+    """The default trusted set, read again when resolv.conf changes (its mtime, or the file a
+    symbolic link points to); the configured set never changes."""
+
+    def __init__(self, configured: tuple[str, ...], resolv_conf: Path = RESOLV_CONF):
+        self.configured, self.path = configured, resolv_conf
+        self.mtime = self._mtime()
+
+    def _mtime(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def changed(self) -> list[str] | None:
+        """The trusted set if resolv.conf changed since last asked, else None."""
+        if self.configured:
+            return None
+        mtime = self._mtime()
+        if mtime == self.mtime:
+            return None
+        self.mtime = mtime
+        return trusted((), self.path)

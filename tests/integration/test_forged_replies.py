@@ -13,7 +13,7 @@ import dns.message
 import dns.rrset
 import pytest
 
-from tests.lab.sandbox import ALLOWED4, ALLOWED6, BLOCKED4, BLOCKED6, CDN4, CONTAINER4, CONTAINER6, NET4, NET6, VM4, VM6
+from tests.lab.sandbox import ALLOWED4, ALLOWED6, BLOCKED4, BLOCKED6, CDN4, NET4, NET6, VM4, VM6
 
 MARK = 0x52410000
 

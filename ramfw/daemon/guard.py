@@ -1,0 +1,75 @@
+"""Tamper: detect at once, repair, say who (``kernel.tamper`` reads the notifications).
+
+Root in the VM can always remove ramfw (docs/design.md, the threat model); what the daemon
+can do is notice, put everything back and say who did it. A change another process commits to
+ramfw's table (``nft flush ruleset`` from Debian's nftables service, a provisioning script, a
+hand) is announced by the kernel as it is committed: the daemon applies the whole table again,
+sets the allowed sets' elements back to what it learned (an element added by hand is gone with
+it), and logs a WARNING naming the process. Lost notifications and a verification every few
+seconds (the chains' rule counts and the sets against what was applied) back it up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..kernel.ruleset import ALLOW, FAMILY
+from ..kernel.tamper import Change, TableWatch
+from ..snoop.snooper import Element
+
+log = logging.getLogger("ramfw")
+VERIFY_EVERY = 5.0  # seconds between two full verifications
+
+
+class Guard:
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.watch = TableWatch(daemon.config.enforcement.table)
+        self.repairs: list[dict] = []  # for status: when, who, what differed
+        self._next_verify = 0.0
+
+    def on_notifications(self) -> None:
+        """In the loop: the notifications waiting; repair if someone else changed the table."""
+        changes = self.watch.receive()
+        named = [c for c in changes if c.pid]
+        if any(not c.elements_only for c in named):
+            self.repair(next(c for c in reversed(named) if not c.elements_only), self.daemon.table.verify())
+        elif named:
+            self.repair(named[-1], ["addresses put in the allowed sets"], whole=False)
+        elif changes:  # lost: repair only what verification finds
+            self.verify(changes[-1])
+
+    def verify(self, cause: Change | None = None) -> None:
+        """In housekeeping (every VERIFY_EVERY seconds) and after lost notifications."""
+        if cause is None and time.monotonic() < self._next_verify:
+            return
+        self._next_verify = time.monotonic() + VERIFY_EVERY
+        if not self.daemon.policy.enabled:
+            return
+        differences = self.daemon.table.verify()
+        if differences:
+            self.repair(cause or Change(0, "unknown: found by the periodic verification"), differences)
+
+    def repair(self, cause: Change, differences: list[str], whole: bool = True) -> None:
+        """Apply the table again (``whole``) and set the allowed sets to what was learned."""
+        daemon = self.daemon
+        if not daemon.policy.enabled:
+            return
+        log.warning("ramfw's table was changed by %s%s: putting it back", cause,
+                    f" ({'; '.join(differences)})" if differences else "")
+        if whole:
+            daemon.apply()
+        now = time.time()
+        elements = [Element(address, int(expiry - now), name) for name, addresses in daemon.snooper.learned.items()
+                    for address, expiry in addresses.items() if expiry - now >= 1]
+        daemon.table.run({"nftables": [{"flush": {"set": {"family": FAMILY, "table": daemon.table.name, "name": n}}}
+                                       for n in ALLOW.values()]})
+        daemon.table.add_elements(elements, daemon.report.kernel_refreshes_timeout)
+        self.repairs = (self.repairs + [{"at": now, "by": str(cause), "found": differences}])[-20:]
+        left = daemon.table.verify()
+        if left:
+            daemon._error(f"ramfw's table could not be put back: {'; '.join(left)}")
+
+    def close(self) -> None:
+        self.watch.close()

@@ -1,0 +1,114 @@
+"""Who changed ramfw's table: nf_tables change notifications (NFNLGRP_NFTABLES), read as they
+come.
+
+Every nf_tables transaction in the namespace is announced, message by message, then closed by
+a NEWGEN message that names the process that committed it (pid and name). A transaction that
+touched ramfw's table (any message whose table attribute names it, in the inet family: a rule,
+a chain, a set, the table itself, and ``nft flush ruleset``'s deletion of it) and was not
+committed by this process is a change someone else made. Set elements count only when the
+transaction leaves one added: an address taken out of the allowed sets only blocks more (it is
+learned again from the next reply), one put in opens a way. Lost notifications (a full socket
+buffer) are a change of unknown origin. The daemon repairs on any (``table``'s ``verify`` says
+what differs).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+from . import netlink as nl
+
+NFNLGRP_NFTABLES = 7
+NFT_MSG_NEWGEN = 15
+NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 2, 3
+TABLE_NAME = 1  # NFTA_TABLE_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE, ...: always attribute 1
+
+
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE = 3, 1, 1, 1
+
+
+@dataclass(frozen=True)
+class Change:
+    pid: int  # 0: unknown (notifications were lost)
+    process: str
+    elements_only: bool = False  # only addresses were put in the sets, the rest is intact
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} ({self.process})" if self.pid else self.process
+
+
+class TableWatch:
+    """Changes others make to one table, from the namespace's nf_tables notifications."""
+
+    def __init__(self, table: str, family: str = "inet"):
+        self.table, self.family = table.encode() + b"\0", nl.NFPROTO[family]
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nl.NETLINK_NETFILTER)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            self.sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+        self._touched = False  # the transaction being read touched the table's structure
+        self._added: set[bytes] = set()  # ... and the elements it added, less those it deleted
+
+    def receive(self, bursts: int = 64) -> list[Change]:
+        """Foreign changes whose notifications wait; [] at once when none do."""
+        changes = []
+        for _ in range(bursts):
+            try:
+                data = self.sock.recv(1 << 17)
+            except BlockingIOError:
+                break
+            except OSError as err:
+                if err.errno != errno.ENOBUFS:
+                    raise
+                self._touched, self._added = False, set()
+                changes.append(Change(0, "unknown: nf_tables notifications were lost"))
+                continue
+            changes += self._parse(data)
+        return changes
+
+    def _parse(self, data: bytes) -> list[Change]:
+        changes = []
+        for msg_type, start, end in nl.messages(data):
+            if msg_type >> 8 != nl.NFNL_SUBSYS_NFTABLES or start + nl.NFGEN.size > end:
+                continue
+            attrs = nl.parse_attrs(data, start + nl.NFGEN.size, end)
+            kind = msg_type & 0xFF
+            if kind == NFT_MSG_NEWGEN:
+                pid = struct.unpack("!I", attrs[NFTA_GEN_PROC_PID])[0] if len(attrs.get(NFTA_GEN_PROC_PID, b"")) == 4 \
+                    else 0
+                if (self._touched or self._added) and pid != os.getpid():
+                    name = attrs.get(NFTA_GEN_PROC_NAME, b"?").rstrip(b"\0").decode(errors="replace")
+                    changes.append(Change(pid, name, elements_only=not self._touched))
+                self._touched, self._added = False, set()
+            elif data[start] != self.family or attrs.get(TABLE_NAME) != self.table:
+                continue
+            elif kind == NFT_MSG_NEWSETELEM:
+                self._added |= _keys(attrs)
+            elif kind == NFT_MSG_DELSETELEM:
+                self._added -= _keys(attrs)
+            else:
+                self._touched = True
+        return changes
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _keys(attrs: dict[int, bytes]) -> set[bytes]:
+    """The set and key of each element of a NEWSETELEM or DELSETELEM message."""
+    set_name = attrs.get(2, b"")  # NFTA_SET_ELEM_LIST_SET
+    keys = set()
+    for kind, element in nl.iter_attrs(attrs.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
+        if kind == NFTA_LIST_ELEM:
+            key = nl.parse_attrs(nl.parse_attrs(element).get(NFTA_SET_ELEM_KEY, b"")).get(NFTA_DATA_VALUE, b"")
+            keys.add(set_name + b"/" + key)
+    return keys
