@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import profiles
+from . import hosting, profiles
 from ..errors import PolicyError
 from .names import InvalidName, Matcher, Pattern, parse_entry
 
@@ -200,4 +200,10 @@ def lint(policy: Policy) -> list[str]:
         wider = policy.matcher.wider(registry.pattern)
         if wider is not None:
             warnings.append(f"{registry.address} is already allowed by {wider.to_text()}")
+        shared = hosting.shared(registry.pattern)
+        if shared:
+            warnings.append(shared)
+    if not hosting.available():
+        warnings.append(f"shared hosting is not checked: the Public Suffix List ({hosting.PSL_FILE}) or "
+                        "python3-publicsuffix2 is missing (apt-get install publicsuffix python3-publicsuffix2)")
     return warnings

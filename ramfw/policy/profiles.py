@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from . import hosting
 from .names import Matcher, Pattern, parse_entry
 
 DOCKER_HUB_HOSTS = (
@@ -78,6 +79,9 @@ class Gap:
 
     def to_text(self) -> str:
         text = f"pulls from {self.registry} will fail: also allow {', '.join(self.missing)}"
+        if any(hosting.shared(parse_entry(need).pattern) for need in self.missing):
+            text += (" (shared hosting: that lets anyone's registry in; better, allow the exact host your pulls "
+                     "use, which ramfw's block message names)")
         return f"{text} ({self.note})" if self.note else text
 
 
