@@ -17,8 +17,8 @@ import time
 from ..kernel.ruleset import ALLOW, FAMILY
 from ..kernel.tamper import Change, TableWatch
 from ..snoop.snooper import Element
+from .blocks import Throttle
 
-log = logging.getLogger("ramfw")
 VERIFY_EVERY = 5.0  # seconds between two full verifications
 
 
@@ -28,6 +28,7 @@ class Guard:
         self.watch = TableWatch(daemon.config.enforcement.table)
         self.repairs: list[dict] = []  # for status: when, who, what differed
         self._next_verify = 0.0
+        self._log = Throttle()  # a process that changes the table again and again: a line per 10 s
 
     def on_notifications(self) -> None:
         """In the loop: the notifications waiting; repair if someone else changed the table."""
@@ -56,8 +57,8 @@ class Guard:
         daemon = self.daemon
         if not daemon.policy.enabled:
             return
-        log.warning("ramfw's table was changed by %s%s: putting it back", cause,
-                    f" ({'; '.join(differences)})" if differences else "")
+        self._log.log(logging.WARNING, cause.process, f"ramfw's table was changed by {cause}"
+                      + (f" ({'; '.join(differences)})" if differences else "") + ": putting it back")
         if whole:
             daemon.apply()
         now = time.time()

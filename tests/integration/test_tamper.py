@@ -52,6 +52,8 @@ def test_a_change_by_another_process_is_put_back_at_once_and_named(guarded, chan
         return
     last = repaired(lab, 1)["repairs"][-1]
     assert last["by"].endswith("(nft)")
+    lab.daemon.log.seek(0)
+    assert f"WARNING: ramfw's table was changed by {last['by']}" in lab.daemon.log.read().decode()
     assert lab.connect(BLOCKED4, mark=MARK)[0] == "refused"
     assert lab.connect(BLOCKED4)[0] == "refused", "host scope is back too"
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected", "what was learned is back"
