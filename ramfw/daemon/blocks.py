@@ -36,6 +36,19 @@ class BlockLog:
         self.audit = audit
         self.recent: deque[dict] = deque(maxlen=50)
         self._throttle = Throttle()
+        self._named: dict[str, tuple[float, str]] = {}  # address -> (when, message): one lookup per interval
+
+    def message(self, address: str, lookup) -> str:
+        """The block message for ``address``; ``lookup(address)`` (a search of the kept replies)
+        runs at most once per destination per interval."""
+        now = time.monotonic()
+        known = self._named.get(address)
+        if known is not None and now - known[0] < LOG_INTERVAL:
+            return known[1]
+        if len(self._named) >= 4096:
+            self._named.clear()
+        self._named[address] = (now, lookup(address))
+        return self._named[address][1]
 
     def record(self, message: str, address: str, port: int) -> None:
         if self.audit:

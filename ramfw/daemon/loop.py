@@ -321,10 +321,12 @@ class Daemon:
             return
         if self.snoop is not None:  # copies of replies that name the address may still wait there
             self._on_snoop()
+        self.snooper.counters["blocks_named"] += len(packets)
         for packet in packets:
             segment = parse_packet(packet)
             if segment is not None:
-                self.blocks_log.record(self.snooper.block_message(segment.dst), segment.dst, segment.dport)
+                message = self.blocks_log.message(segment.dst, self.snooper.block_message)
+                self.blocks_log.record(message, segment.dst, segment.dport)
 
     # -- control -----------------------------------------------------------------------------
     def handle(self, command: str, uid: int = 0) -> dict:

@@ -150,10 +150,17 @@ def _proxy_rules(proxies: Iterable[str]) -> list[list[dict]]:
     return rules
 
 
+LOG_RATE, LOG_BURST, LOG_SNAPLEN = 50, 100, 128  # blocked packets named per second; bytes of each
+
+
 def _verdict_rules(settings: EnforcementSettings, hold: Hold) -> list[list[dict]]:
-    log = {"log": {"prefix": LOG_PREFIX + settings.mode, "group": settings.nflog_group}}
+    # Blocked packets go to the daemon (to be named in status and the log) at a bounded rate and
+    # cut to their headers: a client retrying a blocked address in a loop costs the daemon
+    # nothing more. The counters and the verdict see every packet.
+    log = [{"limit": {"rate": LOG_RATE, "per": "second", "burst": LOG_BURST}},
+           {"log": {"prefix": LOG_PREFIX + settings.mode, "group": settings.nflog_group, "snaplen": LOG_SNAPLEN}}]
     if settings.mode == "audit":
-        return [[log, {"counter": "audited"}, _ACCEPT]]
+        return [log, [{"counter": "audited"}, _ACCEPT]]
     grace = []
     if hold is Hold.PASSIVE:
         # Replies are only copied, so the daemon may learn an address just after the client
@@ -168,7 +175,8 @@ def _verdict_rules(settings: EnforcementSettings, hold: Hold) -> list[list[dict]
                           {"set": {"op": "add", "elem": daddr, "set": "@" + PENDING[version]}},
                           {"counter": "deferred"}, {"drop": None}])
     return grace + [
-        [log, {"counter": "blocked"}, _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}],
+        log,
+        [{"counter": "blocked"}, _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}],
         [{"reject": {"type": "icmpx", "expr": "admin-prohibited"}}],
     ]
 

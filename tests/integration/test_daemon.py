@@ -86,6 +86,20 @@ def test_blocked_name_is_refused_and_named_in_status(daemon_lab):
     assert "registry access to blocked-registry.test is not allowed" in text
 
 
+def test_a_flood_of_blocked_connections_is_counted_whole_and_named_at_a_bounded_rate(daemon_lab):
+    """Issue #10, 4: every blocked packet went to the daemon whole, with no limit."""
+    lab = daemon_lab
+    before = status(lab)["counters"]
+    start = time.monotonic()
+    for _ in range(600):
+        assert lab.connect(BLOCKED4, mark=MARK, timeout=1)[0] == "refused"
+    seconds = time.monotonic() - start
+    time.sleep(0.3)
+    after = status(lab)["counters"]
+    assert after["blocked"] - before["blocked"] >= 600
+    assert after.get("blocks_named", 0) - before.get("blocks_named", 0) <= 100 + 50 * (seconds + 1)
+
+
 def test_cname_chain_to_a_cdn_name(daemon_lab):
     lab = daemon_lab
     reply = lab.resolve("chained-registry.test")

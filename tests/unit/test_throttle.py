@@ -18,3 +18,20 @@ def test_one_line_per_key_per_interval_and_the_held_back_counted(caplog, monkeyp
     assert [r.getMessage() for r in caplog.records] == [
         "reading a reply: UnicodeDecodeError(...)", "queue: ENOBUFS",
         "reading a reply: again (seen 49999 more times since the last report)"]
+
+
+def test_a_destination_is_looked_up_once_per_interval():
+    """Issue #10, 4: every blocked packet searched the kept replies before the log throttle."""
+    from ramfw.daemon.blocks import BlockLog
+
+    calls = []
+    log = BlockLog(audit=False)
+
+    def lookup(address):
+        calls.append(address)
+        return f"registry access to {address} is not allowed"
+
+    for _ in range(1000):
+        log.message("203.0.113.20", lookup)
+    log.message("203.0.113.21", lookup)
+    assert calls == ["203.0.113.20", "203.0.113.21"]
