@@ -34,3 +34,4 @@ def test_a_log_group_held_by_another_program_is_named_with_the_setting_to_change
         assert "NFLOG group 5241" in line and "enforcement.nflog_group" in line
     finally:
         squatter.close()
+
