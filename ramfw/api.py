@@ -35,7 +35,7 @@ def up(config: Config, policy_path: str | None = None, report: probes.Report | N
     if source_url is not None:
         source_url.refresh()
     policy, source = policy_source.load(config, policy_path, fallback=True)
-    report = report or probes.run()
+    report = report or probes.run(Path(config.daemon.run_dir) / probes.CACHE)
     report.check_required()
     table = Table(config.enforcement.table)
     trusted = resolvers.trusted(config.dns.trusted_resolvers)
@@ -170,9 +170,10 @@ def _unmarked_engine(config: Config) -> str:
     return "; ".join(found.problems + [f"engine cgroup {path} is not marked" for path in missing])
 
 
-def doctor() -> probes.Report:
+def doctor(config: Config) -> probes.Report:
+    """Probe again (and refresh the answers the daemon and ``up`` use)."""
     require_root("ramfw doctor")
-    return probes.run()
+    return probes.run(Path(config.daemon.run_dir) / probes.CACHE, fresh=True)
 
 
 def lint(path: str, config: Config) -> tuple[Policy, list[str]]:

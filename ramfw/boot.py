@@ -43,7 +43,7 @@ def boot(config: Config, config_path: str | None, log_file: str) -> str:
     if control.answers(config):
         return "ramfw daemon already running in this network namespace"
     failed = load_modules()
-    report = probes.run()
+    report = probes.run(Path(config.daemon.run_dir) / probes.CACHE)
     report.check_required()
     args = [sys.executable, "-m", "ramfw.cli", "daemon"] + (["--config", config_path] if config_path else [])
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)

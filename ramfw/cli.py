@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     config = config_mod.load(args.config)
     if args.command == "doctor":
-        report = api.doctor()
+        report = api.doctor(config)
         _print_doctor(report)
         for note in record.proxy_notes(config):
             print(f"proxy: {note}")

@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 from .. import record
 from ..config import Config
@@ -77,7 +78,7 @@ class Daemon:
             self.url_source.refresh()
         self.policy, self.source = policy_source.load(self.config, self.policy_path, fallback=True)
         self.policy_loaded = time.time()
-        self.report = probes.run()
+        self.report = probes.run(Path(self.config.daemon.run_dir) / probes.CACHE)
         self.report.check_required()
         self.hold = Hold.PASSIVE if self.config.dns.hold == "passive" else self.report.hold
         self.table = Table(self.config.enforcement.table)

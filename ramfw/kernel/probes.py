@@ -23,6 +23,7 @@ from .ruleset import Hold
 MIN_KERNEL = (5, 4)
 REQUIRED = ("nf_tables", "element_timeout")  # without these ramfw cannot enforce at all
 _PROBE_TABLE = "ramfw_probe"
+CACHE = "probes.json"  # in the run directory: answers for this kernel and boot
 
 
 @dataclass(frozen=True)
@@ -268,8 +269,45 @@ def probe_here() -> list[Capability]:
     return _table_probes() + [_nfnetlink_queue_probe(), _cgroup_bpf_probe(), _cgroup_paths_probe(), _btf_probe(), _bcc_probe()]
 
 
-def run() -> Report:
-    """Check the kernel version, then probe in a throw-away network namespace."""
+def _cache_key() -> dict:
+    """What the probes' answers depend on: the kernel and this boot of it (modules loaded since
+    show in a new boot), the cgroup namespace (``cgroup_paths``), the Python that loads bcc."""
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_text().strip() if not path.startswith("/proc/self/ns") else os.readlink(path)
+        except OSError:
+            return ""
+    from .. import __version__
+
+    return {"kernel": platform.release(), "boot_id": read("/proc/sys/kernel/random/boot_id"),
+            "cgroup_ns": read("/proc/self/ns/cgroup"), "python": sys.executable, "ramfw": __version__}
+
+
+def run(cache: Path | None = None, fresh: bool = False) -> Report:
+    """Check the kernel version, then probe in a throw-away network namespace; with ``cache``,
+    the answers of an earlier probe of this kernel and boot are used, unless ``fresh``."""
+    key = _cache_key()
+    if cache is not None and not fresh:
+        try:
+            saved = json.loads(cache.read_text())
+            if saved.get("key") == key:
+                return Report(saved["kernel"], tuple(Capability(**c) for c in saved["capabilities"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    report = _probe()
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_name(cache.name + ".new")
+            partial.write_text(json.dumps({"key": key, "kernel": report.kernel,
+                                           "capabilities": [asdict(c) for c in report.capabilities]}))
+            partial.replace(cache)
+        except OSError:
+            pass  # the next start probes again
+    return report
+
+
+def _probe() -> Report:
     check_kernel()
     if os.geteuid() != 0:
         raise KernelError("probing the kernel needs root (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN)")

@@ -161,8 +161,8 @@ def test_disabled_policy_restricts_nothing_and_says_so(lab, write_config, write_
     assert "not restricted" in result.stdout and "enabled false" in result.stdout
 
 
-def test_doctor_reports_this_kernel(lab):
-    result = lab.ramfw("doctor")
+def test_doctor_reports_this_kernel(lab, write_config):
+    result = lab.ramfw("doctor", "--config", write_config())  # its run_dir: the probe cache is written there
     assert result.returncode == 0, result.stderr
     assert "nf_tables" in result.stdout and "DNS replies are held by" in result.stdout
     assert "ramfw can enforce here" in result.stdout

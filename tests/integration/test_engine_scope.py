@@ -161,7 +161,8 @@ def test_where_engine_scope_cannot_work_host_scope_is_in_force_and_status_says_s
     text = lab.ramfw("status", "--config", lab.config)
     assert text.returncode == 8 and text.stdout.startswith("ramfw is enforcing in enforce mode, but NOT as configured")
     home = lab.cgroup("doctor")
-    doctor = subprocess.run(["unshare", "--cgroup", *RAMFW, "doctor"], capture_output=True, text=True, cwd=str(ROOT),
+    doctor = subprocess.run(["unshare", "--cgroup", *RAMFW, "doctor", "--config", lab.config], capture_output=True,
+                            text=True, cwd=str(ROOT),
                             env={**os.environ, "PYTHONPATH": str(ROOT)},
                             preexec_fn=lambda: (home / "cgroup.procs").write_text(str(os.getpid())))
     assert "[NO ] cgroup_paths" in doctor.stdout and "--cgroupns host" in doctor.stdout

@@ -35,3 +35,27 @@ def test_a_log_group_held_by_another_program_is_named_with_the_setting_to_change
     finally:
         squatter.close()
 
+
+
+def test_probes_are_cached_for_this_kernel_and_boot_and_doctor_probes_again(tmp_path, monkeypatch):
+    """Issue #10, 7: every start ran every probe (a namespace, iptables-nft, a bcc compile)."""
+    import json
+    import os
+
+    import pytest
+
+    from ramfw.kernel import probes
+
+    if os.geteuid() != 0:
+        pytest.skip("probing needs root")
+    cache = tmp_path / "probes.json"
+    first = probes.run(cache)
+    calls = []
+    monkeypatch.setattr(probes, "_probe", lambda: calls.append(1) or first)
+    assert probes.run(cache) == first and calls == []
+    assert probes.run(cache, fresh=True) == first and calls == [1]  # doctor
+    saved = json.loads(cache.read_text())
+    saved["key"]["boot_id"] = "another boot"
+    cache.write_text(json.dumps(saved))
+    probes.run(cache)
+    assert calls == [1, 1], "another boot, or kernel, probes again"
