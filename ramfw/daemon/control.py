@@ -143,8 +143,8 @@ class ControlServer:
         try:
             request = json.loads(read_line(conn, deadline=time.monotonic() + DEADLINE) or "{}")
             command, uid = str(request.get("command", "")), peer_uid(conn)
-        except (OSError, ValueError, AttributeError) as err:
-            return {"ok": False, "error": str(err) or type(err).__name__}
+        except Exception as err:  # noqa: BLE001 - any request gets an answer (deep nesting: RecursionError)
+            return {"ok": False, "error": f"bad request: {type(err).__name__}"}
         if uid != 0 and command not in READ_ONLY:
             return {"ok": False, "error": f"{command} needs root"}
         pending = _Request(command, uid)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..kernel.ruleset import ALLOW, FAMILY
+from ..kernel.ruleset import build_replace_allowed
 from ..kernel.tamper import Change, TableWatch
 from ..snoop.snooper import Element
 from .blocks import Throttle
@@ -31,42 +31,35 @@ class Guard:
         self._log = Throttle()  # a process that changes the table again and again: a line per 10 s
 
     def on_notifications(self) -> None:
-        """In the loop: the notifications waiting; repair if someone else changed the table."""
+        """In the loop: the notifications waiting; repair if someone else changed the table, or
+        if notifications were lost (what they said is unknown, so everything is put back)."""
         changes = self.watch.receive()
-        named = [c for c in changes if c.pid]
-        if any(not c.elements_only for c in named):
-            self.repair(next(c for c in reversed(named) if not c.elements_only), self.daemon.table.verify())
-        elif named:
-            self.repair(named[-1], ["addresses put in the allowed sets"], whole=False)
-        elif changes:  # lost: repair only what verification finds
-            self.verify(changes[-1])
+        if changes:
+            self.repair(next((c for c in reversed(changes) if c.pid), changes[-1]), self.daemon.table.verify())
 
-    def verify(self, cause: Change | None = None) -> None:
-        """In housekeeping (every VERIFY_EVERY seconds) and after lost notifications."""
-        if cause is None and time.monotonic() < self._next_verify:
+    def verify(self) -> None:
+        """In housekeeping, every VERIFY_EVERY seconds: the chains' rules, the sets, the small
+        sets' elements against what the daemon last wrote."""
+        if time.monotonic() < self._next_verify or not self.daemon.policy.enabled:
             return
         self._next_verify = time.monotonic() + VERIFY_EVERY
-        if not self.daemon.policy.enabled:
-            return
         differences = self.daemon.table.verify()
         if differences:
-            self.repair(cause or Change(0, "unknown: found by the periodic verification"), differences)
+            self.repair(Change(0, "unknown: found by the periodic verification"), differences)
 
-    def repair(self, cause: Change, differences: list[str], whole: bool = True) -> None:
-        """Apply the table again (``whole``) and set the allowed sets to what was learned."""
+    def repair(self, cause: Change, differences: list[str]) -> None:
+        """Apply the whole table again (its rules, the resolvers and container bridges sets) and
+        set the allowed sets to what was learned: whatever was changed, nothing else is left."""
         daemon = self.daemon
         if not daemon.policy.enabled:
             return
         self._log.log(logging.WARNING, cause.process, f"ramfw's table was changed by {cause}"
                       + (f" ({'; '.join(differences)})" if differences else "") + ": putting it back")
-        if whole:
-            daemon.apply()
+        daemon.apply()
         now = time.time()
         elements = [Element(address, int(expiry - now), name) for name, addresses in daemon.snooper.learned.items()
                     for address, expiry in addresses.items() if expiry - now >= 1]
-        daemon.table.run({"nftables": [{"flush": {"set": {"family": FAMILY, "table": daemon.table.name, "name": n}}}
-                                       for n in ALLOW.values()]})
-        daemon.table.add_elements(elements, daemon.report.kernel_refreshes_timeout)
+        daemon.table.run(build_replace_allowed(daemon.table.name, elements))
         self.repairs = (self.repairs + [{"at": now, "by": str(cause), "found": differences}])[-20:]
         left = daemon.table.verify()
         if left:

@@ -260,6 +260,23 @@ def build_container_bridges(table: str, names: Iterable[str]) -> dict:
     return {"nftables": [{"flush": {"set": ref}}] + ([{"add": {"element": {**ref, "elem": names}}}] if names else [])}
 
 
+def build_replace_allowed(table: str, elements: Iterable) -> dict:
+    """Empty the allowed and pending sets and fill the allowed ones with ``elements`` (address,
+    timeout, name), in one transaction: no moment without what was learned."""
+    cmds: list[dict] = [{"flush": {"set": {"family": FAMILY, "table": table, "name": name}}}
+                        for name in (*ALLOW.values(), *PENDING.values())]
+    by_version: dict[int, list[dict]] = {4: [], 6: []}
+    for element in elements:
+        item = {"val": element.address, "timeout": element.timeout}
+        if element.name:
+            item["comment"] = element.name[:127]
+        by_version[ipaddress.ip_address(element.address).version].append({"elem": item})
+    for version, items in by_version.items():
+        if items:
+            cmds.append({"add": {"element": {"family": FAMILY, "table": table, "name": ALLOW[version], "elem": items}}})
+    return {"nftables": cmds}
+
+
 def build_remove(table: str) -> dict:
     """Add-then-delete: removes the table whether or not it exists, so it is safe to repeat."""
     ref = {"family": FAMILY, "name": table}

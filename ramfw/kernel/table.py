@@ -9,6 +9,7 @@ elements are programmed.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import struct
@@ -17,8 +18,8 @@ from typing import Iterable, Iterator
 from ..errors import NftablesError
 from ..snoop.snooper import Element
 from . import netlink, nft
-from .ruleset import (DNS_CHAINS, FAMILY, OWN_CHAIN, RESOLVERS, Learned, TableState, build_container_bridges,
-                      build_delete_elements, build_remove, build_resolvers, parse_state)
+from .ruleset import (CONTAINER_BRIDGES, DNS_CHAINS, FAMILY, OWN_CHAIN, RESOLVERS, Learned, TableState,
+                      build_container_bridges, build_delete_elements, build_remove, build_resolvers, parse_state)
 
 CACHE_BYTES = 16 << 20  # the element batches kept for replies seen again
 
@@ -36,8 +37,7 @@ class Table:
         self._sock = None
         self._batches: dict[tuple, list[bytes]] = {}
         self._cached = 0
-        self.expected: dict[str, int] = {}  # rules per chain, as last applied (``verify``)
-        self._sets: set[str] = set()
+        self.written: dict[str, str] | None = None  # the table as this object last left it (``verify``)
 
     # -- the table and its rules -------------------------------------------------------------
     def run(self, document: dict) -> dict:
@@ -50,12 +50,6 @@ class Table:
         """The table (one JSON transaction), then the DNS chains' rules swapped in one netlink
         transaction: a chain is never empty between its old rules and its new ones."""
         self.run(ruleset)
-        commands = ruleset["nftables"]
-        self._sets = {c["add"]["set"]["name"] for c in commands if "set" in c.get("add", {})}
-        self.expected = {c["add"]["chain"]["name"]: 0 for c in commands if "chain" in c.get("add", {})}
-        for c in commands:
-            if "rule" in c.get("add", {}):
-                self.expected[c["add"]["rule"]["chain"]] += 1
         for chain in DNS_CHAINS:
             try:
                 self.swap_rules(chain, hold_rules)
@@ -73,11 +67,12 @@ class Table:
         with netlink.open_socket() as sock:
             sock.send(nft.build_rules_batch(FAMILY, self.name, chain, rules, replace=True))
             netlink.wait_acks(sock, len(rules) + 1, "DNS hold rule")
-        self.expected[chain] = len(rules)
+        self.remember()
 
-    def verify(self) -> list[str]:
-        """What differs between the kernel's table and what was last applied (its chains' rule
-        counts, its sets; not the sets' elements): [] when nothing does."""
+    def _snapshot(self) -> dict[str, str] | None:
+        """Every chain's rules and every set (its definition; the elements of the small ones,
+        not of the allowed and pending sets, which hold what the daemon learns), as text to
+        compare; None if the table is gone."""
         import nftables
 
         terse = nftables.Nftables()
@@ -85,28 +80,46 @@ class Table:
         terse.set_terse_output(True)  # no set elements: 100,000 of them would cost hundreds of MB
         rc, output, _ = terse.json_cmd({"nftables": [{"list": {"table": {"family": FAMILY, "name": self.name}}}]})
         if rc != 0:
-            return [f"the table inet {self.name} is gone"]
-        found: dict[str, int] = {}
-        sets = set()
+            return None
+        parts: dict[str, list] = {}
         for item in (output or {}).get("nftables", []):
-            if "chain" in item:
-                found.setdefault(item["chain"]["name"], 0)
-            elif "rule" in item:
-                found[item["rule"]["chain"]] = found.get(item["rule"]["chain"], 0) + 1
-            elif "set" in item:
-                sets.add(item["set"]["name"])
-        differences = [f"chain {chain} has {found.get(chain, 'no')} rules, not {count}"
-                       for chain, count in self.expected.items() if found.get(chain) != count]
-        return differences + [f"set {name} is gone" for name in sorted(self._sets - sets)]
+            for kind in ("chain", "rule", "set"):
+                if kind in item:
+                    body = {k: v for k, v in item[kind].items() if k != "handle"}
+                    owner = body["chain"] if kind == "rule" else body["name"]
+                    parts.setdefault(f"{'set' if kind == 'set' else 'chain'} {owner}", []).append(body)
+        for name in (*RESOLVERS.values(), CONTAINER_BRIDGES):
+            rc, output, _ = self._nft.json_cmd({"nftables": [{"list": {"set": {"family": FAMILY, "table": self.name,
+                                                                               "name": name}}}]})
+            parts.setdefault(f"set {name}", []).append(output if rc == 0 else None)
+        return {key: json.dumps(value, sort_keys=True) for key, value in parts.items()}
+
+    def remember(self) -> None:
+        """The table as it is now is what ``verify`` compares with."""
+        self.written = self._snapshot()
+
+    def verify(self) -> list[str]:
+        """What differs between the kernel's table and what this object last left there: its
+        chains' rules, its sets, the small sets' elements. [] when nothing does."""
+        if self.written is None:
+            return []
+        now = self._snapshot()
+        if now is None:
+            return [f"the table inet {self.name} is gone"]
+        return [f"{part} changed" for part in sorted(set(self.written) | set(now))
+                if self.written.get(part) != now.get(part)]
 
     def set_container_bridges(self, names: Iterable[str]) -> None:
         self.run(build_container_bridges(self.name, names))
+        self.remember()
 
     def set_resolvers(self, resolvers: Iterable[str]) -> None:
         self.run(build_resolvers(self.name, resolvers))
+        self.remember()
 
     def remove(self) -> None:
         self.run(build_remove(self.name))
+        self.written = None
 
     # -- the allowed sets ----------------------------------------------------------------------
     def add_elements(self, elements: Iterable[Element], kernel_refreshes_timeout: bool = True,

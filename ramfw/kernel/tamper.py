@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from . import netlink as nl
@@ -28,7 +30,7 @@ NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 2, 3
 TABLE_NAME = 1  # NFTA_TABLE_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE, ...: always attribute 1
 
 
-NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 0, 2, 12, 14
 NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE = 3, 1, 1, 1
 
 
@@ -57,6 +59,31 @@ class TableWatch:
         self.sock.setblocking(False)
         self._touched = False  # the transaction being read touched the table's structure
         self._added: set[bytes] = set()  # ... and the elements it added, less those it deleted
+        self.own_pid = self._calibrate()
+
+    def _calibrate(self) -> int:
+        """The pid the kernel gives this thread's commits (NEWGEN's is the pid in the initial
+        pid namespace: in a private one, a WSL2 distribution's, it is not ``os.getpid()``).
+        Commit an empty table of a unique name, made and deleted in one transaction, and read
+        which pid the kernel names for it. Call from the thread that writes the table."""
+        marker = f"ramfw_self_{os.getpid()}_{id(self) & 0xFFFF}"
+        ref = nl.string(1, marker)  # NFTA_TABLE_NAME
+        with nl.open_socket() as sock:
+            sock.send(nl.batch([(NFT_MSG_NEWTABLE, nl.NLM_F_CREATE | nl.NLM_F_ACK, self.family, ref),
+                                (NFT_MSG_DELTABLE, nl.NLM_F_ACK, self.family, ref)]))
+            nl.wait_acks(sock, 2, "ramfw's own-commit marker")
+        seen, deadline = False, time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if not select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            data = self.sock.recv(1 << 17)
+            for msg_type, start, end in nl.messages(data):
+                attrs = nl.parse_attrs(data, start + nl.NFGEN.size, end)
+                if msg_type & 0xFF == NFT_MSG_NEWTABLE and attrs.get(TABLE_NAME) == marker.encode() + b"\0":
+                    seen = True
+                elif msg_type & 0xFF == NFT_MSG_NEWGEN and seen:
+                    return _gen_pid(attrs) or os.getpid()
+        return os.getpid()
 
     def receive(self, bursts: int = 64) -> list[Change]:
         """Foreign changes whose notifications wait; [] at once when none do."""
@@ -83,9 +110,8 @@ class TableWatch:
             attrs = nl.parse_attrs(data, start + nl.NFGEN.size, end)
             kind = msg_type & 0xFF
             if kind == NFT_MSG_NEWGEN:
-                pid = struct.unpack("!I", attrs[NFTA_GEN_PROC_PID])[0] if len(attrs.get(NFTA_GEN_PROC_PID, b"")) == 4 \
-                    else 0
-                if (self._touched or self._added) and pid != os.getpid():
+                pid = _gen_pid(attrs)
+                if (self._touched or self._added) and pid != self.own_pid:
                     name = attrs.get(NFTA_GEN_PROC_NAME, b"?").rstrip(b"\0").decode(errors="replace")
                     changes.append(Change(pid, name, elements_only=not self._touched))
                 self._touched, self._added = False, set()
@@ -101,6 +127,11 @@ class TableWatch:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _gen_pid(attrs: dict[int, bytes]) -> int:
+    value = attrs.get(NFTA_GEN_PROC_PID, b"")
+    return struct.unpack("!I", value)[0] if len(value) == 4 else 0
 
 
 def _keys(attrs: dict[int, bytes]) -> set[bytes]:

@@ -547,6 +547,20 @@ def test_a_user_who_is_not_root_gets_a_status_without_the_learned_list(daemon_la
     assert answer["learned"] == {} and answer["counters"] and status(lab)["learned"]
 
 
+def test_a_request_nested_too_deep_gets_an_answer(daemon_lab):
+    """A review found: 60,000 nested brackets raised RecursionError in the client's thread: no answer."""
+    lab = daemon_lab
+    with lab.vm.inside():
+        sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(5)
+    sock.connect("\0ramfw/ramfw")
+    sock.sendall(b"[" * 60000 + b"\n")
+    answer = json.loads(sock.recv(65536))
+    sock.close()
+    assert answer == {"ok": False, "error": "bad request: RecursionError"}
+    assert status(lab)["daemon"]["running"]
+
+
 def test_a_squatter_on_the_daemons_address_is_named_and_fools_no_one(lab, write_config, write_policy):
     """An unprivileged process listening on the namespace's abstract address: `ramfw up` is not
     refused for it, and a daemon that cannot start names it."""

@@ -79,3 +79,47 @@ def test_an_address_taken_out_by_hand_only_blocks_more_and_is_learned_again(guar
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "refused"
     lab.resolve("allowed-registry.test")
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+
+
+@pytest.mark.parametrize("set_name, element", [("container_bridges", "rfv"), ("resolvers4", BLOCKED4)])
+def test_an_element_put_in_any_of_ramfws_sets_is_taken_out(guarded, set_name, element):
+    """A review found: only the allowed sets were put back; an uplink named a container bridge
+    (every in-scope connection accepted) or a blocked address named a resolver stayed."""
+    lab = guarded
+    if element == "rfv":
+        element = lab.vm.run("ip", "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
+    lab.vm.run("nft", "add", "element", "inet", "ramfw", set_name, f'{{ "{element}" }}' if set_name.startswith("c")
+               else f"{{ {element} }}")
+    repaired(lab, 1)
+    listing = lab.vm.run("nft", "list", "set", "inet", "ramfw", set_name).stdout
+    assert element not in listing
+    assert lab.connect(BLOCKED4)[0] == "refused"
+
+
+def test_a_change_hidden_in_a_flood_of_notifications_is_put_back(guarded, tmp_path):
+    """A review found: one transaction that overflows the notification socket (a table of
+    200,000 elements) and adds a blocked address to allow4 went unseen."""
+    lab = guarded
+    elements = ", ".join(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(200_000))
+    script = tmp_path / "flood.nft"
+    script.write_text(f"table inet flood {{\n set s {{\n type ipv4_addr\n elements = {{ {elements} }}\n }}\n}}\n"
+                      f"add element inet ramfw allow4 {{ {BLOCKED4} timeout 1h }}\n")
+    lab.vm.run("nft", "-f", str(script))
+    deadline = time.monotonic() + 8
+    while lab.connect(BLOCKED4, mark=MARK)[0] != "refused":
+        assert time.monotonic() < deadline, "the address stayed in the allowed set"
+        time.sleep(0.2)
+    assert status(lab)["repairs"]
+
+
+def test_a_daemon_in_a_pid_namespace_of_its_own_does_not_take_its_own_changes_for_tampering(lab, write_config,
+                                                                                           write_policy):
+    """A review found: NEWGEN names the initial pid namespace's pid; a daemon in its own (each
+    WSL2 distribution has one) repaired its own changes in an endless loop."""
+    write_policy(["allowed-registry.test"])
+    lab.config = write_config()
+    lab.daemon = lab.start_daemon(lab.config, prefix=("unshare", "-p", "-f", "-m", "--mount-proc"))
+    lab.vm.run("nft", "add", "element", "inet", "ramfw", "allow4", f"{{ {ALLOWED4} timeout 1h }}")  # a foreign change
+    repaired(lab, 1)
+    time.sleep(2)
+    assert len(status(lab)["repairs"]) == 1
