@@ -5,6 +5,7 @@
 2. 1000 resolve-then-connect cycles: first connections refused or retransmitted.
 3. Set programming rate (batched elements per second) and one reply's programming cost.
 4. Daemon memory with 10,000 policy entries and 100,000 learned addresses.
+5. ``fuzz`` (only when named): a million generated and mutated packets through the pure core.
 Prints a table and writes bench-results/bench.json. Not a test: figures, not pass/fail.
 """
 
@@ -239,11 +240,23 @@ def docker_pull(lab, tmp, rounds=20):
             "without_s": [round(t, 3) for t in times["without_ramfw"]]}
 
 
+def fuzz_core(lab, tmp, messages=420_000):
+    """At least 1,000,000 generated and mutated packets fed to the pure core (tests/support/fuzz.py):
+    exceptions escaping and disagreements with dnspython, and the rate."""
+    from tests.support.fuzz import fuzz
+
+    start = time.perf_counter()
+    found = fuzz(messages, seed=2026)
+    seconds = time.perf_counter() - start
+    return {**{k: v for k, v in found.items() if k != "examples"}, "examples": found["examples"][:3],
+            "seconds": round(seconds, 1), "packets_per_second": int(found["packets"] / seconds)}
+
+
 def main():
     results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{subprocess.getoutput('nproc')} cores"}
     only = sys.argv[1:] or ["dns_latency", "race", "programming", "memory", "docker_pull"]
     steps = {"dns_latency": dns_latency, "race": race, "programming": None, "memory": memory,
-             "docker_pull": docker_pull}
+             "docker_pull": docker_pull, "fuzz": fuzz_core}
     for name, fn in ((n, steps[n]) for n in only):
         lab = Lab()
         try:

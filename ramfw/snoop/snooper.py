@@ -158,6 +158,8 @@ class Snooper:
             return self._admit(name, addresses, timeout_for(ttl, self.settings), now) if addresses else []
         try:
             message = dns.message.from_wire(wire, ignore_trailing=True)
+            if not isinstance(message, dns.message.QueryMessage):  # another opcode (UPDATE, NOTIFY...)
+                raise dns.exception.FormError("not the reply to a query")
             result = message.resolve_chaining()
         except (dns.exception.DNSException, ValueError, TypeError, IndexError, struct.error):
             self.counters["malformed"] += 1

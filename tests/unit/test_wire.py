@@ -102,3 +102,15 @@ def test_a_short_fuzz_run_finds_nothing():
     found = fuzz(3000, seed=11)
     assert found["packets"] > 6000
     assert (found["exceptions"], found["question_differs"], found["chain_differs"]) == (0, 0, 0), found["examples"]
+
+
+def test_replies_of_other_opcodes_are_malformed_not_an_exception():
+    """The million-packet fuzz run found them: dnspython reads an UPDATE or NOTIFY reply as a plain
+    Message, which has no resolve_chaining; the snooper raised AttributeError."""
+    s = Snooper(policy.from_data({"organizations": [{"name": "t", "registryAccess": {
+        "allowDockerHub": False, "registries": [{"address": "io"}]}}]}), {RESOLVER}, DnsSettings())
+    for found in ("21738980000100010000000002696f0171044748435202696f000005000102494f0151044748435202494f0000050001"
+                  "0000e898000702494f0151c023", "b72cc1c0000100000000000002696f00005c0001"):
+        decision = s.on_packet(udp(bytes.fromhex(found)), 0)
+        assert decision.accept and decision.elements == []
+    assert s.counters["malformed"] == 2
