@@ -33,6 +33,7 @@ class EngineScope:
         self.private_mount: Path | None = None
         self.widened = ""  # why engine scope cannot be trusted now; empty when it can
         self._refused: tuple[str, str] = ("", "")  # the own-traffic rules the kernel refused, not retried
+        self._written: tuple[list[bytes], str] | None = None  # the own-traffic rules last swapped in
         self.state: dict = {"attached": False, "loader": self.loader}
 
     @property
@@ -175,17 +176,22 @@ class EngineScope:
         if "host" not in self.scope_in_force:
             return [], "not in host scope"
         where = self.mount or bpf.cgroup2_mount()
-        own = engine.own_cgroup(where) if where else "no cgroup v2 hierarchy is mounted"
+        try:
+            own = engine.own_cgroup(where) if where else "no cgroup v2 hierarchy is mounted"
+        except OSError as err:  # its cgroup went away meanwhile: no exemption (fail closed)
+            own = f"its cgroup cannot be read: {err}"
         if isinstance(own, str):
             return [], f"not exempt from host scope: {own}"
         return nft.own_traffic_rules(*own), "exempt from host scope by its cgroup"
 
-    def exempt_own_traffic(self, table, current: str, url_source) -> str:
-        """Swap the own-traffic rules if what they should be is not ``current`` (checked every
-        second: a process that joins ramfw's cgroup ends the exemption); what is in force."""
+    def exempt_own_traffic(self, table, current: str, url_source, force: bool = False) -> str:
+        """Swap the own-traffic rules if they are not what was last swapped in (checked every
+        second: a process that joins ramfw's cgroup ends the exemption), or ``force`` (the table
+        was just applied); what is in force."""
         rules, what = self.own_traffic()
-        if what == current or (what, current) == self._refused:
+        if not force and ((rules, what) == self._written or (what, current) == self._refused):
             return current
+        self._written = (rules, what)
         try:
             table.set_own_traffic(rules)
         except OSError as err:

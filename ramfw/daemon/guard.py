@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..kernel.ruleset import build_replace_allowed
+from ..errors import RamfwError
 from ..kernel.tamper import Change, TableWatch
 from ..snoop.snooper import Element
 from .blocks import Throttle
@@ -55,15 +55,25 @@ class Guard:
             return
         self._log.log(logging.WARNING, cause.process, f"ramfw's table was changed by {cause}"
                       + (f" ({'; '.join(differences)})" if differences else "") + ": putting it back")
-        daemon.apply()
-        now = time.time()
-        elements = [Element(address, int(expiry - now), name) for name, addresses in daemon.snooper.learned.items()
-                    for address, expiry in addresses.items() if expiry - now >= 1]
-        daemon.table.run(build_replace_allowed(daemon.table.name, elements))
-        self.repairs = (self.repairs + [{"at": now, "by": str(cause), "found": differences}])[-20:]
-        left = daemon.table.verify()
+        try:
+            self._put_back(rebuild=False)
+            left = daemon.table.verify()
+        except RamfwError as err:
+            left = [str(err)]
+        if left:  # what an in-place apply cannot undo (a set redefined, a chain added): start afresh
+            self._put_back(rebuild=True)
+            left = daemon.table.verify()
+        self.repairs = (self.repairs + [{"at": time.time(), "by": str(cause), "found": differences}])[-20:]
         if left:
             daemon._error(f"ramfw's table could not be put back: {'; '.join(left)}")
+
+    def _put_back(self, rebuild: bool) -> None:
+        daemon = self.daemon
+        daemon.apply(rebuild)
+        now = time.time()
+        daemon.table.replace_allowed([Element(address, int(expiry - now), name)
+                                      for name, addresses in daemon.snooper.learned.items()
+                                      for address, expiry in addresses.items() if expiry - now >= 1])
 
     def close(self) -> None:
         self.watch.close()

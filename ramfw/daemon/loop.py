@@ -37,7 +37,7 @@ from ..kernel.ruleset import Hold
 from ..kernel.table import Table
 from ..policy import source as policy_source
 from ..snoop import resolvers
-from ..snoop.packet import parse_packet
+from ..snoop.packet import destination
 from ..snoop.snooper import Decision, Snooper, warm_up
 from . import status as status_doc
 from .blocks import BlockLog, Throttle
@@ -121,8 +121,8 @@ class Daemon:
         """The scope the kernel was last given (the engine's state may ask for another)."""
         return self.applied_scope
 
-    def apply(self) -> None:
-        """Apply the whole ruleset, with the DNS hold this kernel allows."""
+    def apply(self, rebuild: bool = False) -> None:
+        """Apply the whole ruleset, with the DNS hold this kernel allows (``rebuild``: ``Table.apply``)."""
         e, d = self.config.enforcement, self.config.dns
         if not self.policy.enabled:
             self.table.remove()
@@ -132,10 +132,11 @@ class Daemon:
                                         d.snoop_group)
             scope = self.engine.scope_in_force
             settings = dataclasses.replace(e, scope=scope)
-            self.table.apply(ruleset.build_ruleset(settings, self.trusted, d.max_addresses, self.hold), hold_rules)
+            self.table.apply(ruleset.build_ruleset(settings, self.trusted, d.max_addresses, self.hold), hold_rules,
+                             rebuild)
             self.applied_scope = scope
             self._on_links()
-            self.own_traffic = self.engine.exempt_own_traffic(self.table, "", self.url_source)
+            self.own_traffic = self.engine.exempt_own_traffic(self.table, "", self.url_source, force=True)
         record.write(self.config, record.build(self.config, self.policy, self.source, self.trusted,
                                                self.report.to_dict(), daemon_pid=os.getpid(),
                                                scope_in_force=list(self.applied_scope)))
@@ -155,9 +156,11 @@ class Daemon:
     def _on_links(self) -> None:
         """Links changed (a container network made, a port added): the container bridges again."""
         self.links.drain()
+        if not self.policy.enabled:
+            return  # no table
         try:
             self.table.set_container_bridges(links.container_bridges(links.dump()))
-        except OSError as err:  # the set stays as it was; a bridge not in it is filtered (fail closed)
+        except (OSError, RamfwError) as err:  # the set stays as it was; a bridge not in it is filtered
             self._error(f"reading the container bridges failed: {err}")
 
     def _on_cgroups(self) -> None:
@@ -322,12 +325,12 @@ class Daemon:
             return
         if self.snoop is not None:  # copies of replies that name the address may still wait there
             self._on_snoop()
-        self.snooper.counters["blocks_named"] += len(packets)
         for packet in packets:
-            segment = parse_packet(packet)
-            if segment is not None:
-                message = self.blocks_log.message(segment.dst, self.snooper.block_message)
-                self.blocks_log.record(message, segment.dst, segment.dport)
+            found = destination(packet)
+            if found is not None:
+                self.snooper.counters["blocks_named"] += 1
+                message = self.blocks_log.message(found[0], self.snooper.block_message)
+                self.blocks_log.record(message, *found)
 
     # -- control -----------------------------------------------------------------------------
     def handle(self, command: str, uid: int = 0) -> dict:

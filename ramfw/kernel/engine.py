@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import stat
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -365,33 +366,44 @@ def _detach(fd: int | None, cgroups: list[str]) -> None:
 
 class CgroupWatch:
     """inotify on the directories that hold the engine's cgroups: systemd making a service's
-    cgroup again (an engine restart) wakes the daemon at once, before the engine runs in it."""
+    cgroup again (an engine restart) wakes the daemon at once, before the engine runs in it. A
+    watch the kernel drops (its directory removed: IN_IGNORED) is forgotten, so the directory
+    is watched again when it is back."""
 
-    IN_CREATE, IN_DELETE, IN_NONBLOCK, IN_CLOEXEC = 0x100, 0x200, 0o4000, 0o2000000
+    IN_CREATE, IN_DELETE, IN_IGNORED, IN_NONBLOCK, IN_CLOEXEC = 0x100, 0x200, 0x8000, 0o4000, 0o2000000
+    _EVENT = struct.Struct("=iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 
     def __init__(self):
         self._libc = ctypes.CDLL(None, use_errno=True)
         self.fd = self._libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
-        self.watched: set[str] = set()
+        self.watched: dict[str, int] = {}  # directory -> watch descriptor
 
     def watch(self, directory: str) -> None:
         if directory in self.watched:
             return
-        if self._libc.inotify_add_watch(self.fd, directory.encode(), self.IN_CREATE | self.IN_DELETE) >= 0:
-            self.watched.add(directory)
+        wd = self._libc.inotify_add_watch(self.fd, directory.encode(), self.IN_CREATE | self.IN_DELETE)
+        if wd >= 0:
+            self.watched[directory] = wd
 
     def drain(self) -> bool:
         """Read the waiting events; True if there were any."""
         seen = False
         while True:
             try:
-                if not os.read(self.fd, 65536):
-                    return seen
-                seen = True
+                data = os.read(self.fd, 65536)
             except BlockingIOError:
                 return seen
+            if not data:
+                return seen
+            seen = True
+            offset = 0
+            while offset + self._EVENT.size <= len(data):
+                wd, mask, _, length = self._EVENT.unpack_from(data, offset)
+                offset += self._EVENT.size + length
+                if mask & self.IN_IGNORED:
+                    self.watched = {d: w for d, w in self.watched.items() if w != wd}
 
     def close(self) -> None:
         os.close(self.fd)

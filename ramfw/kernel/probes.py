@@ -7,6 +7,7 @@ version is checked first: below 5.4 ramfw refuses plainly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -270,8 +271,9 @@ def probe_here() -> list[Capability]:
 
 
 def _cache_key() -> dict:
-    """What the probes' answers depend on: the kernel and this boot of it (modules loaded since
-    show in a new boot), the cgroup namespace (``cgroup_paths``), the Python that loads bcc."""
+    """What the probes' answers depend on: the kernel, this boot of it and the modules loaded now
+    (a module loaded since, nf_tables' queue for one, is probed again), the cgroup namespace
+    (``cgroup_paths``), the Python that loads bcc."""
     def read(path: str) -> str:
         try:
             return Path(path).read_text().strip() if not path.startswith("/proc/self/ns") else os.readlink(path)
@@ -279,7 +281,9 @@ def _cache_key() -> dict:
             return ""
     from .. import __version__
 
+    modules = sorted(line.split()[0] for line in read("/proc/modules").splitlines() if line.strip())
     return {"kernel": platform.release(), "boot_id": read("/proc/sys/kernel/random/boot_id"),
+            "modules": hashlib.sha256(" ".join(modules).encode()).hexdigest(),
             "cgroup_ns": read("/proc/self/ns/cgroup"), "python": sys.executable, "ramfw": __version__}
 
 
@@ -295,6 +299,7 @@ def run(cache: Path | None = None, fresh: bool = False) -> Report:
         except (OSError, ValueError, KeyError, TypeError):
             pass
     report = _probe()
+    key = _cache_key()  # after: probing may itself have loaded modules
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)

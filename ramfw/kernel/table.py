@@ -19,7 +19,8 @@ from ..errors import NftablesError
 from ..snoop.snooper import Element
 from . import netlink, nft
 from .ruleset import (CONTAINER_BRIDGES, DNS_CHAINS, FAMILY, OWN_CHAIN, RESOLVERS, Learned, TableState,
-                      build_container_bridges, build_delete_elements, build_remove, build_resolvers, parse_state)
+                      build_container_bridges, build_delete_elements, build_remove, build_replace_allowed,
+                      build_resolvers, parse_state)
 
 CACHE_BYTES = 16 << 20  # the element batches kept for replies seen again
 
@@ -46,10 +47,12 @@ class Table:
             raise NftablesError(f"nftables refused the transaction: {error.strip() or rc}")
         return output or {}
 
-    def apply(self, ruleset: dict, hold_rules: list[bytes]) -> None:
+    def apply(self, ruleset: dict, hold_rules: list[bytes], rebuild: bool = False) -> None:
         """The table (one JSON transaction), then the DNS chains' rules swapped in one netlink
-        transaction: a chain is never empty between its old rules and its new ones."""
-        self.run(ruleset)
+        transaction: a chain is never empty between its old rules and its new ones. With
+        ``rebuild``, the old table is deleted in the same transaction (what someone else made of
+        it, a set redefined, a chain added, is gone); its learned elements too."""
+        self.run({"nftables": build_remove(self.name)["nftables"] + ruleset["nftables"]} if rebuild else ruleset)
         for chain in DNS_CHAINS:
             try:
                 self.swap_rules(chain, hold_rules)
@@ -93,6 +96,10 @@ class Table:
                                                                                "name": name}}}]})
             parts.setdefault(f"set {name}", []).append(output if rc == 0 else None)
         return {key: json.dumps(value, sort_keys=True) for key, value in parts.items()}
+
+    def replace_allowed(self, elements: Iterable[Element]) -> None:
+        """The allowed sets hold exactly ``elements``, the pending sets nothing (one transaction)."""
+        self.run(build_replace_allowed(self.name, elements))
 
     def remember(self) -> None:
         """The table as it is now is what ``verify`` compares with."""

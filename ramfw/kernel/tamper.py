@@ -38,7 +38,6 @@ NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE 
 class Change:
     pid: int  # 0: unknown (notifications were lost)
     process: str
-    elements_only: bool = False  # only addresses were put in the sets, the rest is intact
 
     def __str__(self) -> str:
         return f"pid {self.pid} ({self.process})" if self.pid else self.process
@@ -113,7 +112,7 @@ class TableWatch:
                 pid = _gen_pid(attrs)
                 if (self._touched or self._added) and pid != self.own_pid:
                     name = attrs.get(NFTA_GEN_PROC_NAME, b"?").rstrip(b"\0").decode(errors="replace")
-                    changes.append(Change(pid, name, elements_only=not self._touched))
+                    changes.append(Change(pid, name))
                 self._touched, self._added = False, set()
             elif data[start] != self.family or attrs.get(TABLE_NAME) != self.table:
                 continue

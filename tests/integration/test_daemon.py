@@ -507,12 +507,17 @@ def test_host_scope_lets_the_daemons_own_policy_polls_through_and_no_one_else(la
 SLOW_CLIENT = """
 import os, socket, sys, time
 os.setgid(65534); os.setuid(65534)
-s = socket.socket(socket.AF_UNIX)
-s.connect("\\0" + sys.argv[1])
 print("connected", flush=True)
-for byte in b'{"command": "status"}' * 5:
-    s.send(bytes([byte]))
-    time.sleep(1)
+while True:  # cut off at the deadline, it comes back: the pressure lasts
+    s = socket.socket(socket.AF_UNIX)
+    s.connect("\\0" + sys.argv[1])
+    try:
+        for byte in b'{"command": "status"}':
+            s.send(bytes([byte]))
+            time.sleep(1)
+    except OSError:
+        pass
+    s.close()
 """
 
 
@@ -530,10 +535,10 @@ def test_no_local_user_can_stall_the_daemon_through_its_control_socket(daemon_la
         forget(lab, ALLOWED4)
         start = time.monotonic()
         assert address_of(lab.resolve("allowed-registry.test")) == ALLOWED4
-        assert time.monotonic() - start < 0.5
+        assert time.monotonic() - start < 1.0  # a stalled loop: the lookup timed out (seconds)
         assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
         start = time.monotonic()
-        assert status(lab)["daemon"]["running"] and time.monotonic() - start < 1.5, "root's status at once"
+        assert status(lab)["daemon"]["running"] and time.monotonic() - start < 3, "root's status at once"
         time.sleep(0.3)
 
 

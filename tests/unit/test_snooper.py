@@ -248,3 +248,16 @@ def test_housekeeping_expiry_keeps_the_count_true_and_drops_empty_names():
     assert s.total == 2 - 1 and set(s.learned) == {"b.example.test"}
     s.on_packet(udp(reply("b.example.test", "b.example.test. 600 A 203.0.113.2")), now=600)  # re-armed
     assert s.expire(now=700) == 0 and s.expire(now=1300) == 1 and s.total == 0 and s.learned == {}
+
+
+def test_a_blocked_packet_cut_to_its_headers_still_says_where_it_was_going():
+    """A review found: the log rule's snap length (128) made every longer blocked packet (a QUIC
+    Initial, a SYN with data) unreadable, so it was never named."""
+    from tests.support.packets import udp, udp6
+
+    from ramfw.snoop.packet import destination
+
+    assert destination(udp(b"x" * 1200)[:128]) == ("192.0.2.1", 40000)
+    assert destination(udp6(b"x" * 1200)[:128]) == ("2001:db8::1", 40000)
+    assert destination(b"\x45" + b"\0" * 8 + b"\x01" + b"\0" * 10) == ("0.0.0.0", 0)  # ICMP: no port
+    assert destination(b"") is None and destination(b"\x45\0") is None
