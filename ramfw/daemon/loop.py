@@ -336,10 +336,8 @@ class Daemon:
     def handle(self, command: str, uid: int = 0) -> dict:
         if command == "ping":
             return {"ok": True}
-        if command == "status":  # what the kernel says now, not a second ago; the full list for root only
-            if uid == 0:
-                self._guarded(self._check_engine)
-            return {"ok": True, "status": status_doc.document(self, full=uid == 0)}
+        if command == "status":
+            return {"ok": True, "status": status_doc.answer(self, uid)}
         if command == "stop":
             self.stopping = True
             return {"ok": True, "message": "the daemon is stopping"}
@@ -365,12 +363,14 @@ class Daemon:
                             "newly allowed names may fail until it is")
         self.policy, self.source, self.policy_loaded = policy, source, time.time()
         self.snooper.policy = policy
-        self.apply()
-        gone = self.snooper.forget(time.time())
-        still = {a for addresses in self.snooper.learned.values() for a in addresses}
-        drop = {a for addresses in gone.values() for a in addresses} - still
-        if drop and policy.enabled:
-            self.table.delete_elements(drop)
+        try:
+            self.apply()
+        finally:  # whatever apply met, names the new policy removes stop being allowed now
+            gone = self.snooper.forget(time.time())
+            still = {a for addresses in self.snooper.learned.values() for a in addresses}
+            drop = {a for addresses in gone.values() for a in addresses} - still
+            if drop and policy.enabled:
+                self.table.delete_elements(drop)
         message = f"policy reloaded: {policy.organization}, {len(policy.matcher)} entries from {source}"
         log.info(message)
         return True, message

@@ -14,6 +14,19 @@ PASSIVE_NOTE = ("DNS replies are copied, not held: the first connection to a new
                 "(1 s later) passes once the reply has been read")
 
 
+def answer(daemon, uid: int) -> dict:
+    """Root gets what the kernel says now (the engine checked again); any other user, whom
+    nothing limits to asking once, shares a document a second old at most, without the
+    learned list (kept on the daemon as ``public_status``: when, document)."""
+    if uid == 0:
+        daemon._guarded(daemon._check_engine)
+        return document(daemon)
+    when, shown = getattr(daemon, "public_status", (-1.0, {}))
+    if time.monotonic() - when >= 1:
+        daemon.public_status = when, shown = time.monotonic(), document(daemon, full=False)
+    return shown
+
+
 def document(daemon, full: bool = True) -> dict:
     """``daemon`` is the running ``loop.Daemon``. Without ``full`` (any local user may ask) the
     learned addresses are left out: listing 100,000 of them costs the loop time."""
