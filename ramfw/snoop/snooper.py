@@ -34,6 +34,8 @@ log = logging.getLogger("ramfw")
 MAX_TCP_FLOWS = 4096
 MAX_ADDRESS_NAMES = 65536
 RECENT_REPLIES = 4096
+RECENT_BYTES = 4 << 20  # the kept replies (for block messages) together
+TCP_BYTES = 8 << 20  # the TCP flows' unread data together: the oldest flows go first
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 _HINT_TYPES = (dns.rdatatype.HTTPS, dns.rdatatype.SVCB)
 
@@ -79,6 +81,8 @@ class Snooper:
         self.caps_hit: deque[str] = deque(maxlen=20)
         self.recent: deque[bytes] = deque(maxlen=RECENT_REPLIES)  # replies for other names
         self._flows: OrderedDict[tuple, _Flow] = OrderedDict()
+        self._flow_bytes = 0
+        self._recent_bytes = 0
 
     def on_packet(self, packet: bytes, now: float) -> Decision:
         segment = parse_packet(packet)
@@ -98,9 +102,10 @@ class Snooper:
         still missing before it comes again. A reset's data never reaches the client: unread."""
         key = (segment.src, segment.sport, segment.dst, segment.dport)
         if segment.flags & TCP_RST:
-            self._flows.pop(key, None)
+            self._drop_flow(key)
             return Decision()
         if segment.flags & TCP_SYN:
+            self._drop_flow(key)
             self._flows[key] = _Flow((segment.seq + 1) & 0xFFFFFFFF)
             self._trim_flows()
             return Decision()
@@ -120,6 +125,7 @@ class Snooper:
         behind = (flow.next_seq - segment.seq) & 0xFFFFFFFF
         fresh = segment.payload[behind:] if behind < len(segment.payload) else b""
         flow.buffer += fresh
+        self._flow_bytes += len(fresh)
         flow.next_seq = (flow.next_seq + len(fresh)) & 0xFFFFFFFF
         self._flows.move_to_end(key)
         decision = Decision()
@@ -129,14 +135,34 @@ class Snooper:
                 break
             message = bytes(flow.buffer[2 : 2 + length])
             del flow.buffer[: 2 + length]
+            self._flow_bytes -= 2 + length
             decision.elements += self._on_message(message, now).elements
         if segment.flags & TCP_FIN:
-            del self._flows[key]
+            self._drop_flow(key)
+        self._trim_flows()
         return decision
 
+    def _keep(self, wire: bytes) -> None:
+        """Keep a reply for block messages: at most RECENT_REPLIES of them, RECENT_BYTES together."""
+        if len(self.recent) == self.recent.maxlen:
+            self._recent_bytes -= len(self.recent[0])
+        self.recent.append(wire)
+        self._recent_bytes += len(wire)
+        while self._recent_bytes > RECENT_BYTES and self.recent:
+            self._recent_bytes -= len(self.recent.popleft())
+
+    def _drop_flow(self, key: tuple) -> None:
+        flow = self._flows.pop(key, None)
+        if flow is not None:
+            self._flow_bytes -= len(flow.buffer)
+
     def _trim_flows(self) -> None:
-        while len(self._flows) > MAX_TCP_FLOWS:
-            self._flows.popitem(last=False)
+        """At most MAX_TCP_FLOWS flows and TCP_BYTES of unread data: the oldest go (their
+        replies then pass unread: nothing learned, fail closed)."""
+        while self._flows and (len(self._flows) > MAX_TCP_FLOWS or self._flow_bytes > TCP_BYTES):
+            _, flow = self._flows.popitem(last=False)
+            self._flow_bytes -= len(flow.buffer)
+            self.counters["tcp_evicted"] += 1
 
     def _on_message(self, wire: bytes, now: float) -> Decision:
         self.counters["replies"] += 1
@@ -147,7 +173,7 @@ class Snooper:
         entry = self.policy.allows(name) if self.policy.enabled else None
         if entry is None:
             self.counters["other_names"] += 1
-            self.recent.append(wire)
+            self._keep(wire)
             return Decision()
         return Decision(elements=self._learn(wire, name, now))
 

@@ -261,3 +261,27 @@ def test_a_blocked_packet_cut_to_its_headers_still_says_where_it_was_going():
     assert destination(udp6(b"x" * 1200)[:128]) == ("2001:db8::1", 40000)
     assert destination(b"\x45" + b"\0" * 8 + b"\x01" + b"\0" * 10) == ("0.0.0.0", 0)  # ICMP: no port
     assert destination(b"") is None and destination(b"\x45\0") is None
+
+
+def test_memory_is_bounded_in_bytes_not_only_in_counts(monkeypatch):
+    """Issue #10, 3: 4096 kept replies of up to 64 KiB, and TCP flows' buffers, were bounded by
+    count alone (hundreds of MB)."""
+    from ramfw.snoop import snooper as snooper_mod
+
+    monkeypatch.setattr(snooper_mod, "RECENT_BYTES", 100_000)
+    monkeypatch.setattr(snooper_mod, "TCP_BYTES", 200_000)
+    s = snooper("ghcr.io")
+    big = reply("other.test", "other.test. 60 TXT " + " ".join(['"' + "x" * 250 + '"'] * 40))  # ~10 KiB
+    for _ in range(50):
+        s.on_packet(udp(big), 0)
+    assert sum(map(len, s.recent)) <= 100_000 and s._recent_bytes == sum(map(len, s.recent))
+
+    def segment(port, data, seq, flags):
+        header = struct.pack("!HHIIBBHHH", 53, port, seq, 0, 5 << 4, flags, 65535, 0, 0)
+        return checksum_free_ipv4(6, header + data)
+
+    for flow in range(20):  # each flow: a message announced as 65,535 bytes, 30,000 of them sent
+        s.on_packet(segment(1000 + flow, b"", 0, 0x12), 0)
+        s.on_packet(segment(1000 + flow, struct.pack("!H", 65535) + b"y" * 30_000, 1, 0x18), 0)
+    assert 0 < s._flow_bytes <= 200_000 and s.counters["tcp_evicted"] > 0
+    assert s._flow_bytes == sum(len(f.buffer) for f in s._flows.values())
