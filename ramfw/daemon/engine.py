@@ -40,10 +40,6 @@ class EngineScope:
     def wanted(self) -> bool:
         return "engine" in self.config.enforcement.scope
 
-    @property
-    def attached(self) -> bool:
-        return bool(self.state.get("attached"))
-
     def start(self) -> None:
         """Load the marking program (it takes the place of the pinned one, on every cgroup
         that one marks), then find and mark the engine."""

@@ -55,22 +55,27 @@ class Table:
         self.run({"nftables": build_remove(self.name)["nftables"] + ruleset["nftables"]} if rebuild else ruleset)
         for chain in DNS_CHAINS:
             try:
-                self.swap_rules(chain, hold_rules)
+                self._swap(chain, hold_rules)
             except OSError as err:
                 raise NftablesError(f"cannot add the DNS hold rules: {err.strerror}") from None
+        self.remember()
 
     def set_own_traffic(self, rules: list[bytes]) -> None:
         """The rules that let ramfw's own connections pass host scope (``nft.own_traffic_rules``);
         OSError when the kernel refuses them (the socket cgroupv2 match needs Linux 5.13)."""
-        self.swap_rules(OWN_CHAIN, rules)
+        self._swap(OWN_CHAIN, rules)
+        self.remember()
 
     def swap_rules(self, chain: str, rules: list[bytes]) -> None:
         """Replace a chain's rules with ``rules`` in one transaction; OSError with the kernel's
         errno when refused."""
+        self._swap(chain, rules)
+        self.remember()
+
+    def _swap(self, chain: str, rules: list[bytes]) -> None:
         with netlink.open_socket() as sock:
             sock.send(nft.build_rules_batch(FAMILY, self.name, chain, rules, replace=True))
             netlink.wait_acks(sock, len(rules) + 1, "DNS hold rule")
-        self.remember()
 
     def _snapshot(self) -> dict[str, str] | None:
         """Every chain's rules and every set (its definition; the elements of the small ones,

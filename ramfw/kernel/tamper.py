@@ -57,7 +57,9 @@ class TableWatch:
             raise
         self.sock.setblocking(False)
         self._touched = False  # the transaction being read touched the table's structure
-        self._added: set[bytes] = set()  # ... and the elements it added, less those it deleted
+        # ... and its element messages, (added?, attributes): read only if the transaction was
+        # someone else's (the daemon's own batches, one per learned reply, are never parsed)
+        self._elements: list[tuple[bool, dict[int, bytes]]] = []
         self.own_pid = self._calibrate()
 
     def _calibrate(self) -> int:
@@ -95,7 +97,7 @@ class TableWatch:
             except OSError as err:
                 if err.errno != errno.ENOBUFS:
                     raise
-                self._touched, self._added = False, set()
+                self._touched, self._elements = False, []
                 changes.append(Change(0, "unknown: nf_tables notifications were lost"))
                 continue
             changes += self._parse(data)
@@ -110,16 +112,14 @@ class TableWatch:
             kind = msg_type & 0xFF
             if kind == NFT_MSG_NEWGEN:
                 pid = _gen_pid(attrs)
-                if (self._touched or self._added) and pid != self.own_pid:
+                if pid != self.own_pid and (self._touched or _net_added(self._elements)):
                     name = attrs.get(NFTA_GEN_PROC_NAME, b"?").rstrip(b"\0").decode(errors="replace")
                     changes.append(Change(pid, name))
-                self._touched, self._added = False, set()
+                self._touched, self._elements = False, []
             elif data[start] != self.family or attrs.get(TABLE_NAME) != self.table:
                 continue
-            elif kind == NFT_MSG_NEWSETELEM:
-                self._added |= _keys(attrs)
-            elif kind == NFT_MSG_DELSETELEM:
-                self._added -= _keys(attrs)
+            elif kind in (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM):
+                self._elements.append((kind == NFT_MSG_NEWSETELEM, attrs))
             else:
                 self._touched = True
         return changes
@@ -131,6 +131,14 @@ class TableWatch:
 def _gen_pid(attrs: dict[int, bytes]) -> int:
     value = attrs.get(NFTA_GEN_PROC_PID, b"")
     return struct.unpack("!I", value)[0] if len(value) == 4 else 0
+
+
+def _net_added(elements: list[tuple[bool, dict[int, bytes]]]) -> bool:
+    """Whether a transaction's element messages, in order, leave an element added."""
+    added: set[bytes] = set()
+    for adds, attrs in elements:
+        added = added | _keys(attrs) if adds else added - _keys(attrs)
+    return bool(added)
 
 
 def _keys(attrs: dict[int, bytes]) -> set[bytes]:
