@@ -57,6 +57,14 @@ def boot(config: Config, config_path: str | None, log_file: str) -> str:
             state = "exited" if proc.poll() is not None else "did not answer within 30 s"
             raise RamfwError(f"the ramfw daemon {state}; see {log_file}")
         time.sleep(0.1)
+    # A daemon answers; if it is another distribution's, ours stops at the namespace's lock:
+    # return once it has, so there is one daemon when boot is done.
+    answering = control.request(config, "status").get("status", {}).get("daemon", {}).get("pid")
+    if answering != proc.pid:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
     missing = f" (modules not loadable, probably built in or absent: {', '.join(failed)})" if failed else ""
     return f"ramfw daemon running; DNS hold: {report.hold.value}{missing}"
 
