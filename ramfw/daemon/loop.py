@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .. import record
 from ..config import Config
-from ..errors import NftablesError, RamfwError, ResourceBusy, require_root
+from ..errors import NftablesError, RamfwError, require_root
 from ..kernel import links, netlink, nft, probes, ruleset
 from ..kernel.links import LinkWatch
 from ..kernel.nflog import Log
@@ -88,16 +88,16 @@ class Daemon:
         # The queue is bound before the hold rules exist: a held reply never meets an unbound
         # queue (whose bypass would let it pass unread).
         if self.hold.holds:
-            self.queue = _bind(Queue, self.config.dns.queue_num, "netfilter queue", "dns.queue_num")
+            self.queue = netlink.bind_group(Queue, self.config.dns.queue_num, "netfilter queue", "dns.queue_num")
             if self.config.dns.prefilter and self.report.has("dns_prefilter"):
                 from ..kernel.prefilter import Prefilter
 
                 self.prefilter = Prefilter()
                 self.prefilter.update(self.policy.patterns())
         if self.hold is Hold.PASSIVE or self.prefilter is not None:
-            self.snoop = _bind(Log, self.config.dns.snoop_group, "NFLOG group", "dns.snoop_group")
+            self.snoop = netlink.bind_group(Log, self.config.dns.snoop_group, "NFLOG group", "dns.snoop_group")
         if self.report.has("nflog"):
-            self.blocks = _bind(Log, self.config.enforcement.nflog_group, "NFLOG group", "enforcement.nflog_group")
+            self.blocks = netlink.bind_group(Log, self.config.enforcement.nflog_group, "NFLOG group", "enforcement.nflog_group")
         self.links = LinkWatch()  # before the ruleset: no bridge made meanwhile is missed
         self.guard = Guard(self)  # and no change made by another process
         self.engine = EngineScope(self.config, self.report)
@@ -275,6 +275,7 @@ class Daemon:
     def _on_queue(self) -> None:
         """Give a verdict to every held reply waiting."""
         self._drain(self.queue, "held", "queue_errors", self._release)
+        self.snooper.index_unread()  # after the verdicts: naming blocked addresses can wait
 
     def _release(self, packet) -> None:
         """Decide on one held reply and give it its verdict, whatever raises on the way: a
@@ -295,6 +296,7 @@ class Daemon:
     def _on_snoop(self) -> None:
         """Read the copied replies waiting (passive hold, or those the prefilter let pass)."""
         self._drain(self.snoop, "copied", "copy_errors", self._read)
+        self.snooper.index_unread()
 
     def _read(self, payload: bytes) -> Decision:
         """Decide on one reply and program what it teaches; the caller issues the verdict."""
@@ -407,12 +409,3 @@ class Daemon:
                 thing.close()
         self.control.close()
 
-
-def _bind(kind, number: int, what: str, setting: str):
-    """A queue or log group of our own; ResourceBusy naming the fix when another program
-    (Suricata, ulogd, a second ramfw) holds it."""
-    try:
-        return kind(number)
-    except OSError as err:
-        raise ResourceBusy(f"cannot bind {what} {number}: {err.strerror or err}; another program (Suricata, "
-                           f"ulogd, ...) may hold it: set {setting} in the configuration to a free number") from None

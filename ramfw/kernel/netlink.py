@@ -13,6 +13,8 @@ import select
 import socket
 import struct
 
+from ..errors import ResourceBusy
+
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x300, 0x400, 0x800
 NLMSG_DONE = 3
@@ -173,3 +175,13 @@ def wait_acks(sock: socket.socket, count: int, what: str, timeout: float = 5.0) 
                 if code:
                     raise OSError(-code, f"{what}: {errno.errorcode.get(-code, code)}")
                 count -= 1
+
+
+def bind_group(kind, number: int, what: str, setting: str):
+    """A queue or log group of our own; ResourceBusy naming the fix when another program
+    (Suricata, ulogd, a second ramfw) holds it."""
+    try:
+        return kind(number)
+    except OSError as err:
+        raise ResourceBusy(f"cannot bind {what} {number}: {err.strerror or err}; another program (Suricata, "
+                           f"ulogd, ...) may hold it: set {setting} in the configuration to a free number") from None

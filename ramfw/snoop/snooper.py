@@ -7,14 +7,13 @@ whatever a bug lets escape, and still gives the packet its verdict.
 
 Most replies on a developer's machine are for names that are not allowlisted. For those the
 hold path reads only the question name (a few label lengths), keeps a reference to the reply
-and releases it; only when an address is blocked are the kept replies searched for the name
-it belongs to, so the common case never pays for a full parse.
+and releases it; ``index_unread``, run after the verdicts, reads their addresses into the
+address->name map that names blocked destinations. No reply is kept once read.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import struct
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
@@ -32,9 +31,9 @@ from .wire import fast_chain, question_name
 
 log = logging.getLogger("ramfw")
 MAX_TCP_FLOWS = 4096
-MAX_ADDRESS_NAMES = 65536
-RECENT_REPLIES = 4096
-RECENT_BYTES = 4 << 20  # the kept replies (for block messages) together
+NAMES_BYTES = 4 << 20  # the address->name map for block messages (text, plus ENTRY_BYTES each)
+ENTRY_BYTES = 160  # what Python's objects cost per entry of that map, beyond the text
+UNREAD_BYTES = 1 << 20  # replies for other names waiting to be indexed (one burst, normally)
 TCP_BYTES = 8 << 20  # the TCP flows' unread data together: the oldest flows go first
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 _HINT_TYPES = (dns.rdatatype.HTTPS, dns.rdatatype.SVCB)
@@ -77,12 +76,13 @@ class Snooper:
         self.learned: dict[str, dict[str, float]] = {}  # name -> address -> expiry time
         self.total = 0
         self._forced_expiry = 0.0
-        self.address_names: OrderedDict[str, str] = OrderedDict()
+        self.address_names: OrderedDict[str, str] = OrderedDict()  # for block messages
         self.caps_hit: deque[str] = deque(maxlen=20)
-        self.recent: deque[bytes] = deque(maxlen=RECENT_REPLIES)  # replies for other names
+        self._unread: deque[tuple[str, bytes]] = deque()  # (question name, reply) for other names
+        self._unread_bytes = 0
+        self._names_bytes = 0
         self._flows: OrderedDict[tuple, _Flow] = OrderedDict()
         self._flow_bytes = 0
-        self._recent_bytes = 0
 
     def on_packet(self, packet: bytes, now: float) -> Decision:
         segment = parse_packet(packet)
@@ -142,14 +142,27 @@ class Snooper:
         self._trim_flows()
         return decision
 
-    def _keep(self, wire: bytes) -> None:
-        """Keep a reply for block messages: at most RECENT_REPLIES of them, RECENT_BYTES together."""
-        if len(self.recent) == self.recent.maxlen:
-            self._recent_bytes -= len(self.recent[0])
-        self.recent.append(wire)
-        self._recent_bytes += len(wire)
-        while self._recent_bytes > RECENT_BYTES and self.recent:
-            self._recent_bytes -= len(self.recent.popleft())
+    def _keep(self, name: str, wire: bytes) -> None:
+        """Keep a reply for ``index_unread`` (the hold path only appends); past UNREAD_BYTES the
+        oldest go unread (counted: their addresses are then named only if seen again)."""
+        self._unread.append((name, wire))
+        self._unread_bytes += len(wire)
+        while self._unread_bytes > UNREAD_BYTES:
+            self._unread_bytes -= len(self._unread.popleft()[1])
+            self.counters["unindexed"] += 1
+
+    def index_unread(self) -> int:
+        """Read the kept replies' addresses into ``address_names`` and let the replies go; the
+        daemon runs it after the verdicts, and before naming a blocked destination. Returns
+        how many replies were read."""
+        count = len(self._unread)
+        while self._unread:
+            name, wire = self._unread.popleft()
+            chain = fast_chain(wire)  # A/AAAA only: a name seen only in HTTPS hints stays unnamed
+            for address in chain[0] if chain is not None else ():
+                self._remember(address, name)
+        self._unread_bytes = 0
+        return count
 
     def _drop_flow(self, key: tuple) -> None:
         flow = self._flows.pop(key, None)
@@ -173,7 +186,7 @@ class Snooper:
         entry = self.policy.allows(name) if self.policy.enabled else None
         if entry is None:
             self.counters["other_names"] += 1
-            self._keep(wire)
+            self._keep(name, wire)
             return Decision()
         return Decision(elements=self._learn(wire, name, now))
 
@@ -253,30 +266,15 @@ class Snooper:
             log.warning("cap reached, address not allowed: %s", what)
 
     def _remember(self, address: str, name: str) -> None:
+        """The name this address was last given for; the least recently seen go past NAMES_BYTES."""
+        old = self.address_names.pop(address, None)
+        if old is not None:
+            self._names_bytes -= len(address) + len(old) + ENTRY_BYTES
         self.address_names[address] = name
-        self.address_names.move_to_end(address)
-        if len(self.address_names) > MAX_ADDRESS_NAMES:
-            self.address_names.popitem(last=False)
-
-    def _name_from_recent(self, address: str) -> str | None:
-        """Search the kept replies, newest first, for one whose answer holds ``address``."""
-        try:
-            packed = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
-        except OSError:
-            return None
-        for wire in reversed(self.recent):
-            if packed not in wire:
-                continue
-            try:
-                message = dns.message.from_wire(wire, ignore_trailing=True)
-                name = message.question[0].name.to_text(omit_final_dot=True).lower()
-            except (dns.exception.DNSException, ValueError, TypeError, IndexError, struct.error):
-                continue
-            if any(rdata.address == address for rrset in message.answer
-                   if rrset.rdtype in _ADDRESS_TYPES for rdata in rrset):
-                self._remember(address, name)
-                return name
-        return None
+        self._names_bytes += len(address) + len(name) + ENTRY_BYTES
+        while self._names_bytes > NAMES_BYTES:
+            gone, gone_name = self.address_names.popitem(last=False)
+            self._names_bytes -= len(gone) + len(gone_name) + ENTRY_BYTES
 
     def forget(self, now: float) -> dict[str, list[str]]:
         """Names no longer allowed by the current policy and their addresses (for a reload)."""
@@ -289,7 +287,8 @@ class Snooper:
         return gone
 
     def block_message(self, address: str) -> str:
-        name = self._name_from_recent(address) or self.address_names.get(address)
+        self.index_unread()
+        name = self.address_names.get(address)
         if name is None:
             return f"registry access to {address} is not allowed (no DNS name was seen for it)"
         return f"registry access to {name} is not allowed"

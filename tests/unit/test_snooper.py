@@ -43,7 +43,8 @@ def test_question_name_decides_not_the_chain_target():
     s = snooper("cdn.test")
     wire = reply("evil.test", "evil.test. 300 CNAME edge.cdn.test.", "edge.cdn.test. 300 A 203.0.113.7")
     d = s.on_packet(udp(wire), 0)
-    assert d.elements == [] and list(s.recent) == [wire]
+    assert d.elements == [] and s.index_unread() == 1
+    assert s.address_names == {"203.0.113.7": "evil.test"}
 
 
 def test_https_record_hints():
@@ -268,13 +269,14 @@ def test_memory_is_bounded_in_bytes_not_only_in_counts(monkeypatch):
     count alone (hundreds of MB)."""
     from ramfw.snoop import snooper as snooper_mod
 
-    monkeypatch.setattr(snooper_mod, "RECENT_BYTES", 100_000)
+    monkeypatch.setattr(snooper_mod, "UNREAD_BYTES", 100_000)
     monkeypatch.setattr(snooper_mod, "TCP_BYTES", 200_000)
     s = snooper("ghcr.io")
     big = reply("other.test", "other.test. 60 TXT " + " ".join(['"' + "x" * 250 + '"'] * 40))  # ~10 KiB
     for _ in range(50):
         s.on_packet(udp(big), 0)
-    assert sum(map(len, s.recent)) <= 100_000 and s._recent_bytes == sum(map(len, s.recent))
+    assert s._unread_bytes == sum(len(wire) for _, wire in s._unread) <= 100_000
+    assert s.counters["unindexed"] > 0 and s.index_unread() > 0 and not s._unread and s._unread_bytes == 0
 
     def segment(port, data, seq, flags):
         header = struct.pack("!HHIIBBHHH", 53, port, seq, 0, 5 << 4, flags, 65535, 0, 0)
@@ -285,3 +287,23 @@ def test_memory_is_bounded_in_bytes_not_only_in_counts(monkeypatch):
         s.on_packet(segment(1000 + flow, struct.pack("!H", 65535) + b"y" * 30_000, 1, 0x18), 0)
     assert 0 < s._flow_bytes <= 200_000 and s.counters["tcp_evicted"] > 0
     assert s._flow_bytes == sum(len(f.buffer) for f in s._flows.values())
+
+
+def test_no_reply_is_kept_once_read_and_the_name_map_is_bounded_in_bytes(monkeypatch):
+    """Issue #10: the address->name map for block messages is built when a reply is read; the
+    replies themselves are not kept (they were: 4 MiB of them, searched with dnspython on
+    every blocked destination), and the map is bounded in bytes, the least recently seen first."""
+    from ramfw.snoop import snooper as snooper_mod
+
+    monkeypatch.setattr(snooper_mod, "NAMES_BYTES", 50 * (snooper_mod.ENTRY_BYTES + 40))
+    s = snooper("ghcr.io")
+    for n in range(200):
+        s.on_packet(udp(reply(f"host{n}.other.test", f"host{n}.other.test. 60 A 198.51.100.{n}")), 0)
+    assert s.index_unread() == 200 and not s._unread
+    assert not hasattr(s, "recent")
+    assert s._names_bytes <= snooper_mod.NAMES_BYTES
+    assert s._names_bytes == sum(len(a) + len(n) + snooper_mod.ENTRY_BYTES for a, n in s.address_names.items())
+    assert "198.51.100.199" in s.address_names and "198.51.100.0" not in s.address_names
+    s.on_packet(udp(reply("moved.other.test", "moved.other.test. 60 A 198.51.100.199")), 0)
+    assert s.block_message("198.51.100.199") == "registry access to moved.other.test is not allowed"
+    assert "no DNS name" in s.block_message("198.51.100.0")
