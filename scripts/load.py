@@ -142,6 +142,12 @@ def slope_kib_per_min(samples) -> float:
     return round(statistics.linear_regression(xs, ys).slope, 1)
 
 
+def udp_drops(ns) -> int:
+    """Datagrams a namespace's sockets dropped for a full receive buffer (a starved reader)."""
+    lines = [line.split() for line in ns.run("cat", "/proc/net/snmp").stdout.splitlines() if line.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
 def daemon_pid(lab) -> int:
     return lab.vm.processes(b"daemon")[0]
 
@@ -169,6 +175,7 @@ def flood(lab, tmp, qps: int = 20_000, seconds: int = 60, tcp_qps: int = 1_000, 
              "malformed_udp": (bad, bad_qps, False, ROGUE_DNS4)}
 
     def run(sampler: Sampler | None) -> dict:
+        drops = {"vm": udp_drops(lab.vm), "internet": udp_drops(lab.net)}
         probe = Probe(lab, f"p{time.monotonic_ns()}-")
         for thread in (sampler, probe):
             if thread is not None:
@@ -189,6 +196,8 @@ def flood(lab, tmp, qps: int = 20_000, seconds: int = 60, tcp_qps: int = 1_000, 
                 thread.stop.set()
                 thread.join()
         return {"achieved_qps": round(sum(f.get("qps", 0) for f in figures.values())), "dnsperf": figures,
+                "udp_receive_buffer_drops": {"vm": udp_drops(lab.vm) - drops["vm"],
+                                             "internet": udp_drops(lab.net) - drops["internet"]},
                 "probe_before": probe.figures(until=flood_start),
                 "probe_during": probe.figures(flood_start, flood_end),
                 "probe_first_5s_after": probe.figures(flood_end), "window": (flood_start, flood_end)}

@@ -13,7 +13,7 @@ import pytest
 
 from ramfw.kernel import bpf
 from tests.integration.test_engine_mark import run_in
-from tests.lab.sandbox import BLOCKED4, NET4, RAMFW, ROOT, remove_cgroup
+from tests.lab.sandbox import ALLOWED4, BLOCKED4, NET4, RAMFW, ROOT, remove_cgroup
 
 ENGINE = """
 import ctypes, os, sys, time
@@ -211,3 +211,42 @@ def test_where_no_cgroup_v2_is_visible_the_daemon_mounts_its_own(engine_lab):
     assert code == 0 and [Path(r["path"]).name for r in result["engine"]["cgroups"] if r["marked"]] == [docker.name]
     assert "/cgroup2/" in result["engine"]["cgroups"][0]["path"]
     assert run_in(lab, docker, BLOCKED4) == "refused"
+
+
+def unit_bounding_set() -> list[str]:
+    unit = (ROOT / "scripts" / "ramfw.service").read_text()
+    line = next(line for line in unit.splitlines() if line.startswith("CapabilityBoundingSet="))
+    return line.split("=", 1)[1].split()
+
+
+def test_the_daemon_works_within_the_units_capability_bounding_set(engine_lab):
+    """Issue #10: the unit's CapabilityBoundingSet is all the daemon needs: the probes, the table
+    and queue, the engine found (its /proc/<pid>/exe) and marked, a reply learned, a blocked
+    connection refused. The daemon runs with that bounding set and nothing more (checked)."""
+    lab = engine_lab
+    lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}")
+    caps = unit_bounding_set()
+    docker = lab.cgroup("docker.service")
+    start_engine(lab, docker)
+    wanted = ",".join("+" + cap.lower().removeprefix("cap_") for cap in caps)
+    lab.daemon = lab.start_daemon(lab.config, prefix=("setpriv", f"--bounding-set=-all,{wanted}", "--"))
+    bounding = int(next(line for line in Path(f"/proc/{lab.daemon.pid}/status").read_text().splitlines()
+                        if line.startswith("CapBnd:")).split()[1], 16)
+    numbers = {name: number for number, name in enumerate(CAPABILITY_NAMES)}
+    assert bounding == sum(1 << numbers[cap] for cap in caps)
+    code, result = status(lab)
+    assert code == 0 and result["engine"]["attached"], result
+    assert [r["path"] for r in result["engine"]["cgroups"] if r["marked"]] == [str(docker)]
+    assert run_in(lab, docker, BLOCKED4) == "refused"
+    lab.resolve("allowed-registry.test")
+    assert "allowed-registry.test" in status(lab)[1]["learned"]
+
+
+CAPABILITY_NAMES = (  # linux/capability.h, in order
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
+    "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE")
