@@ -275,6 +275,8 @@ def soak(lab, tmp, minutes: float = 10, qps: int = 500) -> dict:
         "learned_in_status": sum(len(entries) for entries in document["learned"].values()),
         "kernel_elements": len(kernel),
         "daemon_has_but_kernel_lacks": len(daemon_view - {e.address for e in kernel}),
+        "examples": [(name, e) for name, entries in document["learned"].items() for e in entries
+                     if e["address"] in daemon_view - {k.address for k in kernel}][:5],
         "kernel_has_but_daemon_lacks": len(kernel_view - daemon_all),
         "learning_after_the_soak": still_learning,
         "status_counters_at_end": {k: v for k, v in document["counters"].items() if isinstance(v, int) and v},

@@ -138,7 +138,10 @@ def _element(element: Element, with_data: bool) -> bytes:
     packed = socket.inet_pton(socket.AF_INET6 if ":" in element.address else socket.AF_INET, element.address)
     attrs = nested(nl.NFTA_SET_ELEM_KEY, attr(nl.NFTA_DATA_VALUE, packed))
     if with_data:
-        attrs += attr(nl.NFTA_SET_ELEM_TIMEOUT, struct.pack("!Q", element.timeout * 1000))
+        # The expiration too: a kernel that updates an existing element (6.10+) re-arms it only
+        # when asked to; given the same timeout alone it keeps the old expiry (the soak found it).
+        millis = struct.pack("!Q", element.timeout * 1000)
+        attrs += attr(nl.NFTA_SET_ELEM_TIMEOUT, millis) + attr(nl.NFTA_SET_ELEM_EXPIRATION, millis)
         if element.name:
             comment = element.name[:127].encode() + b"\0"
             attrs += attr(nl.NFTA_SET_ELEM_USERDATA, bytes([nl.NFTNL_UDATA_SET_ELEM_COMMENT, len(comment)]) + comment)

@@ -176,3 +176,23 @@ def test_policy_lint_points_at_missing_redirect_domains(lab, write_policy):
     assert "pulls from ghcr.io will fail: also allow pkg-containers.githubusercontent.com" in result.stdout
     bad = lab.ramfw("policy", "lint", write_policy(["https://ghcr.io"]))
     assert bad.returncode == 2 and "not URLs" in bad.stderr
+
+
+def test_a_name_seen_again_re_arms_its_addresses_in_the_kernel(lab, write_config, write_policy):
+    """Found by the soak benchmark (issue #10): the kernel (6.10+) updates an existing element
+    only where asked, so re-adding one with the same timeout kept its first expiry, while the
+    daemon believed it re-armed: an address of a name looked up again and again expired under
+    its clients. The probe said the kernel re-arms (it checked with another timeout)."""
+    from ramfw.kernel import probes
+    from ramfw.kernel.table import Table
+    from ramfw.snoop.snooper import Element
+
+    refreshes = probes.run().kernel_refreshes_timeout
+    up(lab, write_config(), write_policy(["allowed-registry.test"]))
+    with lab.vm.inside():
+        table = Table("ramfw")
+        table.add_elements([Element(ALLOWED4, 4, "allowed-registry.test")], refreshes)
+        time.sleep(2.2)
+        table.add_elements([Element(ALLOWED4, 4, "allowed-registry.test")], refreshes)  # the name seen again
+        left = [e.expires for e in table.learned() if e.address == ALLOWED4]
+    assert left and left[0] >= 3, f"re-armed to 4 s, found {left} (kernel_refreshes_timeout={refreshes})"
