@@ -94,7 +94,7 @@ class Daemon:
 
                 self.prefilter = Prefilter()
                 self.prefilter.update(self.policy.patterns())
-        if self.hold is Hold.PASSIVE or self.prefilter is not None:
+        if self.hold is not Hold.NONE:  # copies: the queries replies are paired with, replies not held
             self.snoop = netlink.bind_group(Log, self.config.dns.snoop_group, "NFLOG group", "dns.snoop_group")
         if self.report.has("nflog"):
             self.blocks = netlink.bind_group(Log, self.config.enforcement.nflog_group, "NFLOG group", "enforcement.nflog_group")
@@ -132,8 +132,8 @@ class Daemon:
                                         d.snoop_group)
             scope = self.engine.scope_in_force
             settings = dataclasses.replace(e, scope=scope)
-            self.table.apply(ruleset.build_ruleset(settings, self.trusted, d.max_addresses, self.hold), hold_rules,
-                             rebuild)
+            self.table.apply(ruleset.build_ruleset(settings, self.trusted, d.max_addresses, self.hold,
+                                                   d.snoop_group if self.snoop else None), hold_rules, rebuild)
             self.applied_scope = scope
             self._on_links()
             self.own_traffic = self.engine.exempt_own_traffic(self.table, "", self.url_source, force=True)
@@ -273,7 +273,10 @@ class Daemon:
                 handle(item)
 
     def _on_queue(self) -> None:
-        """Give a verdict to every held reply waiting."""
+        """Give a verdict to every held reply waiting, once the copies that wait are read: the
+        query a reply answers was copied before the reply could arrive."""
+        if self.snoop is not None:
+            self._on_snoop()
         self._drain(self.queue, "held", "queue_errors", self._release)
         self.snooper.index_unread()  # after the verdicts: naming blocked addresses can wait
 

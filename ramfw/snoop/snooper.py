@@ -35,6 +35,8 @@ NAMES_BYTES = 4 << 20  # the address->name map for block messages (text, plus EN
 ENTRY_BYTES = 160  # what Python's objects cost per entry of that map, beyond the text
 UNREAD_BYTES = 1 << 20  # replies for other names waiting to be indexed (one burst, normally)
 TCP_BYTES = 8 << 20  # the TCP flows' unread data together: the oldest flows go first
+MAX_QUERIES = 16384  # outstanding UDP queries for allowlisted names, to pair replies with
+QUERY_SECONDS = 15.0  # a query unanswered this long is forgotten (stubs retry within 5 s)
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 _HINT_TYPES = (dns.rdatatype.HTTPS, dns.rdatatype.SVCB)
 
@@ -83,9 +85,17 @@ class Snooper:
         self._names_bytes = 0
         self._flows: OrderedDict[tuple, _Flow] = OrderedDict()
         self._flow_bytes = 0
+        # (client, client port, resolver, ID) -> (question name, when): the queries a reply may answer
+        self._queries: OrderedDict[tuple[str, int, str, bytes], tuple[str, float]] = OrderedDict()
 
     def on_packet(self, packet: bytes, now: float) -> Decision:
+        """A reply (held or copied), or a copied UDP query to a trusted resolver."""
         segment = parse_packet(packet)
+        if segment is not None and segment.proto == UDP and segment.dport == 53 and segment.dst in self.trusted:
+            name = question_name(segment.payload, response=False)
+            if name is not None:
+                self._on_query(segment, name, now)
+                return Decision()
         if segment is None or segment.sport != 53:
             self.counters["malformed"] += 1
             return Decision()
@@ -93,8 +103,30 @@ class Snooper:
             self.counters["untrusted"] += 1
             return Decision()
         if segment.proto == UDP:
-            return self._on_message(segment.payload, now)
+            return self._on_message(segment.payload, now, segment)
         return self._on_tcp(segment, now)
+
+    def _on_query(self, segment: Segment, name: str, now: float) -> None:
+        """Remember a query for an allowlisted name until its reply comes (or QUERY_SECONDS)."""
+        self.counters["queries"] += 1
+        if not self.policy.enabled or self.policy.allows(name) is None:
+            return
+        key = (segment.src, segment.sport, segment.dst, segment.payload[:2])
+        self._queries.pop(key, None)
+        self._queries[key] = (name, now)
+        while self._queries and (len(self._queries) > MAX_QUERIES
+                                 or next(iter(self._queries.values()))[1] < now - QUERY_SECONDS):
+            self._queries.popitem(last=False)
+
+    def _answers_a_query(self, segment: Segment, wire: bytes, name: str, now: float) -> bool:
+        """Whether a UDP reply answers a query this VM sent: to the port it came from, from the
+        resolver it went to, with its ID and its question. Each query is answered once."""
+        key = (segment.dst, segment.dport, segment.src, wire[:2])
+        asked = self._queries.get(key)
+        if asked is None or asked[0] != name or now - asked[1] > QUERY_SECONDS:
+            return False  # a reply for another question leaves the query to its real answer
+        del self._queries[key]
+        return True
 
     def _on_tcp(self, segment: Segment, now: float) -> Decision:
         """Reassemble a flow's messages. A FIN ends the flow only after its segment's data is
@@ -177,7 +209,8 @@ class Snooper:
             self._flow_bytes -= len(flow.buffer)
             self.counters["tcp_evicted"] += 1
 
-    def _on_message(self, wire: bytes, now: float) -> Decision:
+    def _on_message(self, wire: bytes, now: float, segment: Segment | None = None) -> Decision:
+        """One DNS message: over UDP (``segment``), it teaches only if it answers a query."""
         self.counters["replies"] += 1
         name = question_name(wire)
         if name is None:
@@ -187,6 +220,9 @@ class Snooper:
         if entry is None:
             self.counters["other_names"] += 1
             self._keep(name, wire)
+            return Decision()
+        if segment is not None and not self._answers_a_query(segment, wire, name, now):
+            self.counters["unmatched"] += 1  # forged, late, a duplicate, or its query was not seen
             return Decision()
         return Decision(elements=self._learn(wire, name, now))
 

@@ -67,14 +67,14 @@ def _name_text(labels: list[bytes]) -> str:
     return ".".join(_text(label) for label in labels).lower()
 
 
-def question_name(wire: bytes) -> str | None:
-    """The question name of a DNS response, as dnspython reads it (see the module's
-    docstring); None if there is none. Never raises.
+def question_name(wire: bytes, response: bool = True) -> str | None:
+    """The question name of a DNS response (or, without ``response``, of a query), as
+    dnspython reads it (see the module's docstring); None if there is none. Never raises.
 
     The eBPF prefilter hashes raw label bytes, so it does not hold a reply for a name like
     ``\\x07ghcr.io`` (one label); it is safe only because this reads ``ghcr\\.io``, which no
     entry matches: the daemon does not learn from the copy either."""
-    if len(wire) < 12 or not wire[2] & 0x80 or struct.unpack_from("!H", wire, 4)[0] < 1:
+    if len(wire) < 12 or bool(wire[2] & 0x80) != response or struct.unpack_from("!H", wire, 4)[0] < 1:
         return None
     try:
         return _read_name(wire, 12)[0]

@@ -157,3 +157,63 @@ def test_a_well_known_stub_address_is_not_trusted_unless_resolv_conf_names_it(la
     assert lab.connect(CDN4, mark=MARK)[0] == "refused"
     result = json.loads(lab.ramfw("status", "--json", "--config", config).stdout)
     assert result["trusted_resolvers"] == [NET4] and result["trusted_from"] == "/etc/resolv.conf"
+
+
+def forge_from(lab, source: str, target: tuple, wire: bytes) -> None:
+    with lab.net.inside():
+        sock = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((source, 53))
+    sock.sendto(wire, target)
+    sock.close()
+
+
+def held(lab) -> int:
+    return json.loads(lab.ramfw("status", "--json", "--config", lab.config).stdout)["counters"].get("held", 0)
+
+
+def test_a_reply_teaches_only_if_it_answers_the_query_by_port_id_and_question(forge_lab):
+    """Conntrack lets any reply to a query's port in for 30 s after it (and before its answer):
+    a second reply sent after the real one, or one raced in with a guessed port, taught what it
+    said. Now a UDP reply teaches only if it answers an outstanding query of the VM: its port,
+    its resolver, its ID and its question, once."""
+    lab = forge_lab
+    lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}")
+    # The real answer teaches; a second "answer" to the same query, from the resolver's address, does not.
+    with lab.vm.inside():
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(3)
+    query = dns.message.make_query("allowed-registry.test", "A")
+    client.sendto(query.to_wire(), (NET4, 53))
+    assert dns.message.from_wire(client.recv(512)).answer
+    port = client.getsockname()[1]
+    second = dns.message.make_response(query)
+    second.answer.append(dns.rrset.from_text("allowed-registry.test.", 300, "IN", "A", CDN4))
+    count = held(lab)
+    forge_from(lab, NET4, (VM4, port), second.to_wire())
+    assert dns.message.from_wire(client.recv(512)).answer[0][0].address == CDN4  # it reached the client
+    assert held(lab) > count  # and was read by the daemon
+    assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
+    assert lab.connect(CDN4, mark=MARK)[0] == "refused"
+    client.close()
+    # A query no server answers (nothing listens on the IPv6 resolver): a reply with another ID,
+    # or for another question, teaches nothing; the one with its ID and question does.
+    with lab.vm.inside():
+        client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    query = dns.message.make_query("allowed-registry.test", "AAAA")
+    client.sendto(query.to_wire(), (NET6, 53))
+    port = client.getsockname()[1]
+    wrong_id = dns.message.make_response(query)
+    wrong_id.id = (query.id + 1) & 0xFFFF
+    wrong_question = dns.message.make_response(dns.message.make_query("other.allowed-registry.test", "AAAA"))
+    wrong_question.id = query.id
+    right = dns.message.make_response(query)
+    for message, address in ((wrong_id, BLOCKED6), (wrong_question, BLOCKED6), (right, ALLOWED6)):
+        message.answer.append(dns.rrset.from_text(message.question[0].name, 300, "IN", "AAAA", address))
+        forge_from(lab, NET6, (VM6, port), message.to_wire())
+        time.sleep(0.2)
+    client.close()
+    counters = json.loads(lab.ramfw("status", "--json", "--config", lab.config).stdout)["counters"]
+    assert lab.connect(BLOCKED6, mark=MARK)[0] == "refused"
+    assert lab.connect(ALLOWED6, mark=MARK)[0] == "connected", str(sorted(counters.items()))
+    assert counters["unmatched"] == 3 and counters["queries"] >= 2

@@ -15,9 +15,8 @@ import dns.version
 
 from ramfw import policy
 from ramfw.config import DnsSettings
-from ramfw.snoop.snooper import Snooper
 from ramfw.snoop.wire import fast_chain, question_name
-from tests.support.packets import RESOLVER, tcp, udp
+from tests.support.packets import CLIENT, RESOLVER, AskedSnooper, ip_udp, tcp, udp
 
 ODD = b'.\\ "()@$;*_\x00\x01\x1f\x7f\x80\xc3\xa9\xff'
 ALPHABET = b"abcxyzABCXYZ0189-" + ODD
@@ -174,7 +173,7 @@ def fuzz(count, seed=1):
     reader, the chain follower and the snooper (over UDP, and over TCP in segments of any
     order). Returns the figures: packets fed, exceptions that escaped, disagreements with
     dnspython on what dnspython accepts."""
-    snooper = Snooper(policy.from_data({"organizations": [{"name": "t", "registryAccess": {
+    snooper = AskedSnooper(policy.from_data({"organizations": [{"name": "t", "registryAccess": {
         "allowDockerHub": False, "registries": [{"address": "ghcr.io"}, {"address": "io"}, {"address": "xyz"}]}}]}),
         {RESOLVER}, DnsSettings(max_addresses=1_000_000))
     rng = random.Random(seed)
@@ -201,7 +200,8 @@ def fuzz(count, seed=1):
                         failed("chain_differs", wire)
                 except (dns.exception.DNSException, ValueError, KeyError):
                     failed("chain_differs", wire)
-            snooper.on_packet(udp(wire), 0)
+            snooper.on_packet(udp(wire), 0)  # after the query it answers, if it has a question
+            snooper.on_packet(ip_udp(wire, CLIENT, RESOLVER, 40000, 53), 0)  # as a query copied on its way out
             framed = struct.pack("!H", len(wire)) + wire
             cuts = sorted(rng.sample(range(1, len(framed)), min(2, len(framed) - 1))) if len(framed) > 2 else []
             pieces = [(start, framed[start:end]) for start, end in zip([0] + cuts, cuts + [len(framed)])]

@@ -7,6 +7,8 @@ import struct
 import dns.message
 import dns.rrset
 
+from ramfw.snoop.snooper import Snooper
+
 RESOLVER = "192.0.2.53"
 CLIENT = "192.0.2.1"
 
@@ -37,3 +39,44 @@ def udp6(wire, src="2001:db8::53"):
     segment = struct.pack("!HHHH", 53, 40000, 8 + len(wire), 0) + wire
     return (struct.pack("!IHBB", 6 << 28, len(segment), 17, 64) + socket.inet_pton(socket.AF_INET6, src)
             + socket.inet_pton(socket.AF_INET6, "2001:db8::1") + segment)
+
+
+def ip_udp(payload, src, dst, sport, dport):
+    """A UDP packet from ``src`` to ``dst`` (IPv4 or IPv6, checksums left zero)."""
+    segment = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    if ":" not in src:
+        return checksum_free_ipv4(17, segment, src, dst)
+    return (struct.pack("!IHBB", 6 << 28, len(segment), 17, 64) + socket.inet_pton(socket.AF_INET6, src)
+            + socket.inet_pton(socket.AF_INET6, dst) + segment)
+
+
+def query_for(packet):
+    """The query a UDP reply packet answers, as the output hook copies it (client to resolver:
+    the reply's ports and addresses swapped, its ID and question); None if it has none."""
+    from ramfw.snoop.packet import parse_packet
+    from ramfw.snoop.wire import _read_name
+
+    segment = parse_packet(packet)
+    if segment is None or segment.proto != 17 or len(segment.payload) < 12:
+        return None
+    wire = segment.payload
+    try:
+        end = _read_name(wire, 12)[1] + 4
+    except ValueError:
+        return None
+    if end > len(wire):
+        return None
+    query = wire[:2] + b"\x01\x00" + struct.pack("!HHHH", 1, 0, 0, 0) + wire[12:end]
+    return ip_udp(query, segment.dst, segment.src, segment.dport, segment.sport)
+
+
+class AskedSnooper(Snooper):
+    """A ``Snooper`` for which every UDP reply answers a query it saw first, as on a VM where
+    the query's copy is read before its reply (pairing has tests of its own)."""
+
+    def on_packet(self, packet, now):
+        query = query_for(packet)
+        if query is not None:
+            super().on_packet(query, now)
+            self.counters["queries"] -= 1  # the test's, not the packet stream's
+        return super().on_packet(packet, now)

@@ -11,7 +11,7 @@ from ramfw.config import DnsSettings
 from ramfw.snoop.packet import parse_packet
 from ramfw.snoop.snooper import Snooper, timeout_for
 from ramfw.snoop.wire import fast_chain, question_name
-from tests.support.packets import RESOLVER, checksum_free_ipv4, reply, tcp, udp, udp6
+from tests.support.packets import RESOLVER, AskedSnooper, checksum_free_ipv4, reply, tcp, udp, udp6
 SETTINGS = DnsSettings(ttl_min=30, ttl_max=3600, ttl_grace=60, max_addresses_per_name=3, max_addresses=5)
 
 
@@ -21,7 +21,8 @@ def make_policy(*names):
 
 
 def snooper(*names, trusted=(RESOLVER, "2001:db8::53")):
-    return Snooper(make_policy(*names), set(trusted), SETTINGS)
+    """A snooper that saw the query of every UDP reply the test gives it."""
+    return AskedSnooper(make_policy(*names), set(trusted), SETTINGS)
 
 
 def test_allowed_name_teaches_its_addresses_with_clamped_ttl():
@@ -307,3 +308,43 @@ def test_no_reply_is_kept_once_read_and_the_name_map_is_bounded_in_bytes(monkeyp
     s.on_packet(udp(reply("moved.other.test", "moved.other.test. 60 A 198.51.100.199")), 0)
     assert s.block_message("198.51.100.199") == "registry access to moved.other.test is not allowed"
     assert "no DNS name" in s.block_message("198.51.100.0")
+
+
+def test_a_udp_reply_teaches_only_if_it_answers_an_outstanding_query():
+    """Issue #8: pairing a reply with the query it answers (port, resolver, ID, question), once."""
+    from ramfw.snoop import snooper as snooper_mod
+    from tests.support.packets import ip_udp, query_for
+
+    s = Snooper(make_policy("ghcr.io"), {RESOLVER, "2001:db8::53"}, SETTINGS)
+    wire = reply("ghcr.io", "ghcr.io. 300 A 203.0.113.5")
+    assert s.on_packet(udp(wire), 0).elements == [] and s.counters["unmatched"] == 1  # no query seen
+    assert s.on_packet(query_for(udp(wire)), 0).elements == [] and s.counters["queries"] == 1
+    other_id = bytes([wire[0] ^ 1]) + wire[1:]
+    other_question = wire[:2] + reply("x.ghcr.io", "x.ghcr.io. 300 A 203.0.113.6")[2:]
+    other_port = ip_udp(wire, RESOLVER, "192.0.2.1", 53, 40001)
+    for forged in (udp(other_id), udp(other_question), other_port):
+        assert s.on_packet(forged, 0.1).elements == []
+    assert s.counters["unmatched"] == 4
+    assert [e.address for e in s.on_packet(udp(wire), 0.2).elements] == ["203.0.113.5"]  # the answer still counts
+    assert s.on_packet(udp(wire), 0.3).elements == [] and s.counters["unmatched"] == 5  # once only
+    s.on_packet(query_for(udp6(reply("ghcr.io", "ghcr.io. 300 AAAA 2001:db8::5", rdtype="AAAA"))), 1)
+    late = udp6(reply("ghcr.io", "ghcr.io. 300 AAAA 2001:db8::5", rdtype="AAAA"))
+    assert s.on_packet(late, 1 + snooper_mod.QUERY_SECONDS + 1).elements == []  # too late
+    s.on_packet(tcp(b"", 0, flags=0x12), 2)  # TCP: conntrack and the sequence window, no pairing
+    framed = struct.pack("!H", len(wire)) + wire
+    assert [e.address for e in s.on_packet(tcp(framed, 1), 2).elements] == ["203.0.113.5"]
+
+
+def test_queries_kept_for_pairing_are_bounded_and_only_for_allowlisted_names(monkeypatch):
+    from ramfw.snoop import snooper as snooper_mod
+    from tests.support.packets import ip_udp
+
+    monkeypatch.setattr(snooper_mod, "MAX_QUERIES", 100)
+    s = Snooper(make_policy("ghcr.io"), {RESOLVER}, SETTINGS)
+    for n in range(300):
+        for name in ("ghcr.io", "other.test"):
+            query = dns.message.make_query(name, "A")
+            query.id = n
+            s.on_packet(ip_udp(query.to_wire(), "192.0.2.1", RESOLVER, 40000 + n, 53), n / 1000)
+    assert len(s._queries) == 100 and s.counters["queries"] == 600
+    assert all(name == "ghcr.io" for name, _ in s._queries.values())

@@ -7,10 +7,9 @@ import dns.exception
 
 from ramfw import policy
 from ramfw.config import DnsSettings
-from ramfw.snoop.snooper import Snooper
 from ramfw.snoop.wire import fast_chain, question_name
 from tests.support.fuzz import LENIENT_DNSPYTHON, dnspython_name, dnspython_question, fuzz, messages, packed
-from tests.support.packets import RESOLVER, tcp, udp
+from tests.support.packets import RESOLVER, AskedSnooper, tcp, udp
 
 
 def test_question_name_reads_what_dnspython_reads():
@@ -72,7 +71,7 @@ def test_fast_chain_agrees_with_resolve_chaining_on_adversarial_wire():
 
 
 def test_the_snooper_never_raises_and_never_learns_from_a_dotted_or_escaped_name():
-    s = Snooper(policy.from_data({"organizations": [{"name": "t", "registryAccess": {
+    s = AskedSnooper(policy.from_data({"organizations": [{"name": "t", "registryAccess": {
         "allowDockerHub": False, "registries": [{"address": "ghcr.io"}, {"address": "io"}]}}]}),
         {RESOLVER}, DnsSettings())
 
@@ -107,7 +106,7 @@ def test_a_short_fuzz_run_finds_nothing():
 def test_replies_of_other_opcodes_are_malformed_not_an_exception():
     """The million-packet fuzz run found them: dnspython reads an UPDATE or NOTIFY reply as a plain
     Message, which has no resolve_chaining; the snooper raised AttributeError."""
-    s = Snooper(policy.from_data({"organizations": [{"name": "t", "registryAccess": {
+    s = AskedSnooper(policy.from_data({"organizations": [{"name": "t", "registryAccess": {
         "allowDockerHub": False, "registries": [{"address": "io"}]}}]}), {RESOLVER}, DnsSettings())
     for found in ("21738980000100010000000002696f0171044748435202696f000005000102494f0151044748435202494f0000050001"
                   "0000e898000702494f0151c023", "b72cc1c0000100000000000002696f00005c0001"):
