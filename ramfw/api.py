@@ -44,7 +44,7 @@ def up(config: Config, policy_path: str | None = None, report: probes.Report | N
     scope.close()
     if policy.enabled:
         table.apply(ruleset.build_ruleset(replace(config.enforcement, scope=scope.scope_in_force), trusted,
-                                          config.dns.max_addresses), hold_rules=[])
+                                          config.dns.max_addresses), dns_rules={})
         table.set_container_bridges(links.container_bridges(links.dump()))  # as they are now: no daemon follows
     else:
         table.remove()

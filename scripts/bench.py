@@ -111,7 +111,7 @@ def dns_latency(lab, tmp):
     with lab.vm.inside():
         table = Table("ramfw")
         table.apply(ruleset.build_ruleset(EnforcementSettings(), [], 1000, hold),
-                    nft.hold_rules(hold if hold.holds else Hold.NONE, 5241, None, 5242))
+                    nft.dns_chain_rules(hold if hold.holds else Hold.NONE, 5241, None, 5242))
     results["bare_queue_reader/other"] = summary(*paired(lab, "other-name.test", (NET4, 53), (NET4, 5353)))
     reader.kill()
     reader.wait()
@@ -159,7 +159,7 @@ def race(lab, tmp):
 def programming(lab):
     with lab.vm.inside():
         table = Table("rambench")
-        table.apply(ruleset.build_ruleset(EnforcementSettings(table="rambench"), [], 200_000), [])
+        table.apply(ruleset.build_ruleset(EnforcementSettings(table="rambench"), [], 200_000), {})
         batches, size = 100, 1000
         start = time.perf_counter()
         for b in range(batches):

@@ -128,12 +128,12 @@ class Daemon:
             self.table.remove()
             self.applied_scope = ()
         else:
-            hold_rules = nft.hold_rules(self.hold, d.queue_num, self.prefilter.prog_fd if self.prefilter else None,
-                                        d.snoop_group)
+            dns_rules = nft.dns_chain_rules(self.hold, d.queue_num, self.prefilter.prog_fd if self.prefilter else None,
+                                            d.snoop_group)
             scope = self.engine.scope_in_force
             settings = dataclasses.replace(e, scope=scope)
-            self.table.apply(ruleset.build_ruleset(settings, self.trusted, d.max_addresses, self.hold,
-                                                   d.snoop_group if self.snoop else None), hold_rules, rebuild)
+            self.table.apply(ruleset.build_ruleset(settings, self.trusted, d.max_addresses, self.hold), dns_rules,
+                             rebuild)
             self.applied_scope = scope
             self._on_links()
             self.own_traffic = self.engine.exempt_own_traffic(self.table, "", self.url_source, force=True)

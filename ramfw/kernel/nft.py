@@ -10,7 +10,11 @@ make too slow on the hold path. Pure: bytes out (and, for dumps, bytes in); ``ta
       udp sport 53  (prefilter only)       -> log to the snoop group (a copy, not held)
 
   or, where nothing can hold (``Hold.PASSIVE``), tcp and udp sport 53 -> log to the snoop group.
-  The queue is the xt NFQUEUE target or the native queue expression, both with bypass.
+  The queue is the xt NFQUEUE target or the native queue expression, both with bypass. Those
+  are the input and forward hooks' (``dns_input``, ``dns_forward``); the output and forward
+  hooks' (``dns_output``, ``dns_forward``) copy the UDP queries the replies are paired with::
+
+      udp dport 53  [bpf prefilter match]  -> log to the snoop group
 - The allowed sets' elements: a reply waits while they are programmed, so they skip the JSON
   round trip; and their dump, streamed (a JSON listing of 100,000 elements costs hundreds of MB).
 """
@@ -109,6 +113,29 @@ def hold_rules(hold: Hold, queue_num: int, prefilter_fd: int | None, snoop_group
         rules.append(b"".join(_from_dns(udp) + [bpf_match(prefilter_fd), queue]))
         rules.append(b"".join(_from_dns(udp) + [_log(snoop_group)]))
     return rules
+
+
+def query_copy_rules(prefilter_fd: int | None, snoop_group: int) -> list[bytes]:
+    """UDP queries, copied to the snoop group for the daemon to pair replies with; where the
+    prefilter runs, only those that may be for an allowlisted name (it reads a query's question
+    as it reads a reply's)."""
+    udp = [
+        _expr("meta", u32(2, nl.NFT_META_L4PROTO), u32(1, nl.NFT_REG_1)),
+        _cmp_eq(bytes([socket.IPPROTO_UDP])),
+        _expr("payload", u32(1, nl.NFT_REG_1), u32(2, nl.NFT_PAYLOAD_TRANSPORT_HEADER), u32(3, 2), u32(4, 2)),
+        _cmp_eq(struct.pack("!H", 53)),
+    ]
+    return [b"".join(udp + ([bpf_match(prefilter_fd)] if prefilter_fd is not None else []) + [_log(snoop_group)])]
+
+
+def dns_chain_rules(hold: Hold, queue_num: int, prefilter_fd: int | None, snoop_group: int) -> dict[str, list[bytes]]:
+    """Each DNS chain's rules (``ruleset.DNS_CHAINS``): replies held (or copied) where they come
+    in, queries copied where they go out; nothing without a daemon (``Hold.NONE``)."""
+    if hold is Hold.NONE:
+        return {}
+    replies = hold_rules(hold, queue_num, prefilter_fd, snoop_group)
+    queries = query_copy_rules(prefilter_fd, snoop_group)
+    return {"dns_input": replies, "dns_forward": queries + replies, "dns_output": queries}
 
 
 def own_traffic_rules(cgroup_id: int, level: int) -> list[bytes]:

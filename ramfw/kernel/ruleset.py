@@ -7,18 +7,18 @@ the process that applied it exits or dies (registry egress fails closed), and on
 
 Layout::
 
-    output   (hook output)   UDP DNS queries to trusted resolvers copied to the daemon (to pair
-                             the replies with); loopback (not redirected), container bridges -> accept; flows the peer
+    output   (hook output)   loopback (not redirected), container bridges -> accept; flows the peer
                              opened, in scope -> registry; established/related -> accept;
                              own_traffic; in scope -> registry
     own_traffic              ramfw's own connections (its cgroup, by id) -> accept; its rules
                              are ``nft.own_traffic_rules``, swapped in like the DNS chains'.
-    forward  (hook forward)  DNS queries copied; container bridges -> accept; flows the peer opened, in scope -> registry;
+    forward  (hook forward)  container bridges -> accept; flows the peer opened, in scope -> registry;
                              established/related -> accept; in scope -> registry
     registry                 DNS to trusted resolvers, @allow4/@allow6 -> accept;
                              otherwise log to NFLOG, count, reject (enforce) or accept (audit)
-    dns_input, dns_forward   (hooks input, forward, priority -150) the DNS hold rules, which
-                             ``nft`` builds and ``table.Table`` swaps in a netlink transaction
+    dns_input, dns_forward,  (hooks input, forward, output, priority -150) the DNS hold rules and
+    dns_output               the query copies, which ``nft`` builds and ``table.Table`` swaps in
+                             a netlink transaction per chain
 """
 
 from __future__ import annotations
@@ -182,33 +182,20 @@ def _verdict_rules(settings: EnforcementSettings, hold: Hold) -> list[list[dict]
     ]
 
 
-DNS_CHAINS = {"dns_input": "input", "dns_forward": "forward"}
+DNS_CHAINS = {"dns_input": "input", "dns_forward": "forward", "dns_output": "output"}
 OWN_CHAIN = "own_traffic"
 DNS_PRIORITY = -150  # mangle: before anything that could accept the reply
 
 
-def _query_copy_rules(group: int | None) -> list[list[dict]]:
-    """UDP queries to a trusted resolver, copied to the daemon's NFLOG group: a reply teaches
-    only if it answers one of them (port, ID and question). Not TCP: a forged segment must
-    already hit the flow's 32-bit sequence window, which the ID's 16 bits would not add to."""
-    if group is None:
-        return []
-    log = {"log": {"group": group}}
-    return [[_match(_meta("l4proto"), "udp"), _match(_payload("udp", "dport"), 53),
-             _match(_payload(proto, "daddr"), "@" + RESOLVERS[version]), log]
-            for version, proto in ((4, "ip"), (6, "ip6"))]
-
-
 def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_addresses: int,
-                  hold: Hold = Hold.NONE, query_group: int | None = None) -> dict:
+                  hold: Hold = Hold.NONE) -> dict:
     """The whole table as one transaction, but for the DNS chains' rules.
 
     Sets are added, never deleted, so re-applying keeps every learned address; chains are
     flushed and refilled so the rules are exactly these, whatever was there before. The DNS
     chains are created here and left as they are: their rules (``nft.hold_rules``) are swapped
     in a netlink transaction of their own (flush and add together), so no reply passes unheld
-    in between. ``hold`` matters here only for the passive grace rules; ``query_group``, the
-    daemon's NFLOG group for copies, is where the DNS queries go (None without a daemon).
+    in between. ``hold`` matters here only for the passive grace rules.
     """
     t = {"family": FAMILY, "table": settings.table}
     cmds: list[dict] = [{"add": {"table": {"family": FAMILY, "name": settings.table}}}]
@@ -232,12 +219,10 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         cmds.append({"add": {"chain": {**t, "name": chain, "type": "filter", "hook": hook,
                                        "prio": DNS_PRIORITY, "policy": "accept"}}})
     rules: dict[str, list[list[dict]]] = {
-        "output": _query_copy_rules(query_group) + [[_match(_meta("oif"), "lo"), _NOT_REDIRECTED, _ACCEPT],
-                                                    _TO_CONTAINERS]
+        "output": [[_match(_meta("oif"), "lo"), _NOT_REDIRECTED, _ACCEPT], _TO_CONTAINERS]
         + _peer_first_rules(settings, "output") + [[_ESTABLISHED, _ACCEPT], [{"jump": {"target": OWN_CHAIN}}]]
         + _in_scope_rules(settings, "output"),
-        "forward": _query_copy_rules(query_group) + [_TO_CONTAINERS] + _peer_first_rules(settings, "forward")
-        + [[_ESTABLISHED, _ACCEPT]]
+        "forward": [_TO_CONTAINERS] + _peer_first_rules(settings, "forward") + [[_ESTABLISHED, _ACCEPT]]
         + _in_scope_rules(settings, "forward"),
         "registry": [
             [_TCP_UDP, _match(_payload("th", "dport"), 53),

@@ -47,15 +47,15 @@ class Table:
             raise NftablesError(f"nftables refused the transaction: {error.strip() or rc}")
         return output or {}
 
-    def apply(self, ruleset: dict, hold_rules: list[bytes], rebuild: bool = False) -> None:
-        """The table (one JSON transaction), then the DNS chains' rules swapped in one netlink
-        transaction: a chain is never empty between its old rules and its new ones. With
+    def apply(self, ruleset: dict, dns_rules: dict[str, list[bytes]], rebuild: bool = False) -> None:
+        """The table (one JSON transaction), then each DNS chain's rules (``nft.dns_chain_rules``)
+        swapped in one netlink transaction: a chain is never empty between its old rules and its new ones. With
         ``rebuild``, the old table is deleted in the same transaction (what someone else made of
         it, a set redefined, a chain added, is gone); its learned elements too."""
         self.run({"nftables": build_remove(self.name)["nftables"] + ruleset["nftables"]} if rebuild else ruleset)
         for chain in DNS_CHAINS:
             try:
-                self._swap(chain, hold_rules)
+                self._swap(chain, dns_rules.get(chain, []))
             except OSError as err:
                 raise NftablesError(f"cannot add the DNS hold rules: {err.strerror}") from None
         self.remember()

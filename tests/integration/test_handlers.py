@@ -17,8 +17,8 @@ from ramfw.kernel import nflog, nft, probes, ruleset
 from ramfw.kernel.queue import Queue
 from ramfw.kernel.ruleset import Hold
 from ramfw.kernel.table import Table
-from ramfw.snoop.snooper import Snooper
 from tests.lab.sandbox import ALLOWED4, NET4
+from tests.support.packets import AskedSnooper
 
 
 def _returns_at_once(reader) -> list:
@@ -67,7 +67,7 @@ def test_every_held_reply_gets_its_verdict_whatever_raises(lab, tmp_path):
     daemon = Daemon(config_mod.Config())
     daemon.queue, daemon.table, daemon.hold = queue, RefusingTable(), hold
     daemon.report = probes.Report("test", ())
-    daemon.snooper = Snooper(policy.from_data({"organizations": [{"name": "t", "registryAccess": {
+    daemon.snooper = AskedSnooper(policy.from_data({"organizations": [{"name": "t", "registryAccess": {
         "registries": [{"address": "allowed-registry.test"}]}}]}), {NET4}, DnsSettings())
     clients = []
     for i in range(3):

@@ -22,8 +22,7 @@ from ramfw.config import DnsSettings
 from ramfw.kernel import bpf
 from ramfw.kernel.prefilter import MAX_LABEL, MAX_LABELS, keys_for, would_hold
 from ramfw.snoop.packet import parse_packet
-from ramfw.snoop.snooper import Snooper
-from tests.support.packets import RESOLVER, reply, udp, udp6
+from tests.support.packets import RESOLVER, AskedSnooper, reply, udp, udp6
 
 SEED = 20250611
 LONGEST = "a" * 63 + "." + "b" * 63  # its last two labels are the longest hashed part: 128 bytes
@@ -272,7 +271,7 @@ def question_labels(packet: bytes) -> list[bytes]:
 def learned_from(verdicts: list[int | None], dotted: bool) -> tuple[int, list[str]]:
     """How many replies the daemon learns addresses from (the labels of their question
     containing a dot, or not), and those of them the program does not hold."""
-    daemon = Snooper(POLICY, {RESOLVER, RESOLVER6}, DnsSettings())
+    daemon = AskedSnooper(POLICY, {RESOLVER, RESOLVER6}, DnsSettings())  # the queries seen
     learned, misses = 0, []
     for (kind, packet), verdict in zip(CORPUS, verdicts):
         try:

@@ -148,3 +148,16 @@ def test_a_reply_of_any_size_is_programmed_in_batches_netlink_can_carry(refreshe
         if clear_pending:
             expected += [(new, pending, ""), (delete, pending, "")]
         assert steps == expected
+
+
+def test_queries_are_copied_where_they_go_out_and_replies_held_where_they_come_in():
+    """Issue #8: a reply is paired with its query, so the UDP queries are copied to the snoop
+    group from the output and forward hooks, through the prefilter where it runs."""
+    chains = nft.dns_chain_rules(Hold.XT_NFQUEUE, 5241, prefilter_fd=7, snoop_group=5242)
+    replies = nft.hold_rules(Hold.XT_NFQUEUE, 5241, prefilter_fd=7, snoop_group=5242)
+    [query] = nft.query_copy_rules(7, 5242)
+    assert chains == {"dns_input": replies, "dns_forward": [query] + replies, "dns_output": [query]}
+    dport = netlink.attr(3, struct.pack("!I", 2))  # the transport header's offset 2: the destination port
+    assert dport in query and b"bpf\0" in query and netlink.attr(1, struct.pack("!H", 5242)) in query
+    assert b"bpf\0" not in nft.query_copy_rules(None, 5242)[0]
+    assert nft.dns_chain_rules(Hold.NONE, 5241, None, 5242) == {}
