@@ -256,9 +256,10 @@ class Daemon:
         self.stopping = True
 
     # -- handlers: each reads what waits and returns -----------------------------------------
-    def _drain(self, reader, counter: str, errors: str, handle) -> None:
+    def _drain(self, reader, counter: str, errors: str, handle, first=None) -> None:
         """Handle what waits on one of the loop's sockets: a bounded number of datagrams, so
-        the other sockets get their turn; return at once when the socket is empty."""
+        the other sockets get their turn; return at once when the socket is empty. ``first``
+        runs after each datagram is received and before it is handled."""
         for _ in range(BURST):
             try:
                 items = reader.receive()
@@ -268,16 +269,16 @@ class Daemon:
                 return
             if not items:
                 return
+            if first is not None:
+                first()
             self.snooper.counters[counter] += len(items)
             for item in items:
                 handle(item)
 
     def _on_queue(self) -> None:
-        """Give a verdict to every held reply waiting, once the copies that wait are read: the
-        query a reply answers was copied before the reply could arrive."""
-        if self.snoop is not None:
-            self._on_snoop()
-        self._drain(self.queue, "held", "queue_errors", self._release)
+        """Give a verdict to every held reply waiting, each once the copies waiting when it was
+        received are read: the query a reply answers was copied before the reply could arrive."""
+        self._drain(self.queue, "held", "queue_errors", self._release, self._on_snoop if self.snoop else None)
         self.snooper.index_unread()  # after the verdicts: naming blocked addresses can wait
 
     def _release(self, packet) -> None:
