@@ -11,7 +11,7 @@ Admins sign with Debian's ``minisign`` (``minisign -S -s key -m policy.json`` wr
   of a global signature, by the same key, of the signature followed by that text.
 
 A key id is shown as minisign shows it: the 8 bytes read as a little-endian number, in
-upper-case hex (``4468A2580D9A982B``). Nothing here is home-made cryptography: BLAKE2b comes
+upper-case hex without leading zeros (``4468A2580D9A982B``, ``29BAB4175B6B75E``). Nothing here is home-made cryptography: BLAKE2b comes
 from hashlib, Ed25519 from ``cryptography``.
 """
 
@@ -37,7 +37,7 @@ class PublicKey:
 
 
 def key_id(keynum: bytes) -> str:
-    return keynum[::-1].hex().upper()
+    return f"{int.from_bytes(keynum, 'little'):X}"  # as minisign prints it: no leading zeros
 
 
 def _b64(text: str, size: int, what: str) -> bytes:
