@@ -10,7 +10,6 @@ import pytest
 
 from ramfw import config as config_mod
 from ramfw.policy import source
-from ramfw.daemon.poller import Poller
 from tests.lab.origin import Origin
 from tests.support.signing import Signer, policy_text
 
@@ -121,6 +120,8 @@ def test_signed_policies_are_fetched_with_their_signature_and_checked(origin, tm
 
 
 def test_errors_back_off_and_retry_after_is_honoured(origin, tmp_path):
+    from ramfw.daemon.poller import Poller
+
     origin.put("/policy.json", policy_text())
     s = settings(origin, tmp_path, refresh_interval=60, refresh_jitter=0.0, max_backoff=600)
     poller = Poller(source.UrlSource(s), lambda: None, lambda error: None, rand=lambda: 0.5)
@@ -142,6 +143,8 @@ def test_errors_back_off_and_retry_after_is_honoured(origin, tmp_path):
 
 
 def test_a_poller_reports_an_error_once_not_every_poll(origin, tmp_path):
+    from ramfw.daemon.poller import Poller
+
     said = []
     origin.answer["/policy.json"] = (503, {})
     poller = Poller(source.UrlSource(settings(origin, tmp_path)), lambda: None, said.append)
