@@ -18,6 +18,7 @@ import time
 from . import __version__, api, record
 from . import config as config_mod
 from .errors import RamfwError
+from .policy import source as policy_source
 
 
 def _print_status(result: dict) -> None:
@@ -150,6 +151,8 @@ def _run(args) -> int:
     if args.command == "doctor":
         report = api.doctor(config)
         _print_doctor(report)
+        for line in policy_source.describe(config.policy):
+            print(line)
         for note in record.proxy_notes(config):
             print(f"proxy: {note}")
         return 3 if report.missing_required() else 0
@@ -194,7 +197,9 @@ def _run(args) -> int:
     if args.command == "policy":
         policy, warnings = api.lint(args.file, config)
         print(f"{args.file}: valid: organization {policy.organization}, "
-              f"{len(policy.registries)} registries, {len(policy.matcher)} entries in force")
+              f"{len(policy.registries)} registries, {len(policy.matcher)} entries in force"
+              + (f", version {policy.version}" if policy.version else ", no version")
+              + (time.strftime(", expires %Y-%m-%dT%H:%M:%SZ", time.gmtime(policy.expires)) if policy.expires else ""))
         for warning in warnings:
             print(f"warning: {warning}")
         return 0

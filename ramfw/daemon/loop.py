@@ -77,7 +77,7 @@ class Daemon:
         if self.url_source is not None:
             self.url_source.refresh()
         self.policy, self.source = policy_source.load(self.config, self.policy_path, fallback=True,
-                                                      url_error=getattr(self.url_source, "last_error", ""))
+                                                      polled=self.url_source)
         self.policy_loaded = time.time()
         self.report = probes.run(Path(self.config.daemon.run_dir) / probes.CACHE)
         self.report.check_required()
@@ -357,8 +357,7 @@ class Daemon:
             why = fetched if isinstance(fetched, BaseException) else fetched[1]
             return False, f"reload refused, the policy in force stays ({describe(self.policy)}): {why}"
         try:
-            policy, source = policy_source.load(self.config, self.policy_path,
-                                                url_error=getattr(self.url_source, "last_error", ""))
+            policy, source = policy_source.load(self.config, self.policy_path, polled=self.url_source)
         except RamfwError as err:
             self._error(f"reload refused, the policy in force stays: {err}")
             return False, f"reload refused, the policy in force stays: {err}"

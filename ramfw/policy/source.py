@@ -30,7 +30,8 @@ SIGNATURE_SUFFIX = ".minisig"
 MAX_SIZE = 1 << 24
 
 
-def load(config: Config, path: str | None = None, fallback: bool = False, url_error: str = "") -> tuple[Policy, str]:
+def load(config: Config, path: str | None = None, fallback: bool = False,
+         polled: "UrlSource | None" = None) -> tuple[Policy, str]:
     """The policy to enforce and where it came from.
 
     An explicit path must be accepted (it is checked like any source, but neither cached nor
@@ -39,13 +40,18 @@ def load(config: Config, path: str | None = None, fallback: bool = False, url_er
     missing — or, with ``fallback`` (starting up), refused — the last good cached copy is
     enforced, then the restrictive default (Docker Hub only): never open because a policy is
     missing, bad, unsigned, replayed or expired. A reload passes no ``fallback``, so a refused
-    file raises and the policy in force stays. ``url_error``: why the URL's last poll failed.
+    file raises and the policy in force stays. ``polled``: the URL's poller; what it accepted
+    last is taken as it is (reading the cache again could meet the poller writing it).
     """
     settings, now = config.policy, time.time()
     cache = Path(settings.cache)
     if path is not None:
         return _accept_file(Path(path), settings, read_floor(cache), now), path
     source = settings.source
+    url_error = polled.last_error if polled is not None else ""
+    if polled is not None and polled.accepted is not None:
+        where = f"{source} (cached in {cache})"
+        return polled.accepted, where if not url_error else f"{where}; its last poll failed: {url_error}"
     if is_url(source):
         problem = url_error or f"{source} has not answered yet"
     else:
@@ -69,6 +75,21 @@ def load(config: Config, path: str | None = None, fallback: bool = False, url_er
             return policy, f"{source} (cached in {cache})"
         return policy, f"{cache}, the last good copy ({problem})"
     return default(), f"built-in default, Docker Hub only ({problem})"
+
+
+def describe(settings: PolicySettings) -> list[str]:
+    """For ``ramfw doctor``: where the policy comes from, how it is trusted, what that leaves open."""
+    keys = ", ".join(k.key_id for k in settings.keys())
+    lines = [f"policy source: {settings.source}" + (
+        f", polled every {settings.refresh_interval} s +/- {int(settings.refresh_jitter * 100)}%, red after "
+        f"{settings.max_staleness} s without an answer" if is_url(settings.source) else "")]
+    if settings.signatures == "off":
+        lines.append("policy signatures: off: whoever can change the source (the file, or the origin's content) "
+                     "sets the policy; fleets use policy.signatures = \"require\" with policy.trusted_keys")
+    else:
+        lines.append(f"policy signatures: {settings.signatures}, trusted keys {keys}; versions never go back "
+                     f"(highest accepted: {read_floor(Path(settings.cache)).version or 'none yet'})")
+    return lines
 
 
 def _read_signature(path: Path) -> str | None:

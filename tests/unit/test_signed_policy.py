@@ -176,3 +176,24 @@ def test_a_plain_http_source_needs_required_signatures(keys):
                              f'trusted_keys = ["{keys[0].line}"]\n')
     config_mod.from_text(f'[policy]\nsource = "http://192.0.2.1/policy.json"\nsignatures = "require"\n'
                          f'trusted_keys = ["{keys[0].line}"]\n')
+
+
+def test_doctor_says_how_the_policy_is_trusted(keys, tmp_path):
+    off = source.describe(config_mod.PolicySettings(source="https://policy.example.test/p.json"))
+    assert "polled every 300 s +/- 10%" in off[0] and "signatures: off" in off[1]
+    on = source.describe(settings(keys=[keys[0].line], cache=str(tmp_path / "c.json")))
+    assert f"require, trusted keys {keys[0].key_id}" in on[1] and "highest accepted: none yet" in on[1]
+
+
+def test_status_fields_for_a_file_source_turn_red_when_the_policy_expires():
+    from types import SimpleNamespace
+
+    from ramfw import policy
+    from ramfw.daemon import poller
+
+    expiring = policy.from_text(policy_text(version=4, expires="2027-01-01T00:00:00Z"))
+    daemon = SimpleNamespace(policy=expiring, policy_loaded=1798761000.0)
+    fresh = poller.status_fields(daemon, 1798761000.0 + 60)
+    assert fresh == {"fetched_at": 1798761000.0, "age": 60, "next_poll": None, "stale": ""}
+    assert "expired at 2027-01-01T00:00:00Z" in poller.status_fields(daemon, 1798761600.0)["stale"]
+    assert poller.describe(expiring) == "acme, version 4, unsigned"
