@@ -159,3 +159,17 @@ def test_the_cache_is_not_used_for_another_urls_validators(origin, tmp_path):
     assert polls.refresh()
     meta = source.meta(Path(tmp_path / "cache/policy.json"), f"{origin.base}/other.json")
     assert meta == {}
+
+
+def test_a_plain_http_source_with_required_signatures_trusts_the_signature_only(plain, tmp_path):
+    key = Signer(tmp_path, "key")
+    body, sig = key.signed(tmp_path, policy_text(version=1))
+    plain.put("/policy.json", body)
+    plain.put("/policy.json.minisig", sig)
+    s = settings(plain, tmp_path, signatures="require", trusted_keys=(key.line,))
+    polls = source.UrlSource(s)
+    assert polls.refresh() and polls.accepted.signer == key.key_id
+    plain.put("/policy.json", policy_text(("ghcr.io", "evil.test"), version=2))  # what a man in the middle serves
+    assert polls.refresh() is False and "does not verify" in polls.last_error
+    unsigned = source.UrlSource(settings(plain, tmp_path / "other"))  # the same source, signatures off
+    assert unsigned.refresh() is False and "a policy source is https://" in unsigned.last_error
