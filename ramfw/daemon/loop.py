@@ -74,7 +74,7 @@ class Daemon:
         require_root("ramfw daemon")
         self.control.take_lock()  # first: a second daemon in this namespace stops before touching anything
         self.url_source = policy_source.url_source(self.config) if self.policy_path is None else None
-        if self.url_source is not None:
+        if self.url_source is not None and self.url_source.due(time.time()):
             self.url_source.refresh()
         self.policy, self.source = policy_source.load(self.config, self.policy_path, fallback=True,
                                                       polled=self.url_source)

@@ -299,5 +299,12 @@ class UrlSource:
         except OSError:
             pass
 
+    def due(self, now: float) -> bool:
+        """At start-up: fetch now, or is the cached copy younger than one interval? A fleet's
+        VMs restarting together (a Docker Desktop restart, WSL2's idle shutdown) then leave
+        the origin alone, and poll at their random phase instead."""
+        fresh = self.checked_at is not None and 0 <= now - self.checked_at < self.settings.refresh_interval
+        return not (fresh and self.cache.exists())
+
     def stale(self, now: float) -> str:
         return schedule.staleness(self.checked_at, now, self.settings.max_staleness)

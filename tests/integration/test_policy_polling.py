@@ -173,3 +173,14 @@ def test_a_plain_http_source_with_required_signatures_trusts_the_signature_only(
     assert polls.refresh() is False and "does not verify" in polls.last_error
     unsigned = source.UrlSource(settings(plain, tmp_path / "other"))  # the same source, signatures off
     assert unsigned.refresh() is False and "a policy source is https://" in unsigned.last_error
+
+
+def test_a_restart_within_an_interval_of_the_last_answer_does_not_fetch(origin, tmp_path):
+    origin.put("/policy.json", policy_text())
+    s = settings(origin, tmp_path, refresh_interval=300)
+    first = source.UrlSource(s)
+    assert first.due(1_000.0) and first.refresh(now=1_000.0)
+    again = source.UrlSource(s)  # a restarted daemon reads when the origin last answered
+    assert not again.due(1_000.0 + 299) and again.due(1_000.0 + 300)
+    (tmp_path / "cache/policy.json").unlink()
+    assert again.due(1_000.0 + 1)  # nothing cached: fetch

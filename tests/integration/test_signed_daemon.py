@@ -131,10 +131,23 @@ def test_signed_policies_applied_rotated_and_refused_with_real_connections(lab, 
     serve(old, BOTH, "replay.json", version=1)
     lab.daemon.terminate()
     lab.daemon.wait(5)
+    gets = len(origin.gets("/policy.json"))
+    lab.daemon = lab.start_daemon(lab.config)
+    assert len(origin.gets("/policy.json")) == gets, "the origin answered a moment ago: no fetch at start"
+    assert status(lab)["policy"]["version"] == 2
+    result = lab.ramfw("reload", "--config", lab.config)
+    assert result.returncode != 0 and "older than version 2" in result.stderr
+    pol = status(lab)["policy"]
+    assert pol["version"] == 2 and "older than version 2" in pol["url_error"]
+    assert reach(lab, "blocked-registry.test", BLOCKED4) == "refused"
+    # started after the origin has been silent for an interval, it fetches at once
+    meta = Path(tmp_path / "cache/policy.meta")
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "checked_at": time.time() - 301}))
+    lab.daemon.terminate()
+    lab.daemon.wait(5)
     lab.daemon = lab.start_daemon(lab.config)
     pol = status(lab)["policy"]
     assert pol["version"] == 2 and "last good copy" in pol["source"] and "older than version 2" in pol["url_error"]
-    assert reach(lab, "blocked-registry.test", BLOCKED4) == "refused"
 
 
 def test_a_new_version_is_picked_up_by_the_poller_within_the_interval_and_jitter(lab, tmp_path, origin):
