@@ -155,13 +155,13 @@ def test_a_new_version_is_picked_up_by_the_poller_within_the_interval_and_jitter
     lab.daemon = lab.start_daemon(write_config(lab, tmp_path, origin, "refresh_jitter = 0.5\n", interval=2))
     origin.put("/policy.json", policy_text(BOTH, version=2))
     changed = time.monotonic()
-    deadline = changed + 2 * 1.5 + 1  # the first poll comes within one interval, later ones 1.5 intervals
+    deadline = changed + 2 * 1.5 + 3  # the first poll comes within one interval, later ones 1.5 intervals
     while status(lab)["policy"]["version"] != 2:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     gets = [t for t, *_ in origin.gets("/policy.json")]
     gaps = [b - a for a, b in zip(gets[1:], gets[2:])]
-    assert all(0.9 <= gap <= 3.2 for gap in gaps), gaps
+    assert all(0.9 <= gap <= 3.6 for gap in gaps), gaps  # 1 to 3 s, and the poll's own time
 
 
 def test_polls_are_not_in_lockstep(lab, tmp_path, origin):
@@ -172,23 +172,23 @@ def test_polls_are_not_in_lockstep(lab, tmp_path, origin):
 
     origin.put("/policy.json", policy_text(ONE))
     lab.daemon = lab.start_daemon(write_config(lab, tmp_path, origin, interval=4))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 45
     while len(origin.gets("/policy.json")) < 7 and time.monotonic() < deadline:
         time.sleep(0.2)
     gets = [t for t, *_ in origin.gets("/policy.json")]
     gaps = [b - a for a, b in zip(gets[1:], gets[2:])]
-    assert len(gaps) >= 5 and all(3.5 <= gap <= 4.5 for gap in gaps), gaps
+    assert len(gaps) >= 5 and all(3.5 <= gap <= 5.0 for gap in gaps), gaps  # 3.6 to 4.4 s, and the poll's own time
     assert statistics.pstdev(gaps) > 0.05, gaps
 
 
 def test_status_turns_red_when_the_policy_expires_or_the_source_goes_quiet(lab, tmp_path, origin):
-    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=4)
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=10)
     origin.put("/policy.json", policy_text(ONE, version=1, expires=soon.strftime("%Y-%m-%dT%H:%M:%SZ")))
     lab.daemon = lab.start_daemon(write_config(lab, tmp_path, origin, "max_staleness = 3\n", interval=1))
     first = lab.ramfw("status", "--config", lab.config)
     assert first.returncode == 0 and "STALE" not in first.stdout
     origin.answer["/policy.json"] = (503, {})
-    time.sleep(5)
+    time.sleep(max(soon.timestamp() - time.time(), 3) + 1.5)
     red = lab.ramfw("status", "--config", lab.config)
     assert red.returncode == 8, red.stdout
     assert "STALE" in red.stdout and "expired" in red.stdout and "has not answered for" in red.stdout
