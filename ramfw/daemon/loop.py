@@ -43,7 +43,7 @@ from .blocks import BlockLog, Throttle
 from .control import ControlServer
 from .engine import EngineScope
 from .guard import Guard
-from .poller import Poller, describe
+from .poller import Poller, describe, refused
 
 log = logging.getLogger("ramfw")
 HOUSEKEEPING = 1.0
@@ -221,8 +221,6 @@ class Daemon:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             sel.close()
-            if self.poller is not None:
-                self.poller.stop()
             wake_r.close()
             wake_w.close()
             self.close()
@@ -353,9 +351,8 @@ class Daemon:
     def reload(self, fetched=None) -> tuple[bool, str]:
         """Re-read the policy and apply it at once; a refused policy keeps the one in force.
         ``fetched``: what ``ramfw reload`` got from a URL source just before (``Poller.fetch_now``)."""
-        if isinstance(fetched, BaseException) or (fetched is not None and not fetched[0]):
-            why = fetched if isinstance(fetched, BaseException) else fetched[1]
-            return False, f"reload refused, the policy in force stays ({describe(self.policy)}): {why}"
+        if refused(fetched, self.policy):
+            return False, refused(fetched, self.policy)
         try:
             policy, source = policy_source.load(self.config, self.policy_path, polled=self.url_source)
         except RamfwError as err:
@@ -409,7 +406,7 @@ class Daemon:
 
     def close(self) -> None:
         for thing in (self.queue, self.snoop, self.blocks, self.prefilter, getattr(self, "engine", None),
-                      getattr(self, "links", None), getattr(self, "guard", None)):
+                      getattr(self, "links", None), getattr(self, "guard", None), self.poller):
             if thing is not None:
                 thing.close()
         self.control.close()

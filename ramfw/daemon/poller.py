@@ -24,6 +24,15 @@ def describe(policy) -> str:
     return f"{policy.organization}, {version}, " + (f"signed by {policy.signer}" if policy.signer else "unsigned")
 
 
+def refused(fetched, policy) -> str:
+    """Why ``ramfw reload`` applies nothing: its fetch (``Poller.fetch_now``, or what it raised)
+    got no policy to apply. "" when it did, or when there was no fetch (a file source)."""
+    if fetched is None or (not isinstance(fetched, BaseException) and fetched[0]):
+        return ""
+    why = fetched if isinstance(fetched, BaseException) else fetched[1]
+    return f"reload refused, the policy in force stays ({describe(policy)}): {why}"
+
+
 class Poller:
     def __init__(self, source: UrlSource, on_new: Callable[[], None], on_error: Callable[[str], None],
                  rand: Callable[[], float] | None = None):
@@ -44,7 +53,7 @@ class Poller:
         """SIGHUP: poll now, in the poller's thread (the loop does not wait for it)."""
         self._wake.set()
 
-    def stop(self) -> None:
+    def close(self) -> None:
         self.stopping = True
         self._wake.set()
 
