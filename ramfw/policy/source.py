@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import __version__
 from ..config import Config, PolicySettings
 from ..errors import PolicyError
 from . import Policy, default, schedule, trust
@@ -203,7 +204,9 @@ def fetch(url: str, etag: str = "", last_modified: str = "", ca_file: str = "", 
     if scheme != "https" and not (scheme == "http" and allow_http):
         raise FetchError(f"{url}: refused: a policy source is https:// (http:// only with "
                          "policy.signatures = require)")
-    headers = {"If-None-Match": etag} if etag else {}
+    headers = {"User-Agent": f"ramfw/{__version__}"}  # an origin's operator sees who polls, and which release
+    if etag:
+        headers["If-None-Match"] = etag
     if last_modified:
         headers["If-Modified-Since"] = last_modified
     handlers: list = [_SameScheme()]
@@ -243,7 +246,7 @@ class UrlSource:
     def refresh(self, now: float | None = None) -> bool:
         """One poll; True when a new policy was accepted and cached. Errors are kept in last_error."""
         now = time.time() if now is None else now
-        known = meta(self.cache, self.url) if self.cache.exists() else {}
+        known = meta(self.cache, self.url) if self._cache_acceptable(now) else {}
         self.retry_after, self.failed = None, False
         allow_http = self.settings.signatures == "require"
         try:
@@ -275,6 +278,17 @@ class UrlSource:
         self.outcome = f"new policy accepted: version {policy.version}{signed}"
         return True
 
+    def _cache_acceptable(self, now: float) -> bool:
+        """Whether the cached copy passes the checks today. When it does not (signed by a key
+        since removed from the configuration, say, and re-signed at the origin with the new
+        one), the poll asks without validators and takes nothing for "the same": a 304, or
+        the same bytes, would otherwise leave the VM on the default for good."""
+        try:
+            _accept_file(self.cache, self.settings, read_floor(self.cache), now, last_good=True)
+        except PolicyError:
+            return False
+        return True
+
     def _signature(self, allow_http: bool) -> str | None:
         if self.settings.signatures == "off":
             return None
@@ -304,7 +318,7 @@ class UrlSource:
         VMs restarting together (a Docker Desktop restart, WSL2's idle shutdown) then leave
         the origin alone, and poll at their random phase instead."""
         fresh = self.checked_at is not None and 0 <= now - self.checked_at < self.settings.refresh_interval
-        return not (fresh and self.cache.exists())
+        return not (fresh and self._cache_acceptable(now))
 
     def stale(self, now: float) -> str:
         return schedule.staleness(self.checked_at, now, self.settings.max_staleness)

@@ -4,6 +4,7 @@ conditional GETs, the same bytes again change nothing, Retry-After and backoff, 
 fetched beside the policy. No root needed: nothing leaves 127.0.0.1."""
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,25 @@ def test_a_restart_within_an_interval_of_the_last_answer_does_not_fetch(origin, 
     assert not again.due(1_000.0 + 299) and again.due(1_000.0 + 300)
     (tmp_path / "cache/policy.json").unlink()
     assert again.due(1_000.0 + 1)  # nothing cached: fetch
+
+
+def test_a_cached_policy_no_longer_trusted_is_fetched_again_whole(origin, tmp_path):
+    """A key rolled without a new version: the origin's policy is re-signed by the new key,
+    the old key leaves the configuration. The cached copy no longer verifies; a 304 (or the
+    same bytes) must not leave the VM on the default: the poll asks without validators."""
+    old, new = Signer(tmp_path, "old"), Signer(tmp_path, "new")
+    body, sig = old.signed(tmp_path, policy_text(version=4))
+    origin.put("/policy.json", body)
+    origin.put("/policy.json.minisig", sig)
+    first = source.UrlSource(settings(origin, tmp_path, signatures="require", trusted_keys=(old.line,)))
+    assert first.refresh()
+    origin.put("/policy.json.minisig", new.sign(tmp_path / "policy.json").read_bytes())  # the same bytes, re-signed
+    rolled = settings(origin, tmp_path, signatures="require", trusted_keys=(new.line,))
+    policy, where = source.load(config_mod.Config(policy=rolled))
+    assert policy.organization == "default"  # the cached copy is refused: Docker Hub only, for now
+    again = source.UrlSource(rolled)
+    assert again.due(time.time())  # not "fresh": what is cached is not acceptable
+    assert again.refresh() and again.accepted.signer == new.key_id
+    assert "If-None-Match" not in origin.requests[-2][3]  # the policy was asked for whole
+    assert source.load(config_mod.Config(policy=rolled))[0].signer == new.key_id
+    assert again.refresh() is False and again.outcome.startswith("unchanged (304")
