@@ -88,6 +88,22 @@ def test_reload_with_a_url_source_fetches_first_and_says_what_it_applied(lab, tm
     assert status(lab)["policy"]["registries"] == list(BOTH)
 
 
+def test_sighup_with_a_url_source_polls_now_and_applies_what_is_new(lab, tmp_path, origin):
+    import signal
+
+    origin.put("/policy.json", policy_text(ONE, version=1))
+    lab.daemon = lab.start_daemon(write_config(lab, tmp_path, origin))
+    origin.put("/policy.json", policy_text(BOTH, version=2))
+    lab.daemon.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while status(lab)["policy"]["version"] != 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1)
+    gets = len(origin.gets("/policy.json"))  # start, the poll SIGHUP asked for (and a first poll at a random phase)
+    assert 2 <= gets <= 3, gets
+
+
 def test_signed_policies_applied_rotated_and_refused_with_real_connections(lab, tmp_path, origin):
     old, new = Signer(tmp_path, "old"), Signer(tmp_path, "new")
 
