@@ -4,7 +4,8 @@ Exit codes: 0 success; 1 not enforcing (status) or an unexpected failure; 2 inva
 configuration or command line; 3 the kernel lacks what ramfw needs; 4 nftables refused a
 transaction; 5 the daemon could not be reached; 6 root is needed; 7 a queue or log group ramfw
 needs is held by another program; 8 enforcing, but not as configured (status: engine scope
-cannot be trusted, so host scope is in force on the registry ports).
+cannot be trusted, so host scope is in force on the registry ports; or the policy is out of
+date: expired, or its source silent for longer than policy.max_staleness).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from . import __version__, api, record
 from . import config as config_mod
 from .errors import RamfwError
+from .policy import source as policy_source
 
 
 def _print_status(result: dict) -> None:
@@ -25,6 +28,7 @@ def _print_status(result: dict) -> None:
         source = f" from {pol['source']}" if pol.get("source") else ""
         print(f"policy:     {pol['organization']}, {pol['entries']} entries, Docker Hub "
               f"{'allowed' if pol['allowDockerHub'] else 'blocked'}{source}")
+        _print_freshness(pol)
     if result.get("scope"):
         print(f"scope:      {', '.join(result['scope'])}")
     caps = result.get("capabilities") or {}
@@ -62,6 +66,23 @@ def _print_status(result: dict) -> None:
         print(f"blocked:    {line}" + (f" x{count}" if count > 1 else ""))
     for error in (result.get("errors") or [])[-5:]:
         print(f"error:      {error}")
+
+
+def _print_freshness(pol: dict) -> None:
+    """Version, signer, fetched-at, age, next poll; STALE first when status is red for it."""
+    if pol.get("stale"):
+        print(f"STALE:      {pol['stale']}")
+    if "version" not in pol:
+        return  # a record written before policies had versions
+    signer = f"signed by {pol['signer']}" if pol.get("signer") else "unsigned"
+    line = f"version:    {pol['version'] or 'none'}, {signer}"
+    if pol.get("expires"):
+        line += time.strftime(", expires %Y-%m-%dT%H:%M:%SZ", time.gmtime(pol["expires"]))
+    if pol.get("fetched_at"):
+        line += time.strftime(", fetched %Y-%m-%dT%H:%M:%SZ", time.gmtime(pol["fetched_at"])) + f" ({pol['age']} s ago)"
+    if pol.get("next_poll_in") is not None:
+        line += f", next poll in {pol['next_poll_in']} s"
+    print(line)
 
 
 def _print_doctor(report) -> None:
@@ -130,6 +151,8 @@ def _run(args) -> int:
     if args.command == "doctor":
         report = api.doctor(config)
         _print_doctor(report)
+        for line in policy_source.describe(config.policy):
+            print(line)
         for note in record.proxy_notes(config):
             print(f"proxy: {note}")
         return 3 if report.missing_required() else 0
@@ -169,11 +192,14 @@ def _run(args) -> int:
             print(json.dumps(result, indent=2))
         else:
             _print_status(result)
-        return 8 if result.get("degraded") else 0 if result["enforcing"] else 1
+        stale = (result.get("policy") or {}).get("stale") and result["enforcing"]
+        return 8 if result.get("degraded") or stale else 0 if result["enforcing"] else 1
     if args.command == "policy":
         policy, warnings = api.lint(args.file, config)
         print(f"{args.file}: valid: organization {policy.organization}, "
-              f"{len(policy.registries)} registries, {len(policy.matcher)} entries in force")
+              f"{len(policy.registries)} registries, {len(policy.matcher)} entries in force"
+              + (f", version {policy.version}" if policy.version else ", no version")
+              + (time.strftime(", expires %Y-%m-%dT%H:%M:%SZ", time.gmtime(policy.expires)) if policy.expires else ""))
         for warning in warnings:
             print(f"warning: {warning}")
         return 0

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConfigError
-from .policy import DEFAULT_MAX_REGISTRIES
+from .policy import DEFAULT_MAX_REGISTRIES, signature
 
 DEFAULT_PATH = Path("/etc/ramfw/ramfw.toml")
 MODES = ("enforce", "audit")
+SIGNATURE_MODES = ("require", "warn", "off")
 SCOPES = ("engine", "containers", "host")
 
 
@@ -26,6 +27,15 @@ class PolicySettings:
     refresh_interval: int = 300
     max_registries: int = DEFAULT_MAX_REGISTRIES
     ca_file: str = ""  # extra CA for an HTTPS source (a private PKI)
+    signatures: str = "off"  # require | warn | off: minisign signatures (<source>.minisig)
+    trusted_keys: tuple[str, ...] = ()  # minisign public keys (RWQ...) or absolute paths to .pub files
+    refresh_jitter: float = 0.1  # each poll interval is refresh_interval times 1 +/- this, at random
+    max_backoff: int = 3600  # seconds: the longest wait between polls when the source fails
+    max_staleness: int = 86400  # seconds without a good answer from a URL source before status turns red
+
+    def keys(self) -> tuple:
+        """The trusted keys, parsed (``policy.signature.PublicKey``)."""
+        return tuple(signature.load_key(entry, f"policy.trusted_keys[{i}]") for i, entry in enumerate(self.trusted_keys))
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,8 @@ def _coerce(value: object, default: object, where: str):
             if not isinstance(item, kind) or isinstance(item, bool):
                 raise ConfigError(f"{where}: {item!r} is not a {kind.__name__}")
         return tuple(items)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
     if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, type(default)):
         raise ConfigError(f"{where} must be a {type(default).__name__}, not {type(value).__name__}")
     return value
@@ -166,7 +178,31 @@ def _validate(config: Config) -> Config:
             raise ConfigError(f"{where}: dns.trusted_resolvers: {resolver!r} is not an IP address") from None
     if p.max_registries < 1 or p.refresh_interval < 1:
         raise ConfigError(f"{where}: policy.max_registries and policy.refresh_interval must be positive")
+    _validate_policy_source(p, where)
     return config
+
+
+def _validate_policy_source(p: PolicySettings, where: str) -> None:
+    if p.signatures not in SIGNATURE_MODES:
+        raise ConfigError(f"{where}: policy.signatures is {p.signatures!r}; use one of {', '.join(SIGNATURE_MODES)}")
+    if p.signatures != "off" and not p.trusted_keys:
+        raise ConfigError(f"{where}: policy.signatures = {p.signatures!r} needs at least one minisign public key "
+                          "in policy.trusted_keys")
+    try:
+        p.keys()
+    except signature.SignatureError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    if p.source.startswith("http://") and p.signatures != "require":
+        raise ConfigError(f"{where}: policy.source {p.source!r} is plain HTTP: anyone on the path could serve a "
+                          "policy; use https://, or set policy.signatures = \"require\" (with trusted keys)")
+    if "://" in p.source and not p.source.startswith(("https://", "http://")):
+        raise ConfigError(f"{where}: policy.source {p.source!r}: a URL source is https:// (or http:// with "
+                          "policy.signatures = \"require\")")
+    if not 0 <= p.refresh_jitter <= 0.5:
+        raise ConfigError(f"{where}: policy.refresh_jitter is a fraction of refresh_interval from 0 to 0.5")
+    if p.max_backoff < 1 or p.max_staleness < 0:
+        raise ConfigError(f"{where}: policy.max_backoff must be positive, policy.max_staleness positive or 0 (never "
+                          "red)")
 
 
 def from_text(text: str, where: str = "config") -> Config:

@@ -6,6 +6,8 @@
 3. Set programming rate (batched elements per second) and one reply's programming cost.
 4. Daemon memory with 10,000 policy entries and 100,000 learned addresses.
 5. ``fuzz`` (only when named): a million generated and mutated packets through the pure core.
+7. ``fleet`` and ``fleet_daemons`` (only when named; scripts/fleet.py): 1,000 simulated VMs
+   polling a signed policy from nginx over TLS, and ten real daemons polling one origin.
 6. ``flood`` and ``soak`` (only when named; scripts/load.py): 20,000 replies a second for 60 s,
    and 10 minutes of a steady mix with one-off names: lookup latency, RSS, CPU, counters.
 Prints a table and writes bench-results/bench.json. Not a test: figures, not pass/fail.
@@ -257,14 +259,15 @@ def fuzz_core(lab, tmp, messages=420_000):
 def main():
     results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{subprocess.getoutput('nproc')} cores"}
     only = sys.argv[1:] or ["dns_latency", "race", "programming", "memory", "docker_pull"]
-    from scripts import load
+    from scripts import fleet, load
 
     steps = {"dns_latency": dns_latency, "race": race, "programming": None, "memory": memory,
-             "docker_pull": docker_pull, "fuzz": fuzz_core, "flood": load.flood, "soak": load.soak}
+             "docker_pull": docker_pull, "fuzz": fuzz_core, "flood": load.flood, "soak": load.soak,
+             "fleet": fleet.fleet, "fleet_daemons": fleet.fleet_daemons}
     for name, fn in ((n, steps[n]) for n in only):
         lab = Lab()
         try:
-            if name not in ("docker_pull", "flood", "soak"):  # those bring their own DNS
+            if name not in ("docker_pull", "flood", "soak", "fleet_daemons"):  # those bring their own DNS
                 lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}",
                                   "--host-record=other-name.test,203.0.113.99")
                 lab.serve_tcp([ALLOWED4], [443])

@@ -66,19 +66,23 @@ class _Request:
     def __init__(self, command: str, uid: int):
         self.command, self.uid = command, uid
         self.reply: dict = {"ok": False, "error": "the daemon did not answer in time"}
+        self.prepared: object = None
         self.done = threading.Event()
 
 
 class ControlServer:
     """The daemon's two listening sockets. ``serve`` (in the loop) accepts a connection and
     gives it a thread; ``run_pending`` (in the loop) runs the commands those threads read,
-    with ``handle(command, uid)``; ``wake`` (set by the loop) tells the loop one is waiting."""
+    with ``handle(command, uid, prepared)``; ``wake`` (set by the loop) tells the loop one is
+    waiting. ``prepare`` (set by the loop), when a command needs slow work first (a reload
+    fetching the policy URL), does it in the client's thread: what it returns is ``prepared``."""
 
     def __init__(self, config: Config, handle: Callable[[str, int], dict]):
         self.config, self.handle = config, handle
         self.lock: socket.socket | None = None
         self.control: socket.socket | None = None
         self.wake: Callable[[], None] = lambda: None
+        self.prepare: Callable[[str], object] = lambda command: None
         self.pending: queue.Queue[_Request] = queue.Queue()
         self.clients = threading.BoundedSemaphore(MAX_CLIENTS)
 
@@ -148,6 +152,10 @@ class ControlServer:
         if uid != 0 and command not in READ_ONLY:
             return {"ok": False, "error": f"{command} needs root"}
         pending = _Request(command, uid)
+        try:
+            pending.prepared = self.prepare(command)
+        except Exception as err:  # noqa: BLE001 - the command still runs, and says what failed
+            pending.prepared = err
         self.pending.put(pending)
         self.wake()
         pending.done.wait(30)
@@ -161,7 +169,7 @@ class ControlServer:
             except queue.Empty:
                 return
             try:
-                pending.reply = self.handle(pending.command, pending.uid)
+                pending.reply = self.handle(pending.command, pending.uid, pending.prepared)
             except Exception as err:  # noqa: BLE001 - the client gets an answer, the loop goes on
                 pending.reply = {"ok": False, "error": repr(err)}
             pending.done.set()

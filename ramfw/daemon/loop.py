@@ -21,7 +21,6 @@ import os
 import selectors
 import signal
 import socket
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -44,6 +43,7 @@ from .blocks import BlockLog, Throttle
 from .control import ControlServer
 from .engine import EngineScope
 from .guard import Guard
+from .poller import Poller, describe, refused
 
 log = logging.getLogger("ramfw")
 HOUSEKEEPING = 1.0
@@ -67,16 +67,17 @@ class Daemon:
         self.control = ControlServer(config, self.handle)
         self.started = time.time()
         self._next_sweep = 0.0
-        self._poll_now = threading.Event()
+        self.poller: Poller | None = None
 
     # -- start-up --------------------------------------------------------------------------
     def start(self) -> None:
         require_root("ramfw daemon")
         self.control.take_lock()  # first: a second daemon in this namespace stops before touching anything
         self.url_source = policy_source.url_source(self.config) if self.policy_path is None else None
-        if self.url_source is not None:
+        if self.url_source is not None and self.url_source.due(time.time()):
             self.url_source.refresh()
-        self.policy, self.source = policy_source.load(self.config, self.policy_path, fallback=True)
+        self.policy, self.source = policy_source.load(self.config, self.policy_path, fallback=True,
+                                                      polled=self.url_source)
         self.policy_loaded = time.time()
         self.report = probes.run(Path(self.config.daemon.run_dir) / probes.CACHE)
         self.report.check_required()
@@ -201,7 +202,9 @@ class Daemon:
         self._wake = wake_w
         self.control.wake = self._wake_up
         if self.url_source is not None:
-            threading.Thread(target=self._poll_policy, name="policy-poller", daemon=True).start()
+            self.poller = Poller(self.url_source, self._on_new_policy, self._error)
+            self.control.prepare = lambda command: self.poller.fetch_now() if command == "reload" else None
+            self.poller.start()
         next_housekeeping = time.monotonic() + HOUSEKEEPING
         try:
             while not self.stopping:
@@ -222,16 +225,10 @@ class Daemon:
             wake_w.close()
             self.close()
 
-    def _poll_policy(self) -> None:
-        """Background: poll the policy URL; a new valid policy wakes the loop to reload."""
-        while not self.stopping:
-            self._poll_now.wait(self.config.policy.refresh_interval)
-            self._poll_now.clear()
-            if self.url_source.refresh():
-                self.reload_requested = True
-                self._wake_up()
-            if self.url_source.last_error and self.url_source.last_error not in self.errors:
-                self._error(self.url_source.last_error)
+    def _on_new_policy(self) -> None:
+        """From the poller: a new policy was accepted and cached; the loop reloads it."""
+        self.reload_requested = True
+        self._wake_up()
 
     def _wake_up(self) -> None:
         """From another thread: make the loop look at its wake-up socket now."""
@@ -251,6 +248,8 @@ class Daemon:
 
     def _on_sighup(self, *_):
         self.reload_requested = True
+        if self.poller is not None:  # a URL is fetched in the poller's thread, reloaded if new
+            self.poller.poll_soon()
 
     def _on_stop(self, *_):
         self.stopping = True
@@ -339,7 +338,7 @@ class Daemon:
                 self.blocks_log.record(message, *found)
 
     # -- control -----------------------------------------------------------------------------
-    def handle(self, command: str, uid: int = 0) -> dict:
+    def handle(self, command: str, uid: int = 0, prepared=None) -> dict:
         if command == "ping":
             return {"ok": True}
         if command == "status":
@@ -348,16 +347,18 @@ class Daemon:
             self.stopping = True
             return {"ok": True, "message": "the daemon is stopping"}
         if command == "reload":
-            ok, message = self.reload()
+            ok, message = self.reload(prepared)
             return {"ok": ok, "message": message}
         return {"ok": False, "error": f"unknown command {command!r}"}
 
     # -- policy and housekeeping -----------------------------------------------------------
-    def reload(self) -> tuple[bool, str]:
-        """Re-read the policy and apply it at once; a bad policy keeps the one in force."""
-        self._poll_now.set()  # a URL source is fetched again in the background, then reloaded
+    def reload(self, fetched=None) -> tuple[bool, str]:
+        """Re-read the policy and apply it at once; a refused policy keeps the one in force.
+        ``fetched``: what ``ramfw reload`` got from a URL source just before (``Poller.fetch_now``)."""
+        if refused(fetched, self.policy):
+            return False, refused(fetched, self.policy)
         try:
-            policy, source = policy_source.load(self.config, self.policy_path)
+            policy, source = policy_source.load(self.config, self.policy_path, polled=self.url_source)
         except RamfwError as err:
             self._error(f"reload refused, the policy in force stays: {err}")
             return False, f"reload refused, the policy in force stays: {err}"
@@ -377,7 +378,8 @@ class Daemon:
             drop = {a for addresses in gone.values() for a in addresses} - still
             if drop and policy.enabled:
                 self.table.delete_elements(drop)
-        message = f"policy reloaded: {policy.organization}, {len(policy.matcher)} entries from {source}"
+        message = f"policy reloaded: {describe(policy)}, {len(policy.matcher)} entries from {source}" + (
+            f" ({fetched[1]})" if fetched else "")
         log.info(message)
         return True, message
 
@@ -408,7 +410,7 @@ class Daemon:
 
     def close(self) -> None:
         for thing in (self.queue, self.snoop, self.blocks, self.prefilter, getattr(self, "engine", None),
-                      getattr(self, "links", None), getattr(self, "guard", None)):
+                      getattr(self, "links", None), getattr(self, "guard", None), self.poller):
             if thing is not None:
                 thing.close()
         self.control.close()

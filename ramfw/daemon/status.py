@@ -8,6 +8,7 @@ import time
 from .. import record
 from ..kernel.ruleset import Hold
 from ..snoop import resolvers
+from . import poller
 
 PASSIVE_NOTE = ("DNS replies are copied, not held: the first connection to a new address can be lost; "
                 "mitigation: a first SYN to an unknown address is dropped, not reset, so its retransmission "
@@ -54,6 +55,9 @@ def document(daemon, full: bool = True) -> dict:
     if "host" in daemon.scope:
         notes.append(f"ramfw's own connections (policy polls) are {daemon.own_traffic}")
     url = daemon.url_source
+    freshness = poller.status_fields(daemon, now)
+    if freshness["stale"]:
+        notes.insert(0, f"policy out of date: {freshness['stale']}")
     return {
         "daemon": {"running": True, "pid": os.getpid(), "since": daemon.started},
         "enforcing": bool(counters),
@@ -65,7 +69,7 @@ def document(daemon, full: bool = True) -> dict:
         "engine": daemon.engine.state,
         "capabilities": daemon.report.to_dict(),
         "policy": {**daemon.policy.summary(), "source": daemon.source, "loaded_at": daemon.policy_loaded,
-                   **({"url": url.url, "url_error": url.last_error} if url else {})},
+                   **({"url": url.url, "url_error": url.last_error} if url else {}), **freshness},
         "trusted_resolvers": daemon.trusted,
         "trusted_from": "dns.trusted_resolvers" if daemon.config.dns.trusted_resolvers else str(resolvers.RESOLV_CONF),
         "learned": {k: v for k, v in learned.items() if v},

@@ -8,6 +8,7 @@ file, with a message naming the entry and the rule, and the policy already in fo
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from .names import InvalidName, Matcher, Pattern, parse_entry
 
 DEFAULT_MAX_REGISTRIES = 100
 
-_TOP_KEYS = {"organizations"}
+_TOP_KEYS = {"organizations", "version", "expires"}
 _ORG_KEYS = {"name", "registryAccess"}
 _ACCESS_KEYS = {"enabled", "allowDockerHub", "registries"}
 _REGISTRY_KEYS = {"address", "nickname"}
@@ -40,6 +41,9 @@ class Policy:
     allow_docker_hub: bool
     registries: tuple[Registry, ...]
     notes: tuple[str, ...] = ()
+    version: int = 0  # monotonic, set by whoever publishes the policy; 0: unversioned
+    expires: float | None = None  # a Unix time after which the policy is refused as new
+    signer: str = ""  # the minisign key id that signed it ("": not verified)
     matcher: Matcher = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -64,6 +68,9 @@ class Policy:
             "allowDockerHub": self.allow_docker_hub,
             "registries": [r.pattern.to_text() for r in self.registries],
             "entries": len(self.matcher),
+            "version": self.version,
+            "expires": self.expires,
+            "signer": self.signer,
         }
 
 
@@ -117,7 +124,28 @@ def from_data(data: object, max_registries: int = DEFAULT_MAX_REGISTRIES, source
     parsed = [_organization(org, names[i], f"{source}: organizations[{i}]", max_registries)
               for i, org in enumerate(orgs)]
     enabled, hub, registries, org_notes = parsed[0]
-    return Policy(names[0], enabled, hub, tuple(registries), tuple(notes + org_notes))
+    version, expires = _freshness(data, source)
+    return Policy(names[0], enabled, hub, tuple(registries), tuple(notes + org_notes), version, expires)
+
+
+def _freshness(data: dict, source: str) -> tuple[int, float | None]:
+    """``version`` (a positive integer, raised with every new policy: ramfw refuses one older
+    than it has accepted) and ``expires`` (RFC 3339 with a time zone, ``2026-12-31T00:00:00Z``)."""
+    version = data.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 < version < 2 ** 63:
+        if "version" in data:
+            raise _fail(f"{source}: version", f"must be a positive whole number, not {version!r}")
+    expires = data.get("expires")
+    if expires is None:
+        return version, None
+    _expect(expires, str, f"{source}: expires", "expires")
+    try:
+        when = datetime.datetime.fromisoformat(expires.replace("Z", "+00:00"))
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise _fail(f"{source}: expires", f"{expires!r} is not a time with a time zone, like 2026-12-31T00:00:00Z")
+    return version, when.timestamp()
 
 
 def _organization(org: dict, name: str, where: str, max_registries: int):
