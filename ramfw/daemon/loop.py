@@ -188,7 +188,7 @@ class Daemon:
         sel = selectors.DefaultSelector()
         if self.queue:
             sel.register(self.queue.sock, selectors.EVENT_READ, self._on_queue)
-        if self.snoop:
+        if self.snoop and not self.queue:  # holding: the copies are read with each held reply, no wake-up of their own
             sel.register(self.snoop.sock, selectors.EVENT_READ, self._on_snoop)
         if self.blocks:
             sel.register(self.blocks.sock, selectors.EVENT_READ, self._on_block)
@@ -255,11 +255,11 @@ class Daemon:
         self.stopping = True
 
     # -- handlers: each reads what waits and returns -----------------------------------------
-    def _drain(self, reader, counter: str, errors: str, handle, first=None) -> None:
+    def _drain(self, reader, counter: str, errors: str, handle, first=None, burst: int = BURST) -> None:
         """Handle what waits on one of the loop's sockets: a bounded number of datagrams, so
         the other sockets get their turn; return at once when the socket is empty. ``first``
         runs after each datagram is received and before it is handled."""
-        for _ in range(BURST):
+        for _ in range(burst):
             try:
                 items = reader.receive()
             except OSError as err:
@@ -296,9 +296,10 @@ class Daemon:
             self.snooper.counters["queue_errors"] += 1
             self._error(f"queue verdict: {err}")
 
-    def _on_snoop(self) -> None:
-        """Read the copied replies waiting (passive hold, or those the prefilter let pass)."""
-        self._drain(self.snoop, "copied", "copy_errors", self._read)
+    def _on_snoop(self, burst: int = BURST) -> None:
+        """Read the copies waiting: queries, and replies not held (passive hold, or those the
+        prefilter let pass)."""
+        self._drain(self.snoop, "copied", "copy_errors", self._read, burst=burst)
         self.snooper.index_unread()
 
     def _read(self, payload: bytes) -> Decision:
@@ -384,6 +385,8 @@ class Daemon:
         return True, message
 
     def _housekeeping(self) -> None:
+        if self.snoop is not None:  # all the copies no held reply came to read
+            self._guarded(lambda: self._on_snoop(burst=1 << 20))
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + EXPIRY_SWEEP
             self.snooper.expire(time.time())

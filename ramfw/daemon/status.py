@@ -21,6 +21,8 @@ def answer(daemon, uid: int) -> dict:
     learned list (kept on the daemon as ``public_status``: when, document)."""
     if uid == 0:
         daemon._guarded(daemon._check_engine)
+        if daemon.snoop is not None:  # the copies waiting (read with held replies, or each second): counted now
+            daemon._guarded(lambda: daemon._on_snoop(burst=1 << 20))
         return document(daemon)
     when, shown = getattr(daemon, "public_status", (-1.0, {}))
     if time.monotonic() - when >= 1:
