@@ -188,7 +188,7 @@ class Daemon:
         sel = selectors.DefaultSelector()
         if self.queue:
             sel.register(self.queue.sock, selectors.EVENT_READ, self._on_queue)
-        if self.snoop and not self.queue:  # holding: the copies are read with each held reply, no wake-up of their own
+        if self.snoop:  # read at once: a query's copy is read while its reply is on its way
             sel.register(self.snoop.sock, selectors.EVENT_READ, self._on_snoop)
         if self.blocks:
             sel.register(self.blocks.sock, selectors.EVENT_READ, self._on_block)
