@@ -81,7 +81,8 @@ class Daemon:
         self.report = probes.run(Path(self.config.daemon.run_dir) / probes.CACHE)
         self.report.check_required()
         self.hold = Hold.PASSIVE if self.config.dns.hold == "passive" else self.report.hold
-        self.table = Table(self.config.enforcement.table)
+        self.table = Table(self.config.enforcement.table,
+                           owned=self.report.owns_table(self.config.enforcement.table_owner))
         self.resolv_conf = resolvers.Follower(self.config.dns.trusted_resolvers)
         self.trusted = resolvers.trusted(self.config.dns.trusted_resolvers)
         self.snooper = Snooper(self.policy, set(self.trusted), self.config.dns)
@@ -403,8 +404,10 @@ class Daemon:
         self.errors.append(text)
 
     def close(self) -> None:
+        """The table's owner socket closes before the control socket: once the daemon stops
+        answering (``ramfw down`` waits for that), its table is an orphan anyone may remove."""
         for thing in (self.queue, self.snoop, self.blocks, self.prefilter, getattr(self, "engine", None),
-                      getattr(self, "links", None), getattr(self, "guard", None)):
+                      getattr(self, "links", None), getattr(self, "guard", None), getattr(self, "table", None)):
             if thing is not None:
                 thing.close()
         self.control.close()

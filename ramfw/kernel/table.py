@@ -266,14 +266,16 @@ class Table:
 
     def verify(self) -> list[str]:
         """What differs between the kernel's table and what this object last left there: its
-        chains' rules, its sets, the small sets' elements. [] when nothing does."""
+        chains' rules, its sets, the small sets' elements, its owner. [] when nothing does."""
         if self.written is None:
             return []
         now = self._snapshot()
         if now is None:
             return [f"the table inet {self.name} is gone"]
+        owner = self.kernel_view().owner if self.owned else self.portid
         return [f"{part} changed" for part in sorted(set(self.written) | set(now))
-                if self.written.get(part) != now.get(part)]
+                if self.written.get(part) != now.get(part)] + \
+            ([] if owner == self.portid else [f"the table is not owned by this process (owner: {owner})"])
 
     def set_container_bridges(self, names: Iterable[str]) -> None:
         """Replace the container bridges: traffic routed onto them stays on this VM."""
