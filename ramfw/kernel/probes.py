@@ -114,6 +114,8 @@ COSTS = {
 
 def table_protection(view, daemon_port: int | None = None, should_own: bool = False) -> dict:
     """The kernel's view of the table's protection (its flags and owner), in words."""
+    if not view.exists:
+        return {"flags": 0, "owner_port": None, "owned_by_daemon": False, "protection": "no table"}
     found = {"flags": view.flags, "owner_port": view.owner, "owned_by_daemon": daemon_port is not None
              and view.owner == daemon_port}
     if found["owned_by_daemon"]:
