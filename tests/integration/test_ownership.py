@@ -6,12 +6,15 @@ unowned table are tested in test_tamper."""
 import json
 import re
 import signal
+import socket
 import time
 
 import pytest
 
 from ramfw.config import EnforcementSettings
+from ramfw.kernel import netlink as nl
 from ramfw.kernel import nft, probes, ruleset
+from ramfw.kernel.tamper import NFNLGRP_NFTABLES, NFT_MSG_NEWGEN
 from ramfw.kernel.table import Table
 from ramfw.snoop.snooper import Element
 from tests.lab.sandbox import ALLOWED4, BLOCKED4, CDN4, NET4
@@ -115,13 +118,40 @@ def test_an_unowned_table_of_an_earlier_ramfw_is_made_owned_with_what_it_learned
     assert lab.daemon.wait(5) == 0
     lab.config = lab.write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n', scope=["engine", "host"],
                                   registry_ports=[443])
-    lab.daemon = lab.start_daemon(lab.config)
+    with lab.vm.inside():
+        watch = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nl.NETLINK_NETFILTER)
+    with watch:
+        watch.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        watch.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+        lab.daemon = lab.start_daemon(lab.config)
+        transactions = _transactions(watch)
+    gone = next(t for t in transactions if (nl.NFT_MSG_DELTABLE, "ramfw") in t)
+    assert (nl.NFT_MSG_NEWTABLE, "ramfw") in gone and (nl.NFT_MSG_NEWSETELEM, "ramfw") in gone, \
+        "deleted, made again and given its learned elements in one transaction"
     lab.daemon.log.seek(0)
     assert "was unowned" in lab.daemon.log.read().decode()
     assert status(lab)["table"]["owned_by_daemon"]
     assert learned(lab) == {ALLOWED4: "allowed-registry.test"}
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
     assert lab.connect(BLOCKED4, mark=MARK)[0] == "refused"
+
+
+def _transactions(sock) -> list[list[tuple[int, str]]]:
+    """The nf_tables transactions announced so far: (message, table) of each change."""
+    found, current = [], []
+    sock.setblocking(False)
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except BlockingIOError:
+            return found
+        for kind, start, end in nl.messages(data):
+            if kind & 0xFF == NFT_MSG_NEWGEN:
+                found.append(current)
+                current = []
+            elif kind >> 8 == nl.NFNL_SUBSYS_NFTABLES:
+                items = nl.parse_attrs(data, start + nl.NFGEN.size, end)
+                current.append((kind & 0xFF, items.get(1, b"").rstrip(b"\0").decode()))
 
 
 def test_up_leaves_an_orphan_a_daemon_takes_back_and_down_removes_it_owned_or_orphaned(owned_lab):
