@@ -119,8 +119,9 @@ class Table:
         else:
             if view.persist:  # owned before (ownership turned off, or a newer kernel booted before)
                 log.info("ramfw's table inet %s was made with owner and persist: making it afresh unowned", self.name)
-            drop = [{"delete": {"table": {"family": FAMILY, "name": self.name}}}] \
-                if view.exists and (rebuild or view.persist) else []
+            ref = {"table": {"family": FAMILY, "name": self.name}}
+            # add-then-delete: safe whether or not it exists; but `add table` on a persist table is refused
+            drop = [{"delete": ref}] if view.persist else [{"add": ref}, {"delete": ref}] if rebuild else []
             self.run({"nftables": drop + ruleset["nftables"]})
             for chain in DNS_CHAINS:
                 self._swap(chain, hold_rules, "cannot add the DNS hold rules")
@@ -143,7 +144,7 @@ class Table:
                 raise NftablesError(f"nftables refused the staging table: {err.strerror}") from None
             self.run(document)
             snapshot = self._read(stage)
-            learned = self._read_learned() if (rebuild or migrate) and view.exists else []
+            learned, count = self._read_learned() if (rebuild or migrate) and view.exists else ([], 0)
             me = netlink.string(netlink.NFTA_TABLE_NAME, self.name)
             head = [(netlink.NFT_MSG_DELTABLE, 0, INET, me)] if (rebuild or migrate) and view.exists else []
             head.append((netlink.NFT_MSG_NEWTABLE, netlink.NLM_F_CREATE, INET, me + netlink.u32(
@@ -163,11 +164,11 @@ class Table:
                     self._transact(head + body + tail, "ramfw's table")
                 except OSError as err2:
                     raise NftablesError(self._refused_because(err2)) from None
-                learned = []
+                count = 0
             if migrate:
                 log.info("ramfw's table inet %s was unowned (made by an earlier ramfw, or while ownership was "
-                         "off): made afresh owned by this process in one transaction, %d learned element "
-                         "message(s) kept", self.name, len(learned))
+                         "off): made afresh owned by this process in one transaction, its %d learned addresses "
+                         "kept", self.name, count)
         finally:
             try:
                 self._transact([(netlink.NFT_MSG_DESTROYTABLE, 0, INET, ref)], "the staging table")
@@ -183,27 +184,24 @@ class Table:
         return f"nftables refused the transaction: {err.strerror}"
 
     def _read(self, table: str) -> replay.Snapshot:
-        with netlink.open_socket() as sock:
-            self._seq += 100
-            return replay.read(sock, table, self._seq)
+        with netlink.open_socket() as sock:  # reads need no owner
+            return replay.read(sock, table, 1)
 
-    def _read_learned(self) -> list:
-        """The allowed sets' elements, as steps that put them in the table made afresh."""
-        steps = []
+    def _read_learned(self) -> tuple[list, int]:
+        """The allowed sets' elements, as steps that put them in the table made afresh; how many."""
+        steps, count = [], 0
         with netlink.open_socket() as sock:
-            for set_name in ALLOW.values():
-                where = netlink.string(replay.TABLE, self.name) + netlink.string(2, set_name)
+            for seq, set_name in enumerate(ALLOW.values(), start=1):
+                where = netlink.string(replay.TABLE, self.name) + netlink.string(
+                    replay.NFTA_SET_ELEM_LIST_SET, set_name)
                 try:
-                    found = [e for m in netlink.dump(sock, netlink.NFT_MSG_GETSETELEM, INET, where, self._next_read())
+                    found = [e for m in netlink.dump(sock, netlink.NFT_MSG_GETSETELEM, INET, where, seq)
                              for e in replay.elements_of(m)]
                 except OSError:
                     continue
                 steps += replay.element_steps(self.name, set_name, found, replay.LEARNED_KEEP)
-        return steps
-
-    def _next_read(self) -> int:
-        self._seq += 1
-        return self._seq
+                count += len(found)
+        return steps, count
 
     def set_own_traffic(self, rules: list[bytes]) -> None:
         """The rules that let ramfw's own connections pass host scope (``nft.own_traffic_rules``);
