@@ -70,6 +70,11 @@ def test_other_processes_cannot_change_the_owned_table_and_it_keeps_enforcing_an
                    ["delete", "table", "inet", "ramfw"]):
         result = lab.vm.run("nft", *change, check=False)
         assert result.returncode != 0 and "Operation not permitted" in result.stderr, (change, result.stderr)
+    saved = ("flush ruleset\ntable inet admin {\n chain c {\n type filter hook input priority 0;\n }\n}\n"
+             "table inet ramfw {\n flags owner\n}\n")  # a saved ruleset that holds ramfw's (owned) table
+    reloaded = lab.vm.run("nft", "-f", "-", input=saved, check=False)
+    assert reloaded.returncode != 0 and "Operation not permitted" in reloaded.stderr
+    assert "admin" not in lab.vm.run("nft", "list", "tables").stdout, "the whole file failed"
     assert lab.connect(BLOCKED4, mark=MARK)[0] == "refused"
     assert lab.connect(BLOCKED4)[0] == "refused", "host scope too"
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
