@@ -127,8 +127,8 @@ def table_protection(view, daemon_port: int | None = None, should_own: bool = Fa
         found["protection"] = ("table persists without an owner (no daemon holds it): it keeps enforcing, but anyone "
                                "may change it until a daemon takes it back")
     else:
-        found["protection"] = PROTECTION_GUARDED + ("" if daemon_port is not None else
-                                                           " (by the daemon, which is not running)")
+        found["protection"] = PROTECTION_GUARDED + ("" if daemon_port is not None
+                                                    else " (by the daemon, which is not running)")
     if should_own and not found["owned_by_daemon"]:
         found["warning"] = ("the daemon does not own its table although this kernel allows it: other processes can "
                             f"change it ({found['protection']})")
