@@ -16,7 +16,7 @@ from . import policy as policy_mod
 from . import record as record_mod
 from .config import Config
 from .daemon import control
-from .errors import DaemonError, PolicyError, require_root
+from .errors import DaemonError, NftablesError, PolicyError, require_root
 from .daemon.engine import EngineScope
 from .kernel import bpf, engine, links, probes, ruleset
 from .kernel.table import Table
@@ -37,7 +37,7 @@ def up(config: Config, policy_path: str | None = None, report: probes.Report | N
     policy, source = policy_source.load(config, policy_path, fallback=True)
     report = report or probes.run(Path(config.daemon.run_dir) / probes.CACHE)
     report.check_required()
-    table = Table(config.enforcement.table)
+    table = Table(config.enforcement.table, owned=report.owns_table(config.enforcement.table_owner))
     trusted = resolvers.trusted(config.dns.trusted_resolvers)
     scope = EngineScope(config, report)  # marks the engine as it runs now: no daemon follows it
     scope.start()
@@ -66,7 +66,17 @@ def down(config: Config) -> None:
             time.sleep(0.02)
     except DaemonError:
         pass
-    Table(config.enforcement.table).remove()
+    table = Table(config.enforcement.table)
+    deadline = time.monotonic() + 5
+    while True:  # a daemon that stopped answering may still be closing its owner socket
+        try:
+            table.remove()
+            break
+        except NftablesError:
+            if time.monotonic() > deadline or table.kernel_view().owner is None:
+                raise
+            time.sleep(0.05)
+    table.close()
     engine.EngineMark(config.enforcement.mark, Path(config.enforcement.bpffs),
                       Path(config.daemon.run_dir) / "engine_mark.cgroup").remove()
     try:
@@ -114,8 +124,11 @@ def reload(config: Config) -> str:
 def kernel_status(config: Config) -> dict:
     """What is enforced, read from the kernel and from the record ``up`` left."""
     record = record_mod.read(config)
-    state = Table(config.enforcement.table).state() if os.geteuid() == 0 else None
+    table = Table(config.enforcement.table)
+    state = table.state() if os.geteuid() == 0 else None
     result: dict = {"enforcing": bool(state and state.exists), "record": record}
+    if state and state.exists:
+        result["table"] = probes.table_protection(table.kernel_view())
     if record and not record["policy"]["enabled"]:
         result["message"] = (f"registry access is not restricted: organization "
                              f"{record['policy']['organization']} has registryAccess.enabled false")

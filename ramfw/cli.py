@@ -47,6 +47,8 @@ def _print_status(result: dict) -> None:
         print(f"engine:     {'marked' if eng.get('attached') else 'NOT marked'}, loader: {eng.get('loader')}")
         for row in eng.get("cgroups") or []:
             print(f"  cgroup:   {row['path']}: {'marked' if row['marked'] else 'NOT marked'} ({row['why']})")
+    if result.get("table"):
+        print(f"table:      {result['table']['protection']}")
     daemon = result.get("daemon") or {}
     print(f"daemon:     {'running, pid ' + str(daemon['pid']) if daemon.get('running') else 'not running'}")
     counters = result.get("counters") or {}
@@ -85,7 +87,7 @@ def _print_freshness(pol: dict) -> None:
     print(line)
 
 
-def _print_doctor(report) -> None:
+def _print_doctor(report, table_owner: bool = True) -> None:
     print(f"kernel {report.kernel}: at least 5.4, ok")
     for cap in report.capabilities:
         mark = "yes" if cap.ok else "NO "
@@ -104,9 +106,14 @@ def _print_doctor(report) -> None:
     else:
         print("engine scope: NOT available here (no cgroup eBPF or no cgroup v2): a daemon configured for it "
               "puts host scope in force on the registry ports instead (fail closed)")
-    print("tamper: a change another process makes to ramfw's table (nft flush ruleset, ...) is seen as it is "
-          "committed and put back within a second by the daemon, which names the process; the table is not "
-          "protected from the change itself (nf_tables table ownership is not used): root can always remove ramfw")
+    print(f"protection: {report.protection(table_owner)}")
+    if report.owns_table(table_owner):
+        print("tamper: while the daemon is stopped the table keeps enforcing but is not owned: anyone may change it "
+              "until a daemon takes it back; root can always kill the daemon or remove ramfw")
+    else:
+        print("tamper: a change another process makes to ramfw's table (nft flush ruleset, ...) is seen as it is "
+              "committed and put back within a second by the daemon, which names the process; the table is not "
+              "protected from the change itself: root can always remove ramfw")
     print("ramfw cannot enforce here" if report.missing_required() else "ramfw can enforce here")
 
 
@@ -150,7 +157,7 @@ def _run(args) -> int:
     config = config_mod.load(args.config)
     if args.command == "doctor":
         report = api.doctor(config)
-        _print_doctor(report)
+        _print_doctor(report, config.enforcement.table_owner)
         for line in policy_source.describe(config.policy):
             print(line)
         for note in record.proxy_notes(config):

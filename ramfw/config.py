@@ -54,6 +54,7 @@ class EnforcementSettings:
     dedicated_cgroup: bool = False  # move an engine found in the root cgroup into its own
     bpffs: str = "/sys/fs/bpf"
     proxies: tuple[str, ...] = ()  # the engine's explicit HTTP(S) proxies, "address:port": reachable in scope
+    table_owner: bool = True  # own the table (owner + persist) where the kernel can: others cannot change it
 
     @property
     def configured_cgroups(self) -> tuple[str, ...]:

@@ -23,7 +23,8 @@ def write_config(tmp_path):
     def write(extra: str = "", **enforcement) -> str:
         # Never let a test's daemon find (and mark) an engine running on the host itself.
         enforcement.setdefault("engine_processes", ["ramfw-test-no-engine"])
-        lines = [f"{k} = {v!r}" if not isinstance(v, (list, tuple)) else f"{k} = {list(v)!r}"
+        lines = [f"{k} = {str(v).lower()}" if isinstance(v, bool) else
+                 f"{k} = {v!r}" if not isinstance(v, (list, tuple)) else f"{k} = {list(v)!r}"
                  for k, v in enforcement.items()]
         path = tmp_path / "ramfw.toml"
         path.write_text(

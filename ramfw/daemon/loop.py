@@ -15,6 +15,7 @@ The path of a held reply: ``kernel.queue.Queue.receive`` -> ``Daemon._read`` ->
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -82,7 +83,7 @@ class Daemon:
         self.report = probes.run(Path(self.config.daemon.run_dir) / probes.CACHE)
         self.report.check_required()
         self.hold = Hold.PASSIVE if self.config.dns.hold == "passive" else self.report.hold
-        self.table = Table(self.config.enforcement.table)
+        self.table = Table(self.config.enforcement.table, owned=self.report.owns_table(self.config.enforcement.table_owner))
         self.resolv_conf = resolvers.Follower(self.config.dns.trusted_resolvers)
         self.trusted = resolvers.trusted(self.config.dns.trusted_resolvers)
         self.snooper = Snooper(self.policy, set(self.trusted), self.config.dns)
@@ -232,10 +233,8 @@ class Daemon:
 
     def _wake_up(self) -> None:
         """From another thread: make the loop look at its wake-up socket now."""
-        try:
+        with contextlib.suppress(OSError):  # full: it is awake already
             self._wake.send(b"w")
-        except OSError:  # full: it is awake already
-            pass
 
     def _guarded(self, step) -> None:
         """Whatever goes wrong in one step is logged and counted; the daemon keeps running,
@@ -297,8 +296,7 @@ class Daemon:
             self._error(f"queue verdict: {err}")
 
     def _on_snoop(self, burst: int = BURST) -> None:
-        """Read the copies waiting: queries, and replies not held (passive hold, or those the
-        prefilter let pass)."""
+        """Read the copies waiting: queries, replies not held (passive, or passed by the prefilter)."""
         self._drain(self.snoop, "copied", "copy_errors", self._read, burst=burst)
         self.snooper.index_unread()
 
@@ -412,8 +410,10 @@ class Daemon:
         self.errors.append(text)
 
     def close(self) -> None:
-        for thing in (self.queue, self.snoop, self.blocks, self.prefilter, getattr(self, "engine", None),
-                      getattr(self, "links", None), getattr(self, "guard", None), self.poller):
+        """The table's owner socket closes before the control socket: once the daemon stops
+        answering (``ramfw down`` waits for that), its table is an orphan anyone may remove."""
+        for thing in (self.queue, self.snoop, self.blocks, self.prefilter, self.poller, *(getattr(self, name, None) for
+                      name in ("engine", "links", "guard", "table"))):
             if thing is not None:
                 thing.close()
         self.control.close()

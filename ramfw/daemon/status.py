@@ -6,6 +6,7 @@ import os
 import time
 
 from .. import record
+from ..kernel import probes
 from ..kernel.ruleset import Hold
 from ..snoop import resolvers
 from . import poller
@@ -54,6 +55,9 @@ def document(daemon, full: bool = True) -> dict:
         last = daemon.guard.repairs[-1]
         notes.append(f"ramfw's table was changed by someone else and put back {len(daemon.guard.repairs)} "
                      f"time(s); last by {last['by']}, {int(now - last['at'])} s ago")
+    table = probes.table_protection(daemon.table.kernel_view(), daemon.table.portid, daemon.table.owned)
+    if table.get("warning"):
+        notes.append(f"WARNING: {table['warning']}")
     if "host" in daemon.scope:
         notes.append(f"ramfw's own connections (policy polls) are {daemon.own_traffic}")
     url = daemon.url_source
@@ -78,6 +82,7 @@ def document(daemon, full: bool = True) -> dict:
         "counters": {**dict(snooper.counters), **counters, "learned_addresses": snooper.total},
         "recent_blocks": list(daemon.blocks_log.recent),
         "repairs": daemon.guard.repairs,
+        "table": table,
         "notes": notes,
         "errors": list(daemon.errors),
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import select
 import socket
 import struct
@@ -16,12 +17,13 @@ import struct
 from ..errors import ResourceBusy
 
 NETLINK_NETFILTER = 12
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x300, 0x400, 0x800
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x2, 0x4, 0x300, 0x400, 0x800
 NLMSG_DONE = 3
 NLA_F_NESTED = 0x8000
 NLMSG_ERROR = 2
 SOL_NETLINK = 270
-NETLINK_NO_ENOBUFS = 5
+NETLINK_NO_ENOBUFS, NETLINK_CAP_ACK = 5, 10
+SO_SNDBUFFORCE = 32
 HEADER = struct.Struct("=IHHII")
 
 # nfnetlink subsystems and batches
@@ -30,8 +32,16 @@ NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
 
 # nf_tables messages and attributes
-NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 6, 8
+NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE, NFT_MSG_DELTABLE = 0, 1, 2
+NFT_MSG_NEWCHAIN, NFT_MSG_GETCHAIN = 3, 4
+NFT_MSG_NEWRULE, NFT_MSG_GETRULE, NFT_MSG_DELRULE = 6, 7, 8
+NFT_MSG_NEWSET, NFT_MSG_GETSET = 9, 10
 NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
+NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
+NFT_MSG_DESTROYTABLE = 26  # a DELTABLE that is not an error when the table is missing (Linux 6.3)
+NFTA_TABLE_NAME, NFTA_TABLE_FLAGS, NFTA_TABLE_OWNER = 1, 2, 7
+# owner: only the creating netlink socket may change the table; persist: it outlives that socket
+NFT_TABLE_F_DORMANT, NFT_TABLE_F_OWNER, NFT_TABLE_F_PERSIST = 0x1, 0x2, 0x4
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
 NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 1, 2
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
@@ -139,6 +149,56 @@ def open_socket(rcvbuf: int = 8 << 20) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def dump(sock: socket.socket, msg_type: int, family: int, attrs: bytes, seq: int, single: bool = False):
+    """Send an nf_tables GET (a dump, or with ``single`` one object) and yield the attributes of
+    each object answered; OSError with the kernel's errno when it refuses (ENOENT: no such table)."""
+    flags = NLM_F_REQUEST | (0 if single else NLM_F_DUMP)
+    sock.send(message((NFNL_SUBSYS_NFTABLES << 8) | msg_type, flags, seq, family, 0, attrs))
+    while True:
+        if not select.select([sock], [], [], 5)[0]:
+            raise OSError(errno.ETIMEDOUT, "nf_tables dump: no answer from the kernel within 5 s")
+        data = sock.recv(1 << 20)
+        for kind, start, end in messages(data):
+            if HEADER.unpack_from(data, start - HEADER.size)[3] != seq:
+                continue
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", data, start)
+                if code:
+                    raise OSError(-code, f"nf_tables dump: {errno.errorcode.get(-code, code)}")
+                return
+            yield data[start + NFGEN.size : end]
+            if single:
+                return
+
+
+def transact(sock: socket.socket, steps: list, seq: int, what: str, refused: list[str]) -> None:
+    """One nf_tables transaction, every step acknowledged; OSError with the kernel's errno (and
+    the step) when refused. Refusals of unacknowledged batches sent earlier on the socket (other
+    sequence numbers) go to ``refused``."""
+    sock.send(batch([(m, f | NLM_F_ACK, fam, a) for m, f, fam, a in steps], seq))
+    waiting, failed = set(range(seq + 1, seq + len(steps) + 1)), None
+    while waiting:
+        if not select.select([sock], [], [], 10)[0]:
+            raise OSError(errno.ETIMEDOUT, f"{what}: no answer from the kernel within 10 s")
+        data = sock.recv(1 << 20)
+        for kind, start, _ in messages(data):
+            if kind != NLMSG_ERROR:
+                continue
+            (code,) = struct.unpack_from("=i", data, start)
+            answered = HEADER.unpack_from(data, start - HEADER.size)[3]
+            if answered in waiting or answered == seq:  # seq: the whole batch refused at commit
+                waiting = set() if answered == seq else waiting - {answered}
+                failed = failed or (code and (-code, answered - seq))
+            elif code:
+                refused.append(f"{os.strerror(-code)} ({errno.errorcode.get(-code, code)})")
+    if failed:
+        code, step = failed
+        raise OSError(code, f"{what}: {os.strerror(code)} ({errno.errorcode.get(code, code)}"
+                      + (f", step {step} of {len(steps)})" if step else ")"))
 
 
 def drain(sock: socket.socket) -> None:

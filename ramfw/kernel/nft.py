@@ -150,29 +150,48 @@ def own_traffic_rules(cgroup_id: int, level: int) -> list[bytes]:
 
 def build_rules_batch(family: str, table: str, chain: str, rules: list[bytes], seq: int = 1,
                       replace: bool = False) -> bytes:
-    """One transaction appending ``rules`` to ``chain``; with ``replace``, the chain's old rules
-    are deleted in the same transaction (a rule deletion naming only the chain). Every step
-    asks for an ack, so the sender can wait for the kernel's answer to each."""
+    """One transaction appending ``rules`` to ``chain`` (``rules_steps``)."""
+    return nl.batch(rules_steps(family, table, chain, rules, replace), seq)
+
+
+def rules_steps(family: str, table: str, chain: str, rules: list[bytes], replace: bool = False) -> list:
+    """The steps appending ``rules`` to ``chain``; with ``replace``, the chain's old rules are
+    deleted in the same transaction (a rule deletion naming only the chain). Every step asks
+    for an ack, so the sender can wait for the kernel's answer to each."""
     where = string(nl.NFTA_RULE_TABLE, table) + string(nl.NFTA_RULE_CHAIN, chain)
     steps = [(nl.NFT_MSG_DELRULE, nl.NLM_F_ACK, nl.NFPROTO[family], where)] if replace else []
     for expressions in rules:
         steps.append((nl.NFT_MSG_NEWRULE, nl.NLM_F_CREATE | nl.NLM_F_APPEND | nl.NLM_F_ACK, nl.NFPROTO[family],
                       where + nested(nl.NFTA_RULE_EXPRESSIONS, expressions)))
-    return nl.batch(steps, seq)
+    return steps
+
+
+def address_key(address: str) -> bytes:
+    """A set element's key attribute for an IPv4 or IPv6 address."""
+    packed = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+    return nested(nl.NFTA_SET_ELEM_KEY, attr(nl.NFTA_DATA_VALUE, packed))
+
+
+def ifname_key(name: str) -> bytes:
+    """A set element's key attribute for an interface name (nft's ifname: 16 bytes, zero-padded)."""
+    return nested(nl.NFTA_SET_ELEM_KEY, attr(nl.NFTA_DATA_VALUE, name.encode()[:15].ljust(16, b"\0")))
+
+
+def element_attrs(element: Element) -> bytes:
+    """A learned element: its address, its timeout and expiration, its host name as the
+    element's comment. The expiration too: a kernel that updates an existing element (6.10+)
+    re-arms it only when asked to; given the same timeout alone it keeps the old expiry (the
+    soak benchmark found it)."""
+    millis = struct.pack("!Q", element.timeout * 1000)
+    attrs = address_key(element.address) + attr(nl.NFTA_SET_ELEM_TIMEOUT, millis) + attr(nl.NFTA_SET_ELEM_EXPIRATION, millis)
+    if element.name:
+        comment = element.name[:127].encode() + b"\0"
+        attrs += attr(nl.NFTA_SET_ELEM_USERDATA, bytes([nl.NFTNL_UDATA_SET_ELEM_COMMENT, len(comment)]) + comment)
+    return attrs
 
 
 def _element(element: Element, with_data: bool) -> bytes:
-    packed = socket.inet_pton(socket.AF_INET6 if ":" in element.address else socket.AF_INET, element.address)
-    attrs = nested(nl.NFTA_SET_ELEM_KEY, attr(nl.NFTA_DATA_VALUE, packed))
-    if with_data:
-        # The expiration too: a kernel that updates an existing element (6.10+) re-arms it only
-        # when asked to; given the same timeout alone it keeps the old expiry (the soak found it).
-        millis = struct.pack("!Q", element.timeout * 1000)
-        attrs += attr(nl.NFTA_SET_ELEM_TIMEOUT, millis) + attr(nl.NFTA_SET_ELEM_EXPIRATION, millis)
-        if element.name:
-            comment = element.name[:127].encode() + b"\0"
-            attrs += attr(nl.NFTA_SET_ELEM_USERDATA, bytes([nl.NFTNL_UDATA_SET_ELEM_COMMENT, len(comment)]) + comment)
-    return nested(nl.NFTA_LIST_ELEM, attrs)
+    return nested(nl.NFTA_LIST_ELEM, element_attrs(element) if with_data else address_key(element.address))
 
 
 def _set_ref(table: str, set_name: str) -> bytes:

@@ -52,6 +52,18 @@ class Report:
             return Hold.XT_NFQUEUE
         return Hold.PASSIVE
 
+    def owns_table(self, wanted: bool = True) -> bool:
+        """Whether ramfw's table is made owned (owner + persist): where the kernel can, unless
+        the configuration says no (``enforcement.table_owner``)."""
+        return wanted and self.has("table_owner")
+
+    def protection(self, wanted: bool = True) -> str:
+        """Which protection ramfw's table has here, in words."""
+        if self.owns_table(wanted):
+            return PROTECTION_OWNED
+        return PROTECTION_GUARDED + (" (enforcement.table_owner is false)" if self.has("table_owner")
+                                     else " (kernel before 6.9: no table owner + persist)")
+
     @property
     def kernel_refreshes_timeout(self) -> bool:
         """Adding an existing set element again re-arms its timeout (else: add, delete, add)."""
@@ -75,6 +87,10 @@ class Report:
                 "capabilities": [asdict(c) for c in self.capabilities]}
 
 
+PROTECTION_OWNED = ("table owned by the daemon: other processes cannot change it, `nft flush ruleset` leaves it "
+                    "alone")
+PROTECTION_GUARDED = "table not owned: changes by others are detected and repaired"
+
 COSTS = {
     "nf_tables": "ramfw cannot enforce anything on this kernel",
     "element_timeout": "ramfw cannot enforce: learned addresses could never expire",
@@ -89,9 +105,34 @@ COSTS = {
     "cgroup_bpf": "engine scope is unavailable: the daemon puts host scope on the registry ports in force instead",
     "cgroup_paths": "engine scope cannot find the engine's cgroups: the daemon puts host scope on the registry "
                     "ports in force instead",
+    "table_owner": "other processes can change ramfw's table (`nft flush ruleset` removes it): the daemon sees "
+                   "each change as it is committed and puts the table back within a second",
     "btf": "none today; CO-RE programs would need it",
     "bcc": "none: the engine-scope program is loaded without a compiler",
 }
+
+
+def table_protection(view, daemon_port: int | None = None, should_own: bool = False) -> dict:
+    """The kernel's view of the table's protection (its flags and owner), in words."""
+    if not view.exists:
+        return {"flags": 0, "owner_port": None, "owned_by_daemon": False, "protection": "no table"}
+    found = {"flags": view.flags, "owner_port": view.owner, "owned_by_daemon": daemon_port is not None
+             and view.owner == daemon_port}
+    if found["owned_by_daemon"]:
+        found["protection"] = PROTECTION_OWNED
+    elif view.owner is not None:
+        found["protection"] = (f"table owned by another process (netlink port {view.owner}): only it may change "
+                               "the table")
+    elif view.persist:
+        found["protection"] = ("table persists without an owner (no daemon holds it): it keeps enforcing, but anyone "
+                               "may change it until a daemon takes it back")
+    else:
+        found["protection"] = PROTECTION_GUARDED + ("" if daemon_port is not None
+                                                    else " (by the daemon, which is not running)")
+    if should_own and not found["owned_by_daemon"]:
+        found["warning"] = ("the daemon does not own its table although this kernel allows it: other processes can "
+                            f"change it ({found['protection']})")
+    return found
 
 
 def kernel_version(release: str | None = None) -> tuple[int, int]:
@@ -173,6 +214,7 @@ def _table_probes() -> list[Capability]:
     ok, err = _nft_try(nft, [rule({"log": {"group": 7}})])
     caps.append(Capability("nflog", ok, "log to an NFLOG group" if ok else err, COSTS["nflog"]))
     caps.append(_prefilter_probe())
+    caps.append(_table_owner_probe())
     _nft_try(nft, [{"delete": {"table": {"family": "inet", "name": _PROBE_TABLE}}}])
     return caps
 
@@ -194,6 +236,30 @@ def _prefilter_probe() -> Capability:
     finally:
         prefilter.close()
     return Capability("dns_prefilter", True, "eBPF prefilter in an xt bpf match", COSTS["dns_prefilter"])
+
+
+def _table_owner_probe() -> Capability:
+    """Make a table with owner + persist from a socket, close the socket: the table must stay,
+    an orphan (persist, no owner)."""
+    from . import netlink as nl
+    from .table import Table
+
+    ref = nl.string(nl.NFTA_TABLE_NAME, _PROBE_TABLE + "_owner")
+    try:
+        with nl.open_socket() as sock:
+            nl.transact(sock, [(nl.NFT_MSG_NEWTABLE, nl.NLM_F_CREATE, nl.NFPROTO["inet"],
+                                ref + nl.u32(nl.NFTA_TABLE_FLAGS, nl.NFT_TABLE_F_OWNER | nl.NFT_TABLE_F_PERSIST))],
+                        1, "table owner + persist", [])
+    except OSError as err:
+        return Capability("table_owner", False, f"table owner + persist (Linux 6.9): {err.strerror}",
+                          COSTS["table_owner"])
+    orphan = Table(_PROBE_TABLE + "_owner")
+    view = orphan.kernel_view()
+    orphan.remove()
+    ok = view.persist and view.owner is None
+    return Capability("table_owner", ok, "table owner + persist: only ramfw's socket may change its table, which "
+                      "outlives the daemon" if ok else f"a persist table did not outlive its owner ({view})",
+                      COSTS["table_owner"])
 
 
 def _xt_nfqueue_probe() -> tuple[bool, str]:

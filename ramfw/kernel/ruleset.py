@@ -1,8 +1,8 @@
 """The nftables table ramfw owns (``inet ramfw``), rendered as libnftables JSON: pure data.
 
 ``table.Table`` is the only code that applies it (and the DNS hold rules ``nft`` builds) to
-the kernel. The table has no ``owner`` flag on purpose: enforcement stays in the kernel when
-the process that applied it exits or dies (registry egress fails closed), and only
+the kernel. Enforcement stays in the kernel when the process that applied it exits or dies
+(registry egress fails closed): where the table is owned, it is also ``persist``; only
 ``ramfw down`` removes it.
 
 Layout::
@@ -254,51 +254,11 @@ def build_resolvers(table: str, resolvers: Iterable[str]) -> dict:
     return {"nftables": cmds}
 
 
-def build_container_bridges(table: str, names: Iterable[str]) -> dict:
-    """Replace the container bridges: traffic routed onto them stays on this VM."""
-    ref = {"family": FAMILY, "table": table, "name": CONTAINER_BRIDGES}
-    names = sorted(set(names))
-    return {"nftables": [{"flush": {"set": ref}}] + ([{"add": {"element": {**ref, "elem": names}}}] if names else [])}
-
-
-def build_replace_allowed(table: str, elements: Iterable) -> dict:
-    """Empty the allowed and pending sets and fill the allowed ones with ``elements`` (address,
-    timeout, name), in one transaction: no moment without what was learned."""
-    cmds: list[dict] = [{"flush": {"set": {"family": FAMILY, "table": table, "name": name}}}
-                        for name in (*ALLOW.values(), *PENDING.values())]
-    by_version: dict[int, list[dict]] = {4: [], 6: []}
-    for element in elements:
-        item = {"val": element.address, "timeout": element.timeout}
-        if element.name:
-            item["comment"] = element.name[:127]
-        by_version[ipaddress.ip_address(element.address).version].append({"elem": item})
-    for version, items in by_version.items():
-        if items:
-            cmds.append({"add": {"element": {"family": FAMILY, "table": table, "name": ALLOW[version], "elem": items}}})
-    return {"nftables": cmds}
-
-
-def build_remove(table: str) -> dict:
-    """Add-then-delete: removes the table whether or not it exists, so it is safe to repeat."""
-    ref = {"family": FAMILY, "name": table}
-    return {"nftables": [{"add": {"table": ref}}, {"delete": {"table": ref}}]}
-
-
 def _by_version(addresses: Iterable[str]) -> dict[int, list[str]]:
     found: dict[int, list[str]] = {4: [], 6: []}
     for address in addresses:
         found[ipaddress.ip_address(address).version].append(address)
     return found
-
-
-def build_delete_elements(table: str, addresses: Iterable[str]) -> dict:
-    """Remove addresses, present or not: each is added bare first so the delete cannot fail."""
-    cmds = []
-    for version, bare in _by_version(addresses).items():
-        if bare:
-            ref = {"family": FAMILY, "table": table, "name": ALLOW[version]}
-            cmds += [{"add": {"element": {**ref, "elem": bare}}}, {"delete": {"element": {**ref, "elem": bare}}}]
-    return {"nftables": cmds}
 
 
 def parse_state(listing: dict) -> TableState:

@@ -38,7 +38,9 @@ def daemon_lab(lab, write_config, write_policy, tmp_path):
                       f"--host-record=edge.cdn-provider.test,{CDN4}",
                       *big, f"--host-record=big-registry.test,{ALLOWED4}", ttl=300)
     write_policy(POLICY)
-    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}", "{NET6}", "127.0.0.53"]\n')
+    # Unowned: ``forget`` takes addresses out of the allowed sets from the test process, which an
+    # owned table refuses (test_ownership covers the owned table).
+    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}", "{NET6}", "127.0.0.53"]\n', table_owner=False)
     lab.daemon = lab.start_daemon(lab.config)
     lab.resolve("warm-up.test")  # first use of dnspython in this process
     return lab
@@ -364,7 +366,7 @@ def test_passive_snooping_learns_and_softens_the_race(lab, write_config, write_p
     lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}",
                       f"--host-record=blocked-registry.test,{BLOCKED4}")
     write_policy(["allowed-registry.test"])
-    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\nhold = "passive"\n')
+    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\nhold = "passive"\n', table_owner=False)  # forget
     lab.start_daemon(lab.config)
     for _ in range(20):
         forget(lab, ALLOWED4)

@@ -37,9 +37,10 @@ def test_a_transparent_redirect_to_a_local_proxy_is_judged_by_the_original_desti
     redirected connection was refused, allowed or not. Now: by where the engine was going."""
     lab.servers.append(TcpServers(lab.vm, ["127.0.0.1"], [3129]))  # the "transparent proxy"
     write_policy(["allowed-registry.test"])
+    lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}")
     lab.daemon = lab.start_daemon(write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n'))
     lab.vm.run("nft", "-f", "-", input=REDIRECT)
-    lab.vm.run("nft", "add", "element", "inet", "ramfw", "allow4", f"{{ {ALLOWED4} timeout 60s }}")
+    lab.resolve("allowed-registry.test")  # learned (the table is the daemon's: nobody else may write it)
     assert lab.connect(BLOCKED4, mark=MARK)[0] == "refused"
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected", "to the proxy, for an allowed destination"
     assert lab.connect("127.0.0.1", 3129, mark=MARK)[0] == "connected", "loopback itself stays open"

@@ -1,6 +1,10 @@
 """Tamper (issue #8, 4): `nft flush ruleset` (the first line of Debian's /etc/nftables.conf)
 ended enforcement and nothing repaired it. Now a change another process makes to ramfw's table
-is seen as it is committed, put back within a second, and the process is named."""
+is seen as it is committed, put back within a second, and the process is named.
+
+These tests change the table from another process, so they run the daemon with an unowned table
+(``table_owner = false``: what kernels before 6.9 get). Where the table is owned, those changes
+are refused instead (test_ownership)."""
 
 import json
 import time
@@ -18,7 +22,8 @@ def guarded(lab, write_config, write_policy):
     lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}",
                       f"--host-record=blocked-registry.test,{BLOCKED4}")
     write_policy(["allowed-registry.test"])
-    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n', scope=["engine", "host"], registry_ports=[443])
+    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n', scope=["engine", "host"], registry_ports=[443],
+                              table_owner=False)
     lab.daemon = lab.start_daemon(lab.config)
     lab.resolve("allowed-registry.test")
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
@@ -117,7 +122,7 @@ def test_a_daemon_in_a_pid_namespace_of_its_own_does_not_take_its_own_changes_fo
     """A review found: NEWGEN names the initial pid namespace's pid; a daemon in its own (each
     WSL2 distribution has one) repaired its own changes in an endless loop."""
     write_policy(["allowed-registry.test"])
-    lab.config = write_config()
+    lab.config = write_config(table_owner=False)
     lab.daemon = lab.start_daemon(lab.config, prefix=("unshare", "-p", "-f", "-m", "--mount-proc"))
     lab.vm.run("nft", "add", "element", "inet", "ramfw", "allow4", f"{{ {ALLOWED4} timeout 1h }}")  # a foreign change
     repaired(lab, 1)

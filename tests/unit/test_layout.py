@@ -80,6 +80,9 @@ def test_only_the_table_module_writes_nftables():
     senders = {name for name, path in modules().items() if "build_elements_batches(" in path.read_text()
                or "build_rules_batch(" in path.read_text()}
     assert senders <= {"ramfw.kernel.table", "ramfw.kernel.nft"}
+    # an owned table takes changes from its owner's socket only: every transaction goes through Table's
+    transactors = {name for name, path in modules().items() if "transact(" in path.read_text()}
+    assert transactors <= {"ramfw.kernel.table", "ramfw.kernel.netlink", "ramfw.kernel.probes"}
 
 
 def test_no_lab_code_in_the_package():

@@ -97,17 +97,6 @@ def test_resolvers_are_split_by_family_and_replaced():
     assert {s["name"] for s in commands(doc, "flush", "set")} == {"resolvers4", "resolvers6"}
 
 
-def test_delete_elements_adds_bare_first_so_it_cannot_fail():
-    doc = ruleset.build_delete_elements("ramfw", ["203.0.113.5"])
-    assert [next(iter(c)) for c in doc["nftables"]] == ["add", "delete"]
-
-
-def test_remove_is_add_then_delete():
-    assert ruleset.build_remove("ramfw") == {"nftables": [
-        {"add": {"table": {"family": "inet", "name": "ramfw"}}},
-        {"delete": {"table": {"family": "inet", "name": "ramfw"}}}]}
-
-
 def test_parse_state_reads_back_counters_elements_and_mode():
     listing = {"nftables": [
         {"metainfo": {}},
