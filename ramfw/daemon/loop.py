@@ -44,7 +44,7 @@ from .blocks import BlockLog, Throttle
 from .control import ControlServer
 from .engine import EngineScope
 from .guard import Guard
-from .poller import Poller, describe, refused
+from .poller import Poller, describe, fetch_at_start, refused
 
 log = logging.getLogger("ramfw")
 HOUSEKEEPING = 1.0
@@ -76,7 +76,7 @@ class Daemon:
         self.control.take_lock()  # first: a second daemon in this namespace stops before touching anything
         self.url_source = policy_source.url_source(self.config) if self.policy_path is None else None
         if self.url_source is not None and self.url_source.due(time.time()):
-            self.url_source.refresh()
+            fetch_at_start(self.url_source, log)
         self.policy, self.source = policy_source.load(self.config, self.policy_path, fallback=True,
                                                       polled=self.url_source)
         self.policy_loaded = time.time()
@@ -268,15 +268,15 @@ class Daemon:
             if not items:
                 return
             if first is not None:
-                first()
+                self._guarded(first)  # whatever it meets, these items still get handled
             self.snooper.counters[counter] += len(items)
             for item in items:
                 handle(item)
 
     def _on_queue(self) -> None:
-        """Give a verdict to every held reply waiting, each once the copies waiting when it was
-        received are read: the query a reply answers was copied before the reply could arrive."""
-        self._drain(self.queue, "held", "queue_errors", self._release, self._on_snoop if self.snoop else None)
+        """A verdict for every held reply waiting, each after the copies then waiting (its query's among them)."""
+        copies = lambda: self._drain(self.snoop, "copied", "copy_errors", self._read, burst=16 * BURST)  # noqa: E731
+        self._drain(self.queue, "held", "queue_errors", self._release, copies if self.snoop else None)
         self.snooper.index_unread()  # after the verdicts: naming blocked addresses can wait
 
     def _release(self, packet) -> None:

@@ -33,6 +33,29 @@ def refused(fetched, policy) -> str:
     return f"reload refused, the policy in force stays ({describe(policy)}): {why}"
 
 
+START_FETCH_SECONDS = 15.0  # what the daemon's start waits for the policy URL at most
+
+
+def fetch_at_start(source: UrlSource, log) -> None:
+    """The start-up fetch, before the table exists: bounded in time, and whatever it meets
+    (a reset, a trickling origin, an answer no one can read) leaves the cached policy, or Docker
+    Hub only, to be enforced; the poller tries again. The daemon must never stop here: a VM
+    would boot with no table."""
+    def attempt():
+        try:
+            source.refresh()
+        except Exception as err:  # noqa: BLE001 - see above
+            source.last_error = f"policy source: the start-up fetch failed, the cached policy stays: {err!r}"
+
+    worker = threading.Thread(target=attempt, name="policy-start-fetch", daemon=True)
+    worker.start()
+    worker.join(START_FETCH_SECONDS)
+    if worker.is_alive():
+        source.last_error = f"policy source: no answer within {START_FETCH_SECONDS:g} s at start, the cached policy stays"
+    if source.last_error:
+        log.warning("%s", source.last_error)
+
+
 class Poller:
     def __init__(self, source: UrlSource, on_new: Callable[[], None], on_error: Callable[[str], None],
                  rand: Callable[[], float] | None = None):
@@ -75,9 +98,14 @@ class Poller:
                                    s.max_backoff, self.source.retry_after)
 
     def poll(self) -> bool:
-        """One poll; True when a new policy was accepted (the caller reloads it)."""
+        """One poll; True when a new policy was accepted (the caller reloads it). Whatever a poll
+        meets is a failed poll, never the poller's end: it keeps polling (and backing off)."""
         with self.lock:
-            changed = self.source.refresh()
+            try:
+                changed = self.source.refresh()
+            except Exception as err:  # noqa: BLE001 - an origin's answer must not stop the polls
+                changed, self.source.failed = False, True
+                self.source.last_error = f"policy source: polling failed, the cached policy stays: {err!r}"
             self.failures = self.failures + 1 if self.source.failed else 0
         if self.source.last_error and self.source.last_error != self._said:
             self.on_error(self.source.last_error)  # once per new error, not once per poll

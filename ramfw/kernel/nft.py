@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 from ..snoop.snooper import Element
 from . import netlink as nl
 from .netlink import attr, nested, string, u32
-from .ruleset import ALLOW, PENDING, UNSOLICITED, Hold, Learned
+from .ruleset import ALLOW, PENDING, RESOLVERS, UNSOLICITED, Hold, Learned
 
 XT_BPF_MODE_FD_ELF = 2
 XT_BPF_INFO_V1_SIZE = 528  # mode, count, fd, a 512-byte union, the kernel's pointer
@@ -116,16 +116,28 @@ def hold_rules(hold: Hold, queue_num: int, prefilter_fd: int | None, snoop_group
 
 
 def query_copy_rules(prefilter_fd: int | None, snoop_group: int) -> list[bytes]:
-    """UDP queries, copied to the snoop group for the daemon to pair replies with; where the
-    prefilter runs, only those that may be for an allowlisted name (it reads a query's question
-    as it reads a reply's)."""
+    """UDP queries to a trusted resolver, copied to the snoop group for the daemon to pair
+    replies with; where the prefilter runs, only those that may be for an allowlisted name (it
+    reads a query's question as it reads a reply's). Queries to any other address are not
+    copied: a local user's flood of them must not bury the real queries' copies."""
     udp = [
         _expr("meta", u32(2, nl.NFT_META_L4PROTO), u32(1, nl.NFT_REG_1)),
         _cmp_eq(bytes([socket.IPPROTO_UDP])),
         _expr("payload", u32(1, nl.NFT_REG_1), u32(2, nl.NFT_PAYLOAD_TRANSPORT_HEADER), u32(3, 2), u32(4, 2)),
         _cmp_eq(struct.pack("!H", 53)),
     ]
-    return [b"".join(udp + ([bpf_match(prefilter_fd)] if prefilter_fd is not None else []) + [_log(snoop_group)])]
+    rules = []
+    for version, (family, offset, length) in ((4, (nl.NFPROTO["ip"], 16, 4)), (6, (nl.NFPROTO["ip6"], 24, 16))):
+        to_resolver = [
+            _expr("meta", u32(2, nl.NFT_META_NFPROTO), u32(1, nl.NFT_REG_1)),
+            _cmp_eq(bytes([family])),
+            _expr("payload", u32(1, nl.NFT_REG_1), u32(2, nl.NFT_PAYLOAD_NETWORK_HEADER), u32(3, offset),
+                  u32(4, length)),
+            _expr("lookup", string(nl.NFTA_LOOKUP_SET, RESOLVERS[version]), u32(nl.NFTA_LOOKUP_SREG, nl.NFT_REG_1)),
+        ]
+        prefilter = [bpf_match(prefilter_fd)] if prefilter_fd is not None else []
+        rules.append(b"".join(udp + to_resolver + prefilter + [_log(snoop_group)]))
+    return rules
 
 
 def dns_chain_rules(hold: Hold, queue_num: int, prefilter_fd: int | None, snoop_group: int) -> dict[str, list[bytes]]:

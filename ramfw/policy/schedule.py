@@ -24,7 +24,7 @@ def next_delay(interval: float, jitter: float, u: float, failures: int = 0, max_
     """Seconds until the next poll. ``failures``: consecutive polls that got no answer (or an
     HTTP error); ``u`` in [0, 1); ``retry_after``: seconds the origin asked for."""
     cap = max(max_backoff, interval)
-    base = interval if failures <= 0 else min(cap, interval * 2.0 ** (failures - 1))
+    base = interval if failures <= 0 else min(cap, interval * 2.0 ** min(failures - 1, 40))  # no overflow
     delay = base * (1.0 + jitter * (2.0 * u - 1.0))
     if retry_after is not None:
         delay = max(delay, min(retry_after, cap))

@@ -13,6 +13,7 @@ is then what is trusted, not the path). A redirect to another scheme is refused.
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 import time
@@ -213,19 +214,30 @@ def fetch(url: str, etag: str = "", last_modified: str = "", ca_file: str = "", 
     if scheme == "https":
         handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca_file or None)))
     opener = urllib.request.build_opener(*handlers)
+    deadline = time.monotonic() + 3 * timeout  # a body trickled byte by byte ends too
     try:
         with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
-            body = response.read(MAX_SIZE + 1)
+            body = b""
+            while len(body) <= MAX_SIZE:
+                chunk = response.read(min(65536, MAX_SIZE + 1 - len(body)))
+                if not chunk:
+                    break
+                body += chunk
+                if time.monotonic() > deadline:
+                    raise FetchError(f"{url}: too slow (more than {3 * timeout:g} s)")
             if len(body) > MAX_SIZE:
                 raise FetchError(f"{url}: larger than {MAX_SIZE} bytes")
             return Fetch(True, body, response.headers.get("ETag", ""), response.headers.get("Last-Modified", ""))
     except urllib.error.HTTPError as err:
         if err.code == 304:
             return Fetch(False, etag=etag, last_modified=last_modified)
-        wait = schedule.retry_after(err.headers.get("Retry-After") if err.headers else None, time.time())
+        try:
+            wait = schedule.retry_after(err.headers.get("Retry-After") if err.headers else None, time.time())
+        except (ValueError, OverflowError):  # a Retry-After no one can read: the backoff decides
+            wait = None
         raise FetchError(f"{url}: HTTP {err.code}", err.code, wait) from None
-    except (urllib.error.URLError, ValueError, ssl.SSLError, TimeoutError) as err:
-        raise FetchError(f"{url}: {getattr(err, 'reason', err)}") from None
+    except (OSError, http.client.HTTPException, ValueError) as err:  # URLError, SSLError, resets, bad answers
+        raise FetchError(f"{url}: {getattr(err, 'reason', err) or type(err).__name__}") from None
 
 
 class UrlSource:

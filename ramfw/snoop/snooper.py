@@ -27,7 +27,7 @@ import dns.rdtypes.svcbbase
 from ..config import DnsSettings
 from ..policy import Policy
 from .packet import TCP_FIN, TCP_RST, TCP_SYN, UDP, Segment, parse_packet
-from .wire import fast_chain, question_name
+from .wire import fast_chain, question, question_name
 
 log = logging.getLogger("ramfw")
 MAX_TCP_FLOWS = 4096
@@ -85,16 +85,16 @@ class Snooper:
         self._names_bytes = 0
         self._flows: OrderedDict[tuple, _Flow] = OrderedDict()
         self._flow_bytes = 0
-        # (client, client port, resolver, ID) -> (question name, when): the queries a reply may answer
-        self._queries: OrderedDict[tuple[str, int, str, bytes], tuple[str, float]] = OrderedDict()
+        # (client, port, resolver, ID + question type and class) -> (question name, when): queries to answer
+        self._queries: OrderedDict[tuple[str, int, str, bytes], tuple[str, float]] = OrderedDict()  # ID + type
 
     def on_packet(self, packet: bytes, now: float) -> Decision:
         """A reply (held or copied), or a copied UDP query to a trusted resolver."""
         segment = parse_packet(packet)
         if segment is not None and segment.proto == UDP and segment.dport == 53 and segment.dst in self.trusted:
-            name = question_name(segment.payload, response=False)
-            if name is not None:
-                self._on_query(segment, name, now)
+            asked = question(segment.payload, response=False)
+            if asked is not None:
+                self._on_query(segment, *asked, now)
                 return Decision()
         if segment is None or segment.sport != 53:
             self.counters["malformed"] += 1
@@ -106,12 +106,14 @@ class Snooper:
             return self._on_message(segment.payload, now, segment)
         return self._on_tcp(segment, now)
 
-    def _on_query(self, segment: Segment, name: str, now: float) -> None:
-        """Remember a query for an allowlisted name until its reply comes (or QUERY_SECONDS)."""
+    def _on_query(self, segment: Segment, name: str, kind: bytes, now: float) -> None:
+        """Remember a query for an allowlisted name until its reply comes (or QUERY_SECONDS),
+        by client, port, resolver, ID, and the question's type and class (an A and an AAAA
+        query may share an ID)."""
         self.counters["queries"] += 1
         if not self.policy.enabled or self.policy.allows(name) is None:
             return
-        key = (segment.src, segment.sport, segment.dst, segment.payload[:2])
+        key = (segment.src, segment.sport, segment.dst, segment.payload[:2] + kind)
         self._queries.pop(key, None)
         self._queries[key] = (name, now)
         while self._queries and (len(self._queries) > MAX_QUERIES
@@ -121,7 +123,8 @@ class Snooper:
     def _answers_a_query(self, segment: Segment, wire: bytes, name: str, now: float) -> bool:
         """Whether a UDP reply answers a query this VM sent: to the port it came from, from the
         resolver it went to, with its ID and its question. Each query is answered once."""
-        key = (segment.dst, segment.dport, segment.src, wire[:2])
+        answered = question(wire)
+        key = (segment.dst, segment.dport, segment.src, wire[:2] + (answered[1] if answered else b""))
         asked = self._queries.get(key)
         if asked is None or asked[0] != name or now - asked[1] > QUERY_SECONDS:
             return False  # a reply for another question leaves the query to its real answer

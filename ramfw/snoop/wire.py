@@ -74,12 +74,20 @@ def question_name(wire: bytes, response: bool = True) -> str | None:
     The eBPF prefilter hashes raw label bytes, so it does not hold a reply for a name like
     ``\\x07ghcr.io`` (one label); it is safe only because this reads ``ghcr\\.io``, which no
     entry matches: the daemon does not learn from the copy either."""
+    found = question(wire, response)
+    return found[0] if found is not None else None
+
+
+def question(wire: bytes, response: bool = True) -> tuple[str, bytes] | None:
+    """The question name (as ``question_name``) and its type and class (4 bytes, as on the
+    wire; empty if cut short); None if there is none. Never raises."""
     if len(wire) < 12 or bool(wire[2] & 0x80) != response or struct.unpack_from("!H", wire, 4)[0] < 1:
         return None
     try:
-        return _read_name(wire, 12)[0]
+        name, end = _read_name(wire, 12)
     except ValueError:
         return None
+    return name, wire[end : end + 4]
 
 
 _TYPE_A, _TYPE_CNAME, _TYPE_AAAA = 1, 5, 28

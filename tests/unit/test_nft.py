@@ -155,9 +155,11 @@ def test_queries_are_copied_where_they_go_out_and_replies_held_where_they_come_i
     group from the output and forward hooks, through the prefilter where it runs."""
     chains = nft.dns_chain_rules(Hold.XT_NFQUEUE, 5241, prefilter_fd=7, snoop_group=5242)
     replies = nft.hold_rules(Hold.XT_NFQUEUE, 5241, prefilter_fd=7, snoop_group=5242)
-    [query] = nft.query_copy_rules(7, 5242)
-    assert chains == {"dns_input": replies, "dns_forward": [query] + replies, "dns_output": [query]}
+    queries = nft.query_copy_rules(7, 5242)
+    assert chains == {"dns_input": replies, "dns_forward": queries + replies, "dns_output": queries}
     dport = netlink.attr(3, struct.pack("!I", 2))  # the transport header's offset 2: the destination port
-    assert dport in query and b"bpf\0" in query and netlink.attr(1, struct.pack("!H", 5242)) in query
-    assert b"bpf\0" not in nft.query_copy_rules(None, 5242)[0]
+    for query, resolvers in zip(queries, (b"resolvers4\0", b"resolvers6\0"), strict=True):
+        assert dport in query and b"bpf\0" in query and netlink.attr(1, struct.pack("!H", 5242)) in query
+        assert b"lookup\0" in query and resolvers in query  # only queries to a trusted resolver
+    assert all(b"bpf\0" not in q for q in nft.query_copy_rules(None, 5242))
     assert nft.dns_chain_rules(Hold.NONE, 5241, None, 5242) == {}

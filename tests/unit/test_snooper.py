@@ -348,3 +348,17 @@ def test_queries_kept_for_pairing_are_bounded_and_only_for_allowlisted_names(mon
             s.on_packet(ip_udp(query.to_wire(), "192.0.2.1", RESOLVER, 40000 + n, 53), n / 1000)
     assert len(s._queries) == 100 and s.counters["queries"] == 600
     assert all(name == "ghcr.io" for name, _ in s._queries.values())
+
+
+def test_an_a_and_an_aaaa_query_sharing_an_id_are_both_answered():
+    """Review finding: the pairing key had no record type; an A and an AAAA query sent on one
+    socket with the same ID (1 in 65,536 for random IDs) left one of the two unlearned."""
+    from tests.support.packets import query_for
+
+    s = Snooper(make_policy("ghcr.io"), {RESOLVER, "2001:db8::53"}, SETTINGS)
+    a = udp(reply("ghcr.io", "ghcr.io. 300 A 203.0.113.5"))
+    aaaa = udp(reply("ghcr.io", "ghcr.io. 300 AAAA 2001:db8::5", rdtype="AAAA"))
+    aaaa = aaaa[:28] + a[28:30] + aaaa[30:]  # the same ID (after the IPv4 and UDP headers)
+    for packet in (a, aaaa):
+        s.on_packet(query_for(packet), 0)
+    assert [e.address for p in (a, aaaa) for e in s.on_packet(p, 0.1).elements] == ["203.0.113.5", "2001:db8::5"]
