@@ -210,3 +210,49 @@ def test_status_turns_red_when_the_policy_expires_or_the_source_goes_quiet(lab, 
     assert "STALE" in red.stdout and "expired" in red.stdout and "has not answered for" in red.stdout
     assert reach(lab, "allowed-registry.test", ALLOWED4) == "connected"  # never fail open, never closed on a whim
     assert reach(lab, "blocked-registry.test", BLOCKED4) == "refused"
+
+
+def test_a_start_up_fetch_that_meets_a_reset_leaves_the_daemon_enforcing(lab, tmp_path):
+    """Review finding: the start-up fetch ran before the table existed and only some errors
+    were caught: an origin (or anyone on the path) resetting the connection made the daemon
+    exit, and a fresh VM booted with no table at all. It now starts, enforcing what it has
+    (here, with no cache: Docker Hub only), and says why at WARNING."""
+    import socket
+    import struct
+    import threading
+
+    with lab.net.inside():
+        server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((NET4, 8443))
+    server.listen(16)
+
+    def reset_everyone():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(4096)  # the request, then no answer: a reset
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    threading.Thread(target=reset_everyone, daemon=True).start()
+    lab.serve_tcp([BLOCKED4], [443])
+    path = tmp_path / "reset.toml"
+    signer = Signer(tmp_path, "reset")  # http:// needs signatures required: a plain answer then closed
+    path.write_text(f'[policy]\nsource = "http://{NET4}:8443/policy.json"\ncache = "{tmp_path}/cache/policy.json"\n'
+                    f'signatures = "require"\ntrusted_keys = ["{signer.line}"]\n'
+                    '[enforcement]\nengine_processes = ["ramfw-test-no-engine"]\n'
+                    f'[dns]\ntrusted_resolvers = ["{NET4}"]\n[daemon]\nrun_dir = "{tmp_path}/run"\n')
+    lab.config = str(path)
+    try:
+        lab.daemon = lab.start_daemon(lab.config)
+        result = status(lab)
+        assert result["enforcing"] and result["daemon"]["running"]
+        assert "Docker Hub only" in result["policy"]["source"]
+        assert lab.connect(BLOCKED4, mark=MARK)[0] == "refused"
+        lab.daemon.log.seek(0)
+        assert "WARNING: policy source" in lab.daemon.log.read().decode()
+    finally:
+        server.close()
