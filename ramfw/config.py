@@ -73,6 +73,7 @@ class DnsSettings:
     snoop_group: int = 5242
     hold: str = "auto"  # auto: the kernel's best; passive: copy replies, never hold them
     prefilter: bool = True  # hold only replies that may be for allowlisted names (eBPF), where possible
+    pair_queries: bool = True  # a UDP reply teaches only if it answers a query copied on its way out
 
 
 @dataclass(frozen=True)

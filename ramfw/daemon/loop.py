@@ -131,7 +131,7 @@ class Daemon:
             self.applied_scope = ()
         else:
             dns_rules = nft.dns_chain_rules(self.hold, d.queue_num, self.prefilter.prog_fd if self.prefilter else None,
-                                            d.snoop_group)
+                                            d.snoop_group, d.pair_queries)
             scope = self.engine.scope_in_force
             settings = dataclasses.replace(e, scope=scope)
             self.table.apply(ruleset.build_ruleset(settings, self.trusted, d.max_addresses, self.hold), dns_rules,

@@ -140,13 +140,14 @@ def query_copy_rules(prefilter_fd: int | None, snoop_group: int) -> list[bytes]:
     return rules
 
 
-def dns_chain_rules(hold: Hold, queue_num: int, prefilter_fd: int | None, snoop_group: int) -> dict[str, list[bytes]]:
+def dns_chain_rules(hold: Hold, queue_num: int, prefilter_fd: int | None, snoop_group: int,
+                    pair_queries: bool = True) -> dict[str, list[bytes]]:
     """Each DNS chain's rules (``ruleset.DNS_CHAINS``): replies held (or copied) where they come
-    in, queries copied where they go out; nothing without a daemon (``Hold.NONE``)."""
+    in, queries copied where they go out (``pair_queries``); nothing without a daemon (``Hold.NONE``)."""
     if hold is Hold.NONE:
         return {}
     replies = hold_rules(hold, queue_num, prefilter_fd, snoop_group)
-    queries = query_copy_rules(prefilter_fd, snoop_group)
+    queries = query_copy_rules(prefilter_fd, snoop_group) if pair_queries else []
     return {"dns_input": replies, "dns_forward": queries + replies, "dns_output": queries}
 
 

@@ -224,7 +224,7 @@ class Snooper:
             self.counters["other_names"] += 1
             self._keep(name, wire)
             return Decision()
-        if segment is not None and not self._answers_a_query(segment, wire, name, now):
+        if segment is not None and self.settings.pair_queries and not self._answers_a_query(segment, wire, name, now):
             self.counters["unmatched"] += 1  # forged, late, a duplicate, or its query was not seen
             return Decision()
         return Decision(elements=self._learn(wire, name, now))

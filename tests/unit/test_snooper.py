@@ -362,3 +362,16 @@ def test_an_a_and_an_aaaa_query_sharing_an_id_are_both_answered():
     for packet in (a, aaaa):
         s.on_packet(query_for(packet), 0)
     assert [e.address for p in (a, aaaa) for e in s.on_packet(p, 0.1).elements] == ["203.0.113.5", "2001:db8::5"]
+
+
+def test_pairing_can_be_turned_off():
+    """dns.pair_queries = false: no query copies, and a reply teaches on conntrack and the route check alone."""
+    from dataclasses import replace
+
+    from ramfw.kernel import nft
+    from ramfw.kernel.ruleset import Hold
+
+    s = Snooper(make_policy("ghcr.io"), {RESOLVER}, replace(SETTINGS, pair_queries=False))
+    assert [e.address for e in s.on_packet(udp(reply("ghcr.io", "ghcr.io. 300 A 203.0.113.5")), 0).elements] == [
+        "203.0.113.5"]
+    assert nft.dns_chain_rules(Hold.XT_NFQUEUE, 1, None, 2, pair_queries=False)["dns_output"] == []
