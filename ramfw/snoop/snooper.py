@@ -86,7 +86,7 @@ class Snooper:
         self._flows: OrderedDict[tuple, _Flow] = OrderedDict()
         self._flow_bytes = 0
         # (client, port, resolver, ID + question type and class) -> (question name, when): queries to answer
-        self._queries: OrderedDict[tuple[str, int, str, bytes], tuple[str, float]] = OrderedDict()  # ID + type
+        self._queries: OrderedDict[tuple[str, int, str, bytes], tuple[str, float]] = OrderedDict()
 
     def on_packet(self, packet: bytes, now: float) -> Decision:
         """A reply (held or copied), or a copied UDP query to a trusted resolver."""
