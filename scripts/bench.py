@@ -46,7 +46,7 @@ OUT = Path(__file__).resolve().parent.parent / "bench-results"
 
 def pct(values, p):
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))] if ordered else None
 
 
 def time_queries(lab, name, server, count=QUERIES):

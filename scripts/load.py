@@ -22,6 +22,7 @@ import dns.exception
 
 from tests.lab.sandbox import BLOCKED4, NET4, ROGUE_DNS4
 from ramfw.kernel.table import Table
+from scripts.bench import pct
 
 HERE = Path(__file__).resolve().parent
 HAMMER = """
@@ -41,11 +42,6 @@ while time.monotonic() < end:
     count += 1
 print(count)
 """
-
-
-def pct(values, p):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))] if ordered else None
 
 
 def start_responder(lab, address: str, ttl: int) -> subprocess.Popen:

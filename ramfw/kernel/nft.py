@@ -69,12 +69,13 @@ def _unsolicited_rules() -> list[bytes]:
             for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP) for test in _UNSOLICITED]
 
 
-def _from_dns(l4proto: int) -> list[bytes]:
-    """meta l4proto == l4proto; th sport == 53."""
+def _from_dns(l4proto: int, to_dns: bool = False) -> list[bytes]:
+    """meta l4proto == l4proto; th sport == 53 (``to_dns``: th dport == 53)."""
     return [
         _expr("meta", u32(2, nl.NFT_META_L4PROTO), u32(1, nl.NFT_REG_1)),
         _cmp_eq(bytes([l4proto])),
-        _expr("payload", u32(1, nl.NFT_REG_1), u32(2, nl.NFT_PAYLOAD_TRANSPORT_HEADER), u32(3, 0), u32(4, 2)),
+        _expr("payload", u32(1, nl.NFT_REG_1), u32(2, nl.NFT_PAYLOAD_TRANSPORT_HEADER), u32(3, 2 if to_dns else 0),
+              u32(4, 2)),
         _cmp_eq(struct.pack("!H", 53)),
     ]
 
@@ -120,12 +121,7 @@ def query_copy_rules(prefilter_fd: int | None, snoop_group: int) -> list[bytes]:
     replies with; where the prefilter runs, only those that may be for an allowlisted name (it
     reads a query's question as it reads a reply's). Queries to any other address are not
     copied: a local user's flood of them must not bury the real queries' copies."""
-    udp = [
-        _expr("meta", u32(2, nl.NFT_META_L4PROTO), u32(1, nl.NFT_REG_1)),
-        _cmp_eq(bytes([socket.IPPROTO_UDP])),
-        _expr("payload", u32(1, nl.NFT_REG_1), u32(2, nl.NFT_PAYLOAD_TRANSPORT_HEADER), u32(3, 2), u32(4, 2)),
-        _cmp_eq(struct.pack("!H", 53)),
-    ]
+    udp = _from_dns(socket.IPPROTO_UDP, to_dns=True)
     rules = []
     for version, (family, offset, length) in ((4, (nl.NFPROTO["ip"], 16, 4)), (6, (nl.NFPROTO["ip6"], 24, 16))):
         to_resolver = [

@@ -27,7 +27,7 @@ import dns.rdtypes.svcbbase
 from ..config import DnsSettings
 from ..policy import Policy
 from .packet import TCP_FIN, TCP_RST, TCP_SYN, UDP, Segment, parse_packet
-from .wire import fast_chain, question, question_name
+from .wire import fast_chain, question
 
 log = logging.getLogger("ramfw")
 MAX_TCP_FLOWS = 4096
@@ -120,11 +120,10 @@ class Snooper:
                                  or next(iter(self._queries.values()))[1] < now - QUERY_SECONDS):
             self._queries.popitem(last=False)
 
-    def _answers_a_query(self, segment: Segment, wire: bytes, name: str, now: float) -> bool:
+    def _answers_a_query(self, segment: Segment, id_and_kind: bytes, name: str, now: float) -> bool:
         """Whether a UDP reply answers a query this VM sent: to the port it came from, from the
         resolver it went to, with its ID and its question. Each query is answered once."""
-        answered = question(wire)
-        key = (segment.dst, segment.dport, segment.src, wire[:2] + (answered[1] if answered else b""))
+        key = (segment.dst, segment.dport, segment.src, id_and_kind)
         asked = self._queries.get(key)
         if asked is None or asked[0] != name or now - asked[1] > QUERY_SECONDS:
             return False  # a reply for another question leaves the query to its real answer
@@ -215,16 +214,18 @@ class Snooper:
     def _on_message(self, wire: bytes, now: float, segment: Segment | None = None) -> Decision:
         """One DNS message: over UDP (``segment``), it teaches only if it answers a query."""
         self.counters["replies"] += 1
-        name = question_name(wire)
-        if name is None:
+        asked = question(wire)
+        if asked is None:
             self.counters["malformed"] += 1
             return Decision()
+        name, kind = asked
         entry = self.policy.allows(name) if self.policy.enabled else None
         if entry is None:
             self.counters["other_names"] += 1
             self._keep(name, wire)
             return Decision()
-        if segment is not None and self.settings.pair_queries and not self._answers_a_query(segment, wire, name, now):
+        if segment is not None and self.settings.pair_queries and not self._answers_a_query(segment, wire[:2] + kind,
+                                                                                                name, now):
             self.counters["unmatched"] += 1  # forged, late, a duplicate, or its query was not seen
             return Decision()
         return Decision(elements=self._learn(wire, name, now))

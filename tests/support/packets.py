@@ -28,7 +28,7 @@ def checksum_free_ipv4(proto, payload, src=RESOLVER, dst=CLIENT):
 
 
 def udp(wire, src=RESOLVER, sport=53):
-    return checksum_free_ipv4(17, struct.pack("!HHHH", sport, 40000, 8 + len(wire), 0) + wire, src)
+    return ip_udp(wire, src, CLIENT, sport, 40000)
 
 
 def tcp(data, seq, flags=0x18, src=RESOLVER):
@@ -36,9 +36,7 @@ def tcp(data, seq, flags=0x18, src=RESOLVER):
 
 
 def udp6(wire, src="2001:db8::53"):
-    segment = struct.pack("!HHHH", 53, 40000, 8 + len(wire), 0) + wire
-    return (struct.pack("!IHBB", 6 << 28, len(segment), 17, 64) + socket.inet_pton(socket.AF_INET6, src)
-            + socket.inet_pton(socket.AF_INET6, "2001:db8::1") + segment)
+    return ip_udp(wire, src, "2001:db8::1", 53, 40000)
 
 
 def ip_udp(payload, src, dst, sport, dport):
