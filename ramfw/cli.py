@@ -96,7 +96,9 @@ def _print_doctor(report, table_owner: bool = True) -> None:
             print(f"        {'':16} cost: {cap.cost}")
     prefiltered = report.hold.holds and report.has("dns_prefilter")
     print(f"DNS replies are held by: {report.hold.value}"
-          + (", only those that may be for allowlisted names (eBPF prefilter)" if prefiltered else ""))
+          + (", only those that may be for allowlisted names (eBPF prefilter)" if prefiltered else "")
+          + ("; UDP replies paired with their queries in the kernel" if prefiltered and report.has("dns_pairing")
+             else "; UDP replies paired with their queries by the daemon"))
     if report.has("cgroup_bpf") and not report.has("cgroup_paths"):
         print("engine scope: NOT usable as ramfw runs now (a cgroup namespace): a daemon configured for it puts "
               "host scope in force on the registry ports instead (fail closed)")

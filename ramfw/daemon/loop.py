@@ -93,9 +93,9 @@ class Daemon:
             self.queue = netlink.bind_group(Queue, self.config.dns.queue_num, "netfilter queue", "dns.queue_num")
             if self.config.dns.prefilter and self.report.has("dns_prefilter"):
                 from ..kernel.prefilter import Prefilter
-
-                self.prefilter = Prefilter()
-                self.prefilter.update(self.policy.patterns())
+                pairing = self.config.dns.pair_queries and self.report.has("dns_pairing")
+                self.prefilter = Prefilter(self.policy.patterns(), pairing)
+                self.snooper.kernel_pairs = pairing
         if self.hold is not Hold.NONE:  # copies: the queries replies are paired with, replies not held
             self.snoop = netlink.bind_group(Log, self.config.dns.snoop_group, "NFLOG group", "dns.snoop_group")
         if self.report.has("nflog"):
@@ -130,8 +130,9 @@ class Daemon:
             self.table.remove()
             self.applied_scope = ()
         else:
-            dns_rules = nft.dns_chain_rules(self.hold, d.queue_num, self.prefilter.prog_fd if self.prefilter else None,
-                                            d.snoop_group, d.pair_queries)
+            f = self.prefilter
+            dns_rules = nft.dns_chain_rules(self.hold, d.queue_num, f.reply_program if f else None, d.snoop_group,
+                                            d.pair_queries, f.query_fd if f else None)
             scope = self.engine.scope_in_force
             settings = dataclasses.replace(e, scope=scope)
             self.table.apply(ruleset.build_ruleset(settings, self.trusted, d.max_addresses, self.hold), dns_rules,
@@ -276,7 +277,8 @@ class Daemon:
     def _on_queue(self) -> None:
         """A verdict for every held reply waiting, each after the copies then waiting (its query's among them)."""
         copies = lambda: self._drain(self.snoop, "copied", "copy_errors", self._read, burst=16 * BURST)  # noqa: E731
-        self._drain(self.queue, "held", "queue_errors", self._release, copies if self.snoop else None)
+        queries_copied = self.snoop and self.config.dns.pair_queries and not self.snooper.kernel_pairs
+        self._drain(self.queue, "held", "queue_errors", self._release, copies if queries_copied else None)
         self.snooper.index_unread()  # after the verdicts: naming blocked addresses can wait
 
     def _release(self, packet) -> None:
@@ -285,7 +287,7 @@ class Daemon:
         queue), and the client's lookup would time out."""
         accept = True
         try:
-            accept = self._read(packet.payload).accept
+            accept = self._read(packet.payload, held=True).accept
         except Exception as err:  # noqa: BLE001 - the verdict comes first
             self.snooper.counters["errors"] += 1
             self._error(f"reading a reply: {err!r}")
@@ -300,10 +302,10 @@ class Daemon:
         self._drain(self.snoop, "copied", "copy_errors", self._read, burst=burst)
         self.snooper.index_unread()
 
-    def _read(self, payload: bytes) -> Decision:
+    def _read(self, payload: bytes, held: bool = False) -> Decision:
         """Decide on one reply and program what it teaches; the caller issues the verdict."""
         try:
-            decision = self.snooper.on_packet(payload, time.time())
+            decision = self.snooper.on_packet(payload, time.time(), held)
         except Exception as err:  # a packet must never stop the daemon; it is released
             self.snooper.counters["errors"] += 1
             self._error(f"reading a reply: {err!r}")
@@ -338,10 +340,8 @@ class Daemon:
 
     # -- control -----------------------------------------------------------------------------
     def handle(self, command: str, uid: int = 0, prepared=None) -> dict:
-        if command == "ping":
-            return {"ok": True}
-        if command == "status":
-            return {"ok": True, "status": status_doc.answer(self, uid)}
+        if command in ("ping", "status"):
+            return {"ok": True, **({"status": status_doc.answer(self, uid)} if command == "status" else {})}
         if command == "stop":
             self.stopping = True
             return {"ok": True, "message": "the daemon is stopping"}

@@ -31,6 +31,12 @@ def answer(daemon, uid: int) -> dict:
     return shown
 
 
+def pairing(daemon) -> str:
+    if not daemon.config.dns.pair_queries:
+        return "; UDP replies are not paired with queries (dns.pair_queries = false)"
+    return "; UDP replies paired with their queries " + ("in the kernel" if daemon.snooper.kernel_pairs else "by the daemon")
+
+
 def document(daemon, full: bool = True) -> dict:
     """``daemon`` is the running ``loop.Daemon``. Without ``full`` (any local user may ask) the
     learned addresses are left out: listing 100,000 of them costs the loop time."""
@@ -71,7 +77,7 @@ def document(daemon, full: bool = True) -> dict:
         "scope": list(daemon.config.enforcement.scope),
         "scope_in_force": list(daemon.scope),
         "dns_hold": daemon.hold.value + (" + eBPF prefilter: only replies that may be for allowlisted names "
-                                         "are held, the rest are copied" if daemon.prefilter else ""),
+                                         "are held, the rest are copied" if daemon.prefilter else "") + pairing(daemon),
         "engine": daemon.engine.state,
         "capabilities": daemon.report.to_dict(),
         "policy": {**daemon.policy.summary(), "source": daemon.source, "loaded_at": daemon.policy_loaded,
@@ -79,7 +85,8 @@ def document(daemon, full: bool = True) -> dict:
         "trusted_resolvers": daemon.trusted,
         "trusted_from": "dns.trusted_resolvers" if daemon.config.dns.trusted_resolvers else str(resolvers.RESOLV_CONF),
         "learned": {k: v for k, v in learned.items() if v},
-        "counters": {**dict(snooper.counters), **counters, "learned_addresses": snooper.total},
+        "counters": {**dict(snooper.counters), **counters, "learned_addresses": snooper.total,
+                     **(daemon.prefilter.pairing_counters() if daemon.prefilter else {})},
         "recent_blocks": list(daemon.blocks_log.recent),
         "repairs": daemon.guard.repairs,
         "table": table,

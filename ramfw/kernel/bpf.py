@@ -21,21 +21,24 @@ BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 2, 3
 BPF_PROG_LOAD, BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_PROG_TEST_RUN = 5, 6, 7, 8, 9, 10
 BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_QUERY = 15, 16
 ATTR_SIZE = 160  # room for every field of union bpf_attr a newer kernel may write back (query.revision, ...)
-BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_LRU_HASH = 1, 2, 9
+BPF_MAP_LOOKUP_ELEM = 1
 BPF_PROG_TYPE_SOCKET_FILTER, BPF_PROG_TYPE_CGROUP_SOCK = 1, 9
 BPF_CGROUP_INET_SOCK_CREATE = 2
 BPF_F_ALLOW_MULTI = 2
 BPF_PSEUDO_MAP_FD = 1
-FUNC_MAP_LOOKUP_ELEM = 1
+FUNC_MAP_LOOKUP_ELEM, FUNC_MAP_UPDATE_ELEM, FUNC_MAP_DELETE_ELEM, FUNC_KTIME_GET_NS = 1, 2, 3, 5
 
 # Opcodes (include/uapi/linux/bpf.h, bpf_common.h): _K takes the immediate, _X a register.
 LD_ABS_B, LD_IND_B = 0x30, 0x50  # the packet's byte at imm, or at src + imm (socket filters)
-MOV_K, MOV_X, ADD_K, ADD_X, SUB_K, AND_K, OR_K, LSH_K, RSH_K = 0xB7, 0xBF, 0x07, 0x0F, 0x17, 0x57, 0x47, 0x67, 0x77
+LD_ABS_H, LD_ABS_W, LD_IND_H = 0x28, 0x20, 0x48  # 16 and 32 bits, in host order
+MOV_K, MOV_X, ADD_K, ADD_X, SUB_K, SUB_X, AND_K, OR_K, OR_X, LSH_K, RSH_K = (0xB7, 0xBF, 0x07, 0x0F, 0x17, 0x1F, 0x57,
+                                                                           0x47, 0x4F, 0x67, 0x77)
 MOV32_K, MUL32_K, ADD32_X = 0xB4, 0x24, 0x0C  # 32-bit ALU: the result is zero-extended
-STX_W, STX_DW, LDX_DW = 0x63, 0x7B, 0x79
-JA, JEQ_K, JNE_K, JGT_K, JGE_X = 0x05, 0x15, 0x55, 0x25, 0x3D
+ST_W, STX_W, STX_DW, LDX_W, LDX_DW, XADD_DW = 0x62, 0x63, 0x7B, 0x61, 0x79, 0xDB
+JA, JEQ_K, JNE_K, JGT_K, JGT_X, JGE_X = 0x05, 0x15, 0x55, 0x25, 0x2D, 0x3D
 CALL, EXIT, LD_IMM64 = 0x85, 0x95, 0x18
-R0, R1, R2, R6, R7, R8, R9, R10 = 0, 1, 2, 6, 7, 8, 9, 10
+R0, R1, R2, R3, R4, R6, R7, R8, R9, R10 = 0, 1, 2, 3, 4, 6, 7, 8, 9, 10
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -64,6 +67,27 @@ class Assembler:
     def label(self, name: str) -> None:
         self.labels[name] = len(self.code)
 
+    def map_call(self, helper: int, map_fd: int, key_slot: int, value: int | None = None) -> None:
+        """A map helper on the key at ``key_slot`` (and, for an update, the value at ``value``)."""
+        self(LD_IMM64, R1, BPF_PSEUDO_MAP_FD, imm=map_fd)
+        self(0, imm=0)
+        self(MOV_X, R2, R10)
+        self(ADD_K, R2, imm=key_slot)
+        if value is not None:
+            self(MOV_X, R3, R10)
+            self(ADD_K, R3, imm=value)
+            self(MOV_K, R4, imm=0)           # BPF_ANY: a query asked again is asked anew
+        self(CALL, imm=helper)
+
+    def count(self, counters_fd: int, index: int, index_slot: int) -> None:
+        """counters[index] += 1, atomically (the index is put in ``index_slot`` of the stack)."""
+        self(ST_W, R10, off=index_slot, imm=index)
+        self.map_call(FUNC_MAP_LOOKUP_ELEM, counters_fd, index_slot)
+        self(JEQ_K, R0, off=f"counted{index}", imm=0)
+        self(MOV_K, R1, imm=1)
+        self(XADD_DW, R0, R1, off=0)
+        self.label(f"counted{index}")
+
     def assemble(self) -> bytes:
         out = []
         for index, (op, dst, src, off, imm) in enumerate(self.code):
@@ -90,6 +114,37 @@ def bpf(cmd: int, attr: bytes | ctypes.Array) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return result
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int) -> int:
+    return bpf(BPF_MAP_CREATE, struct.pack("<IIIII", map_type, key_size, value_size, max_entries, 0).ljust(72, b"\0"))
+
+
+def _elem_attr(map_fd: int, key: ctypes.Array, value: ctypes.Array | None) -> bytes:
+    return struct.pack("<IIQQQ", map_fd, 0, ctypes.addressof(key), ctypes.addressof(value) if value is not None else 0,
+                       0).ljust(32, b"\0")
+
+
+def map_update(map_fd: int, key: bytes, value: bytes) -> None:
+    k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value, len(value))
+    bpf(BPF_MAP_UPDATE_ELEM, _elem_attr(map_fd, k, v))
+
+
+def map_delete(map_fd: int, key: bytes) -> None:
+    k = ctypes.create_string_buffer(key, len(key))  # kept alive until the call returns
+    bpf(BPF_MAP_DELETE_ELEM, _elem_attr(map_fd, k, None))
+
+
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    """The value at ``key``, or None where there is none (ENOENT)."""
+    k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value_size)
+    try:
+        bpf(BPF_MAP_LOOKUP_ELEM, _elem_attr(map_fd, k, v))
+    except OSError as err:
+        if err.errno == 2:
+            return None
+        raise
+    return v.raw
 
 
 def test_run(prog_fd: int, packet: bytes) -> int:

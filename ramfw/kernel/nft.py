@@ -15,6 +15,11 @@ make too slow on the hold path. Pure: bytes out (and, for dumps, bytes in); ``ta
   hooks' (``dns_output``, ``dns_forward``) copy the UDP queries the replies are paired with::
 
       udp dport 53  [bpf prefilter match]  -> log to the snoop group
+
+  or, where the prefilter pairs them in the kernel, record them and copy nothing (the reply
+  rule's program is then the one that holds only a reply that answers a recorded query)::
+
+      udp dport 53  [bpf pairing match, which records the query and never matches]
 - The allowed sets' elements: a reply waits while they are programmed, so they skip the JSON
   round trip; and their dump, streamed (a JSON listing of 100,000 elements costs hundreds of MB).
 """
@@ -116,11 +121,13 @@ def hold_rules(hold: Hold, queue_num: int, prefilter_fd: int | None, snoop_group
     return rules
 
 
-def query_copy_rules(prefilter_fd: int | None, snoop_group: int) -> list[bytes]:
+def query_rules(prefilter_fd: int | None, snoop_group: int | None) -> list[bytes]:
     """UDP queries to a trusted resolver, copied to the snoop group for the daemon to pair
     replies with; where the prefilter runs, only those that may be for an allowlisted name (it
     reads a query's question as it reads a reply's). Queries to any other address are not
-    copied: a local user's flood of them must not bury the real queries' copies."""
+    copied: a local user's flood of them must not bury the real queries' copies. With no
+    ``snoop_group``, nothing is copied: ``prefilter_fd`` is the kernel's pairing program,
+    which records the query itself."""
     udp = _from_dns(socket.IPPROTO_UDP, to_dns=True)
     rules = []
     for version, (family, offset, length) in ((4, (nl.NFPROTO["ip"], 16, 4)), (6, (nl.NFPROTO["ip6"], 24, 16))):
@@ -132,18 +139,23 @@ def query_copy_rules(prefilter_fd: int | None, snoop_group: int) -> list[bytes]:
             _expr("lookup", string(nl.NFTA_LOOKUP_SET, RESOLVERS[version]), u32(nl.NFTA_LOOKUP_SREG, nl.NFT_REG_1)),
         ]
         prefilter = [bpf_match(prefilter_fd)] if prefilter_fd is not None else []
-        rules.append(b"".join(udp + to_resolver + prefilter + [_log(snoop_group)]))
+        rules.append(b"".join(udp + to_resolver + prefilter + ([_log(snoop_group)] if snoop_group is not None else [])))
     return rules
 
 
 def dns_chain_rules(hold: Hold, queue_num: int, prefilter_fd: int | None, snoop_group: int,
-                    pair_queries: bool = True) -> dict[str, list[bytes]]:
+                    pair_queries: bool = True, pairing_fd: int | None = None) -> dict[str, list[bytes]]:
     """Each DNS chain's rules (``ruleset.DNS_CHAINS``): replies held (or copied) where they come
-    in, queries copied where they go out (``pair_queries``); nothing without a daemon (``Hold.NONE``)."""
+    in, queries copied where they go out (``pair_queries``), or recorded in the kernel by the
+    query side of the prefilter's pairing (``pairing_fd``; ``prefilter_fd`` is then its reply
+    side); nothing without a daemon (``Hold.NONE``)."""
     if hold is Hold.NONE:
         return {}
     replies = hold_rules(hold, queue_num, prefilter_fd, snoop_group)
-    queries = query_copy_rules(prefilter_fd, snoop_group) if pair_queries else []
+    if pairing_fd is not None:
+        queries = query_rules(pairing_fd, None)
+    else:
+        queries = query_rules(prefilter_fd, snoop_group) if pair_queries else []
     return {"dns_input": replies, "dns_forward": queries + replies, "dns_output": queries}
 
 

@@ -26,21 +26,22 @@ copied (an xfail test in tests/integration/test_prefilter_reference.py).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 from typing import Iterable
 
 from ..policy.names import Pattern
-from . import bpf
-from .bpf import (ADD32_X, ADD_K, ADD_X, AND_K, BPF_PSEUDO_MAP_FD, CALL, EXIT, FUNC_MAP_LOOKUP_ELEM, JA, JEQ_K,
-                  JGE_X, JGT_K, JNE_K, LD_ABS_B, LD_IMM64, LD_IND_B, LDX_DW, LSH_K, MOV_K, MOV_X, MUL32_K, OR_K,
-                  R0, R1, R2, R6, R7, R8, R9, R10, RSH_K, STX_DW, STX_W, SUB_K)
+from . import bpf, pairing
+from .pairing import MAX_PAIRS, PAIR_KEY, PAIR_SECONDS, PAIRED, QUERY, RECORDED, REPLY
+from .bpf import (ADD32_X, ADD_K, ADD_X, AND_K, EXIT, FUNC_MAP_LOOKUP_ELEM, JA, JEQ_K, JGE_X, JGT_K, JNE_K,
+                  LD_ABS_B, LD_IND_B, LDX_DW, LSH_K, MOV_K, MOV_X, MUL32_K, OR_K, R0, R1, R6, R7, R8, R9, R10, RSH_K,
+                  STX_DW, STX_W, SUB_K)
 
 MAX_KEYS = 65536
 MAX_LABEL = 63  # a longer length byte is not a label (0xC0 and up: a compression pointer)
 MAX_LABELS, MAX_HASHED = 128, 130  # the loop bounds; two labels are 128 wire bytes at most
-COUNTER = -16  # stack slot of the current loop's bound
+FILTER = "filter"  # the program that only decides (``pairing`` has the other two)
+COUNTER = -16  # stack slot of the current loop's bound (pairing.py lists the others it uses)
 
 
 def key(wire: bytes) -> int:
@@ -68,10 +69,18 @@ class _Cut(Exception):
     """A read past the end of the packet: the kernel ends the program, with 0."""
 
 
-def would_hold(packet: bytes, keys: set[int]) -> bool:
-    """The program's decision, in plain Python: its executable specification, which the tests
-    hold ``program()`` and ``bpf/dns_prefilter.bpf.c`` to. ``packet`` starts at the IP header
-    (as the xt match sees it); ``keys`` is what the map holds (``keys_for``)."""
+def pair_key(packet: bytes, keys: set[int], side: str) -> bytes | None:
+    """The key the pairing programs make of a query (``pairing.QUERY``: recorded) or a reply
+    (``pairing.REPLY``: looked up, and consumed); None where nothing is recorded or held: a
+    name that cannot be allowlisted, what the program does not follow, a packet cut short."""
+    outcome, start, end, last_two = _walk(packet, keys)
+    return pairing.key_of(packet, start, end, key(last_two), side) if outcome == "hit" else None
+
+
+def _walk(packet: bytes, keys: set[int]) -> tuple[str, int, int, bytes]:
+    """The program's reading of a packet: ("pass" | "hold" | "hit", where the question name
+    starts, where it ends, its last two labels). "hold" is what the program does not follow;
+    "hit" a name that may be allowlisted."""
 
     def byte(at: int) -> int:  # LD_ABS/LD_IND
         if at >= len(packet):
@@ -82,30 +91,37 @@ def would_hold(packet: bytes, keys: set[int]) -> bool:
         version = byte(0) >> 4
         if version == 6:
             if byte(6) != 17:
-                return True  # a next header other than UDP (extension headers): not followed
+                return "hold", 0, 0, b""  # a next header other than UDP (extension headers): not followed
             at = 40 + 8 + 12
         elif version == 4:
             at = (byte(0) & 0x0F) * 4 + 8 + 12  # IHL as it is, options included
         else:
-            return True
-        starts = []  # where each label of the question name begins
+            return "hold", 0, 0, b""
+        start, starts = at, []  # where each label of the question name begins
         while (length := byte(at)) != 0:
             if length > MAX_LABEL:
-                return True  # a compression pointer: not followed
+                return "hold", 0, 0, b""  # a compression pointer: not followed
             starts.append(at)
             at += 1 + length
             if len(starts) == MAX_LABELS:
-                return True  # the loop's bound, reached before the next length byte is read
+                return "hold", 0, 0, b""  # the loop's bound, reached before the next length byte is read
     except _Cut:
-        return False
+        return "pass", 0, 0, b""
     if not starts:
-        return False  # the root name
+        return "pass", 0, 0, b""  # the root name
     # ``at`` is the terminating zero, which was read: the bytes before it are all there.
     last = packet[starts[-1] : at]
     last_two = packet[starts[-2] : at] if len(starts) > 1 else last
     if len(last) >= MAX_HASHED or len(last_two) >= MAX_HASHED:
-        return True  # the hash loop's bound
-    return key(last) in keys or key(last_two) in keys
+        return "hold", 0, 0, b""  # the hash loop's bound
+    return ("hit" if key(last) in keys or key(last_two) in keys else "pass"), start, at, last_two
+
+
+def would_hold(packet: bytes, keys: set[int]) -> bool:
+    """The filter program's decision, in plain Python: its executable specification, which the
+    tests hold ``program()`` and ``bpf/dns_prefilter.bpf.c`` to. ``packet`` starts at the IP
+    header (as the xt match sees it); ``keys`` is what the map holds (``keys_for``)."""
+    return _walk(packet, keys)[0] != "pass"
 
 
 class _Asm(bpf.Assembler):
@@ -123,12 +139,40 @@ class _Asm(bpf.Assembler):
         self(STX_DW, R10, R1, off=COUNTER)
         self(JEQ_K, R1, off=exhausted, imm=0)
 
+    def hash_loop(self, n, bound: int, exhausted: str) -> None:
+        """r9 = key() of the packet's bytes from r8 up to r7 (r8 moves to r7); ``exhausted``
+        when ``bound`` bytes are reached first."""
+        self.label(f"hash{n}")
+        self(MOV_K, R9, imm=0)
+        self.start_count(bound)
+        self.label(f"byte{n}")
+        self(JGE_X, R8, R7, off=f"hashed{n}")
+        self(LD_IND_B, src=R8, imm=0)
+        self(OR_K, R0, imm=0x20)
+        self(MUL32_K, R9, imm=31)
+        self(ADD32_X, R9, R0)
+        self(ADD_K, R8, imm=1)
+        self.count_down(exhausted)
+        self(JA, off=f"byte{n}")
+        self.label(f"hashed{n}")
 
-def program(map_fd: int) -> bytes:
-    """The socket filter (returns 1 = hold, 0 = do not hold). Registers:
-    r6 the skb (LD_ABS/LD_IND need it there), r7 the read position / end of the name,
-    r8 and r9 the starts of the last and second-last labels, then the hash loop's position
-    and hash; the loop counters are spilled to the stack so the verifier sees their bounds."""
+
+
+def program(map_fd: int, side: str = FILTER, pairs_fd: int = -1, counters_fd: int = -1,
+            pair_seconds: float = PAIR_SECONDS) -> bytes:
+    """The socket filter. ``FILTER`` returns 1 (hold) for a reply that may be for an
+    allowlisted name, and for what it does not follow; 0 otherwise. ``QUERY`` and ``REPLY``
+    pair replies with queries in the kernel: for a query that may be for an allowlisted name
+    ``QUERY`` records its key (``pair_key``) with the time in ``pairs_fd`` and returns 0 (the
+    rule never matches: nothing is copied); ``REPLY`` returns 1 only for a reply whose key is
+    recorded, less than ``pair_seconds`` old, and which it deletes first (once: of two replies
+    racing on two CPUs only one deletes it). What they do not follow returns 0: not recorded,
+    not held (a reply then teaches nothing, and its first connection fails closed).
+
+    Registers: r6 the skb (LD_ABS/LD_IND need it there), r7 the read position / end of the
+    name, r8 and r9 the starts of the last and second-last labels, then each hash loop's
+    position and hash; the loop counters are spilled to the stack so the verifier sees their
+    bounds. LD_ABS/LD_IND and calls clobber r0-r5: nothing lives there across them."""
     a = _Asm()
     a(MOV_X, R6, R1)
     a(LD_ABS_B, imm=0)                       # r0 = version/IHL byte
@@ -146,6 +190,7 @@ def program(map_fd: int) -> bytes:
     a(JNE_K, R0, off="hold", imm=17)         # extension headers: hold, let the daemon read it
     a(MOV_K, R7, imm=40 + 8 + 12)
     a.label("walk")
+    a(STX_DW, R10, R7, off=pairing.NAME_START)
     a(MOV_K, R8, imm=-1)
     a(MOV_K, R9, imm=-1)
     a.start_count(MAX_LABELS)                # labels left to read
@@ -169,68 +214,112 @@ def program(map_fd: int) -> bytes:
             a(LDX_DW, R8, R10, off=-32)      # one label only: the last label's start again
         else:
             a(STX_DW, R10, R8, off=-32)
-        a.label(f"hash{n}")
-        a(MOV_K, R9, imm=0)
-        a.start_count(MAX_HASHED)            # bytes left to hash
-        a.label(f"byte{n}")
-        a(JGE_X, R8, R7, off=f"hashed{n}")
-        a(LD_IND_B, src=R8, imm=0)
-        a(OR_K, R0, imm=0x20)
-        a(MUL32_K, R9, imm=31)
-        a(ADD32_X, R9, R0)
-        a(ADD_K, R8, imm=1)
-        a.count_down("hold")
-        a(JA, off=f"byte{n}")
-        a.label(f"hashed{n}")
+        a.hash_loop(n, MAX_HASHED, "hold")
         a(STX_W, R10, R9, off=slot)
     for slot in (-4, -8):
-        a(LD_IMM64, R1, BPF_PSEUDO_MAP_FD, imm=map_fd)
-        a(0, imm=0)
-        a(MOV_X, R2, R10)
-        a(ADD_K, R2, imm=slot)
-        a(CALL, imm=FUNC_MAP_LOOKUP_ELEM)
-        a(JNE_K, R0, off="hold", imm=0)
+        a.map_call(FUNC_MAP_LOOKUP_ELEM, map_fd, slot)
+        a(JNE_K, R0, off="hit", imm=0)
     a.label("pass")
     a(MOV_K, R0, imm=0)
     a(EXIT)
-    a.label("hold")
-    a(MOV_K, R0, imm=1)
-    a(EXIT)
+    if side == FILTER:
+        a.label("hit")
+        a.label("hold")
+        a(MOV_K, R0, imm=1)
+        a(EXIT)
+        return a.assemble()
+    a.label("hold")                          # not followed: neither recorded nor held
+    a(JA, off="pass")
+    a.label("hit")
+    pairing.emit(a, side, pairs_fd, counters_fd, int(pair_seconds * 1e9))
     return a.assemble()
 
 
 class Prefilter:
-    """The prefilter's map and program; ``update`` keeps the map equal to the policy's keys."""
+    """The prefilter's maps and programs; ``update`` keeps the keys' map equal to the policy's.
+    With ``pairing``, also the pairing's programs (``query_fd``, ``reply_fd``), the
+    outstanding queries (an LRU map of MAX_PAIRS) and its counters; without, those are None."""
 
-    def __init__(self):
-        attr = struct.pack("<IIIII", bpf.BPF_MAP_TYPE_HASH, 4, 1, MAX_KEYS, 0).ljust(72, b"\0")
-        self.map_fd = bpf.bpf(bpf.BPF_MAP_CREATE, attr)
+    def __init__(self, patterns: Iterable[Pattern] = (), pairing: bool = False, pair_seconds: float = PAIR_SECONDS):
+        self._fds: list[int] = []
+        self.query_fd = self.reply_fd = self.pairs_fd = self.counters_fd = None
         try:
-            self.prog_fd = bpf.load_program(program(self.map_fd), bpf.BPF_PROG_TYPE_SOCKET_FILTER, 0, b"ramfw_dns")
+            self.map_fd = self._own(bpf.map_create(bpf.BPF_MAP_TYPE_HASH, 4, 1, MAX_KEYS))
+            self.prog_fd = self._load(program(self.map_fd), b"ramfw_dns")
+            if pairing:
+                self.pairs_fd = self._own(bpf.map_create(bpf.BPF_MAP_TYPE_LRU_HASH, PAIR_KEY, 8, MAX_PAIRS))
+                self.counters_fd = self._own(bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, 8, 2))
+                self.query_fd, self.reply_fd = (
+                    self._load(program(self.map_fd, side, self.pairs_fd, self.counters_fd, pair_seconds), name)
+                    for side, name in ((QUERY, b"ramfw_dns_query"), (REPLY, b"ramfw_dns_reply")))
+            self.keys: set[int] = set()
+            self.update(patterns)
         except OSError:
-            os.close(self.map_fd)
+            self.close()
             raise
-        self.keys: set[int] = set()
 
-    def _elem(self, cmd: int, k: int) -> None:
-        key_buf = ctypes.create_string_buffer(struct.pack("<I", k))
-        value = ctypes.create_string_buffer(b"\1")
-        value_ptr = ctypes.addressof(value) if cmd == bpf.BPF_MAP_UPDATE_ELEM else 0  # delete takes none
-        bpf.bpf(cmd, struct.pack("<IIQQQ", self.map_fd, 0, ctypes.addressof(key_buf), value_ptr, 0).ljust(32, b"\0"))
+    def _own(self, fd: int) -> int:
+        self._fds.append(fd)
+        return fd
+
+    def _load(self, code: bytes, name: bytes) -> int:
+        return self._own(bpf.load_program(code, bpf.BPF_PROG_TYPE_SOCKET_FILTER, 0, name))
 
     def update(self, patterns: Iterable[Pattern]) -> None:
         wanted = keys_for(patterns)
         if len(wanted) > MAX_KEYS:
             raise OSError(28, f"more than {MAX_KEYS} prefilter keys")
         for k in wanted - self.keys:
-            self._elem(bpf.BPF_MAP_UPDATE_ELEM, k)
+            bpf.map_update(self.map_fd, struct.pack("<I", k), b"\1")
         for k in self.keys - wanted:
-            self._elem(bpf.BPF_MAP_DELETE_ELEM, k)
+            bpf.map_delete(self.map_fd, struct.pack("<I", k))
         self.keys = wanted
 
+    @property
+    def reply_program(self) -> int:
+        """The program the reply rule runs: the pairing's reply side, or the filter."""
+        return self.reply_fd if self.reply_fd is not None else self.prog_fd
+
+    def pairing_counters(self) -> dict[str, int]:
+        """What the pairing programs counted: queries recorded, replies paired with one."""
+        if self.counters_fd is None:
+            return {}
+        read = lambda index: struct.unpack("=Q", bpf.map_lookup(self.counters_fd, struct.pack("=I", index), 8))[0]  # noqa: E731
+        return {"queries": read(RECORDED), "paired": read(PAIRED)}
+
     def close(self) -> None:
-        for fd in (self.prog_fd, self.map_fd):
+        for fd in self._fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
+        self._fds = []
+
+
+def pairing_problem() -> str | None:
+    """Why the kernel cannot pair here, or None: a prefilter with pairing, whose keys hold
+    ``probe.invalid``, sees its reply before the query, the query, then the reply three
+    times; the reply side must hold only the first of those (``doctor``'s probe)."""
+    import dns.message
+
+    query = dns.message.make_query("probe.invalid", "A")
+
+    def packet(payload: bytes, src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+        udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+        return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, src, dst) + udp
+
+    client, resolver = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 53])
+    asked = packet(query.to_wire(), client, resolver, 40000, 53)
+    answered = packet(dns.message.make_response(query).to_wire(), resolver, client, 53, 40000)
+    try:
+        prefilter = Prefilter([Pattern("probe.invalid")], pairing=True)
+    except OSError as err:
+        return f"the pairing programs do not load: {err}"
+    try:
+        verdicts = [bpf.test_run(prefilter.reply_fd, answered), bpf.test_run(prefilter.query_fd, asked)]
+        verdicts += [bpf.test_run(prefilter.reply_fd, answered) for _ in range(3)]
+    except OSError as err:
+        return f"the pairing programs cannot be tried: {err}"
+    finally:
+        prefilter.close()
+    return None if verdicts == [0, 0, 1, 0, 0] else f"the pairing programs decided {verdicts}, not [0, 0, 1, 0, 0]"

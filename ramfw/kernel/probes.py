@@ -100,8 +100,8 @@ COSTS = {
     "xt_nfqueue": "none if nft_queue works; otherwise the first connection to a new address can be lost",
     "nfnetlink_queue": "DNS replies cannot be held: the first connection to a new address can be lost",
     "nflog": "blocked connections are counted but not named in status and log",
-    "dns_prefilter": "every DNS reply is held, not only those that may be for allowlisted names "
-                     "(about 40-80 µs more per reply for other names)",
+    "dns_prefilter": "every DNS reply is held, not only those maybe for allowlisted names (40-80 µs more for others)",
+    "dns_pairing": "the daemon pairs UDP replies with copies of their queries (~20 µs more per allowlisted reply)",
     "cgroup_bpf": "engine scope is unavailable: the daemon puts host scope on the registry ports in force instead",
     "cgroup_paths": "engine scope cannot find the engine's cgroups: the daemon puts host scope on the registry "
                     "ports in force instead",
@@ -213,29 +213,33 @@ def _table_probes() -> list[Capability]:
     caps.append(Capability("xt_nfqueue", ok, detail, COSTS["xt_nfqueue"]))
     ok, err = _nft_try(nft, [rule({"log": {"group": 7}})])
     caps.append(Capability("nflog", ok, "log to an NFLOG group" if ok else err, COSTS["nflog"]))
-    caps.append(_prefilter_probe())
+    caps += _prefilter_probe()
     caps.append(_table_owner_probe())
     _nft_try(nft, [{"delete": {"table": {"family": "inet", "name": _PROBE_TABLE}}}])
     return caps
 
 
-def _prefilter_probe() -> Capability:
-    """Load the DNS prefilter (the verifier must accept its loops) and use it in an xt bpf match."""
+def _prefilter_probe() -> list[Capability]:
+    """Load the DNS prefilter (the verifier must accept its loops) and use it in an xt bpf
+    match; then its pairing: a query recorded, its reply held once."""
     from . import nft, prefilter as prefilter_mod
     from .table import Table
 
+    filter_cap = lambda ok, detail: Capability("dns_prefilter", ok, detail, COSTS["dns_prefilter"])  # noqa: E731
+    pairing_cap = lambda ok, detail: Capability("dns_pairing", ok, detail, COSTS["dns_pairing"])  # noqa: E731
     try:
         prefilter = prefilter_mod.Prefilter()
     except OSError as err:
-        return Capability("dns_prefilter", False, f"the eBPF DNS prefilter does not load: {err}",
-                          COSTS["dns_prefilter"])
+        return [filter_cap(False, f"the eBPF DNS prefilter does not load: {err}"), pairing_cap(False, "no prefilter")]
     try:
         Table(_PROBE_TABLE).swap_rules("out", [nft.bpf_match(prefilter.prog_fd)])
     except OSError as err:
-        return Capability("dns_prefilter", False, f"xt bpf match: {err.strerror}", COSTS["dns_prefilter"])
+        return [filter_cap(False, f"xt bpf match: {err.strerror}"), pairing_cap(False, "no prefilter")]
     finally:
         prefilter.close()
-    return Capability("dns_prefilter", True, "eBPF prefilter in an xt bpf match", COSTS["dns_prefilter"])
+    problem = prefilter_mod.pairing_problem()
+    return [filter_cap(True, "eBPF prefilter in an xt bpf match"),
+            pairing_cap(problem is None, problem or "UDP replies paired with their queries in the kernel (eBPF)")]
 
 
 def _table_owner_probe() -> Capability:

@@ -87,9 +87,12 @@ class Snooper:
         self._flow_bytes = 0
         # (client, port, resolver, ID + question type and class) -> (question name, when): queries to answer
         self._queries: OrderedDict[tuple[str, int, str, bytes], tuple[str, float]] = OrderedDict()
+        # Set by the daemon where the kernel pairs UDP replies with their queries (the
+        # prefilter's pairing): a held reply answered one; a copied one did not.
+        self.kernel_pairs = False
 
-    def on_packet(self, packet: bytes, now: float) -> Decision:
-        """A reply (held or copied), or a copied UDP query to a trusted resolver."""
+    def on_packet(self, packet: bytes, now: float, held: bool = False) -> Decision:
+        """A reply (``held``, or copied), or a copied UDP query to a trusted resolver."""
         segment = parse_packet(packet)
         if segment is not None and segment.proto == UDP and segment.dport == 53 and segment.dst in self.trusted:
             asked = question(segment.payload, response=False)
@@ -103,7 +106,7 @@ class Snooper:
             self.counters["untrusted"] += 1
             return Decision()
         if segment.proto == UDP:
-            return self._on_message(segment.payload, now, segment)
+            return self._on_message(segment.payload, now, segment, held)
         return self._on_tcp(segment, now)
 
     def _on_query(self, segment: Segment, name: str, kind: bytes, now: float) -> None:
@@ -211,8 +214,9 @@ class Snooper:
             self._flow_bytes -= len(flow.buffer)
             self.counters["tcp_evicted"] += 1
 
-    def _on_message(self, wire: bytes, now: float, segment: Segment | None = None) -> Decision:
-        """One DNS message: over UDP (``segment``), it teaches only if it answers a query."""
+    def _on_message(self, wire: bytes, now: float, segment: Segment | None = None, held: bool = False) -> Decision:
+        """One DNS message: over UDP (``segment``), it teaches only if it answers a query (where
+        the kernel pairs, a reply it held did; one it let through did not)."""
         self.counters["replies"] += 1
         asked = question(wire)
         if asked is None:
@@ -224,8 +228,8 @@ class Snooper:
             self.counters["other_names"] += 1
             self._keep(name, wire)
             return Decision()
-        if segment is not None and self.settings.pair_queries and not self._answers_a_query(segment, wire[:2] + kind,
-                                                                                                name, now):
+        if segment is not None and self.settings.pair_queries and not (
+                held if self.kernel_pairs else self._answers_a_query(segment, wire[:2] + kind, name, now)):
             self.counters["unmatched"] += 1  # forged, late, a duplicate, or its query was not seen
             return Decision()
         return Decision(elements=self._learn(wire, name, now))

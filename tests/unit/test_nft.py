@@ -155,11 +155,24 @@ def test_queries_are_copied_where_they_go_out_and_replies_held_where_they_come_i
     group from the output and forward hooks, through the prefilter where it runs."""
     chains = nft.dns_chain_rules(Hold.XT_NFQUEUE, 5241, prefilter_fd=7, snoop_group=5242)
     replies = nft.hold_rules(Hold.XT_NFQUEUE, 5241, prefilter_fd=7, snoop_group=5242)
-    queries = nft.query_copy_rules(7, 5242)
+    queries = nft.query_rules(7, 5242)
     assert chains == {"dns_input": replies, "dns_forward": queries + replies, "dns_output": queries}
     dport = netlink.attr(3, struct.pack("!I", 2))  # the transport header's offset 2: the destination port
     for query, resolvers in zip(queries, (b"resolvers4\0", b"resolvers6\0"), strict=True):
         assert dport in query and b"bpf\0" in query and netlink.attr(1, struct.pack("!H", 5242)) in query
         assert b"lookup\0" in query and resolvers in query  # only queries to a trusted resolver
-    assert all(b"bpf\0" not in q for q in nft.query_copy_rules(None, 5242))
+    assert all(b"bpf\0" not in q for q in nft.query_rules(None, 5242))
     assert nft.dns_chain_rules(Hold.NONE, 5241, None, 5242) == {}
+
+
+def test_where_the_kernel_pairs_queries_are_recorded_not_copied():
+    """With the prefilter's pairing (issue #8), the query rules run the query side of the
+    pairing (it records the query and never matches) and log nothing; the replies are held
+    through the reply side, and the daemon reads no copy of a query."""
+    chains = nft.dns_chain_rules(Hold.XT_NFQUEUE, 5241, prefilter_fd=8, snoop_group=5242, pairing_fd=9)
+    queries = chains["dns_output"]
+    assert chains["dns_forward"] == queries + chains["dns_input"]
+    assert chains["dns_input"] == nft.hold_rules(Hold.XT_NFQUEUE, 5241, prefilter_fd=8, snoop_group=5242)
+    for query in queries:
+        assert nft.bpf_match(9) in query and b"log\0" not in query
+    assert all(nft.bpf_match(9) not in rule for rule in chains["dns_input"])
