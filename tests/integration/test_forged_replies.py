@@ -57,14 +57,21 @@ def send_raw(ns, packet: bytes, dst: str) -> None:
         sock.close()
 
 
-@pytest.fixture
-def forge_lab(lab, write_config, write_policy):
+@pytest.fixture(params=["kernel pairs", "daemon pairs"])
+def forge_lab(lab, write_config, write_policy, request):
+    """The daemon in the lab, pairing UDP replies with queries in the kernel (the prefilter's
+    pairing) or itself (the prefilter off: from copies of the queries)."""
     lab.serve_tcp([CDN4, BLOCKED4, ALLOWED4, BLOCKED6, ALLOWED6], [443])
     lab.container = lab.add_container()
     write_policy(["allowed-registry.test"])
-    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}", "{NET6}"]\n', scope=["engine", "containers"],
-                              registry_ports=[443])
+    prefilter = "true" if request.param == "kernel pairs" else "false"
+    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}", "{NET6}"]\nprefilter = {prefilter}\n',
+                              scope=["engine", "containers"], registry_ports=[443])
     lab.daemon = lab.start_daemon(lab.config)
+    lab.kernel_pairs = "in the kernel" in json.loads(lab.ramfw("status", "--json", "--config", lab.config).stdout)[
+        "dns_hold"]
+    if request.param == "kernel pairs" and not lab.kernel_pairs:
+        pytest.skip("this kernel cannot pair in eBPF (doctor: dns_pairing)")
     return lab
 
 
@@ -168,8 +175,11 @@ def forge_from(lab, source: str, target: tuple, wire: bytes) -> None:
     sock.close()
 
 
-def held(lab) -> int:
-    return json.loads(lab.ramfw("status", "--json", "--config", lab.config).stdout)["counters"].get("held", 0)
+def read(lab) -> int:
+    """Replies the daemon has read: held, or copied (where the kernel pairs, one that answers
+    no query is not held but copied)."""
+    counters = json.loads(lab.ramfw("status", "--json", "--config", lab.config).stdout)["counters"]
+    return counters.get("held", 0) + counters.get("copied", 0)
 
 
 def test_a_reply_teaches_only_if_it_answers_the_query_by_port_id_and_question(forge_lab):
@@ -189,10 +199,10 @@ def test_a_reply_teaches_only_if_it_answers_the_query_by_port_id_and_question(fo
     port = client.getsockname()[1]
     second = dns.message.make_response(query)
     second.answer.append(dns.rrset.from_text("allowed-registry.test.", 300, "IN", "A", CDN4))
-    count = held(lab)
+    count = read(lab)
     forge_from(lab, NET4, (VM4, port), second.to_wire())
     assert dns.message.from_wire(client.recv(512)).answer[0][0].address == CDN4  # it reached the client
-    assert held(lab) > count  # and was read by the daemon
+    assert read(lab) > count  # and was read by the daemon
     assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
     assert lab.connect(CDN4, mark=MARK)[0] == "refused"
     client.close()
@@ -217,3 +227,7 @@ def test_a_reply_teaches_only_if_it_answers_the_query_by_port_id_and_question(fo
     assert lab.connect(BLOCKED6, mark=MARK)[0] == "refused"
     assert lab.connect(ALLOWED6, mark=MARK)[0] == "connected", str(sorted(counters.items()))
     assert counters["unmatched"] == 3 and counters["queries"] >= 2
+    status = json.loads(lab.ramfw("status", "--json", "--config", lab.config).stdout)
+    if lab.kernel_pairs:
+        assert status["dns_hold"].endswith("UDP replies paired with their queries in the kernel")
+        assert counters["paired"] >= 1 and counters.get("copied", 0) < 10  # no copy of a query was read

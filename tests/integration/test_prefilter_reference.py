@@ -6,6 +6,7 @@ adversarial (see ``corpus``). The daemon's own reading of each packet checks the
 meaning too: every reply the daemon would learn addresses from must be held.
 """
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -299,3 +300,50 @@ def test_a_dotted_label_teaches_the_daemon_nothing_so_not_holding_it_is_safe(han
     from it, held or copied (issue 8: once it read 'ghcr.io' and learned from the copy)."""
     learned, _ = learned_from(hand_verdicts, dotted=True)
     assert learned == 0
+
+
+def as_query(packet: bytes) -> bytes:
+    """The query a reply answers: its addresses and ports swapped (the rest as it is)."""
+    data = bytearray(packet)
+    version = packet[0] >> 4 if packet else 0
+    if version == 4 and len(data) >= 20:
+        data[12:16], data[16:20] = packet[16:20], packet[12:16]
+        at = (packet[0] & 0x0F) * 4
+    elif version == 6 and len(data) >= 40:
+        data[8:24], data[24:40] = packet[24:40], packet[8:24]
+        at = 40
+    else:
+        return packet
+    if len(data) >= at + 4:
+        data[at : at + 2], data[at + 2 : at + 4] = packet[at + 2 : at + 4], packet[at : at + 2]
+    return bytes(data)
+
+
+def test_the_kernel_pairs_every_packet_of_the_corpus_as_pair_key_says():
+    """Each packet of the corpus as a reply, after its query: the pairing programs record the
+    key ``pair_key`` gives the query (none where it gives none) and hold the reply exactly
+    when it gives it a key, once."""
+    from ramfw.kernel.pairing import QUERY, REPLY
+    from ramfw.kernel.prefilter import Prefilter, pair_key
+
+    prefilter = load_or_skip(lambda: Prefilter(PATTERNS, pairing=True))
+    bad, paired = [], 0
+    try:
+        for kind, packet in CORPUS:
+            query = as_query(packet)
+            expected = pair_key(packet, KEYS, REPLY)
+            assert expected == pair_key(query, KEYS, QUERY)
+            if run(prefilter.query_fd, query) is None:
+                continue
+            recorded = expected is not None and bpf.map_lookup(prefilter.pairs_fd, expected, 8) is not None
+            verdicts = (run(prefilter.reply_fd, packet), run(prefilter.reply_fd, packet))
+            if recorded != (expected is not None) or verdicts != ((1, 0) if expected is not None else (0, 0)):
+                bad.append(f"{kind}: recorded {recorded}, verdicts {verdicts}, key {expected!r}: {packet.hex()}")
+            paired += expected is not None
+            if expected is not None:
+                with contextlib.suppress(OSError):
+                    bpf.map_delete(prefilter.pairs_fd, expected)
+    finally:
+        prefilter.close()
+    assert paired > 500
+    assert not bad, f"{len(bad)} of {len(CORPUS)} packets disagree, e.g.:\n" + "\n".join(bad[:10])

@@ -375,3 +375,19 @@ def test_pairing_can_be_turned_off():
     assert [e.address for e in s.on_packet(udp(reply("ghcr.io", "ghcr.io. 300 A 203.0.113.5")), 0).elements] == [
         "203.0.113.5"]
     assert nft.dns_chain_rules(Hold.XT_NFQUEUE, 1, None, 2, pair_queries=False)["dns_output"] == []
+
+
+def test_where_the_kernel_pairs_a_held_reply_teaches_and_a_copied_one_does_not():
+    """With the prefilter's pairing, the kernel holds a UDP reply only if it answers a query
+    (ramfw/kernel/pairing.py): a held reply teaches without a copied query, and a reply the
+    kernel let through (it answered none) teaches nothing from its copy, counted unmatched.
+    TCP is not paired."""
+    s = Snooper(make_policy("ghcr.io"), {RESOLVER}, SETTINGS)
+    s.kernel_pairs = True
+    wire = reply("ghcr.io", "ghcr.io. 300 A 203.0.113.5")
+    assert s.on_packet(udp(wire), 0).elements == [] and s.counters["unmatched"] == 1
+    assert [e.address for e in s.on_packet(udp(wire), 0, held=True).elements] == ["203.0.113.5"]
+    assert s.counters["unmatched"] == 1 and s.counters["queries"] == 0
+    s.on_packet(tcp(b"", 0, flags=0x12), 1)
+    framed = struct.pack("!H", len(wire)) + wire
+    assert [e.address for e in s.on_packet(tcp(framed, 1), 1, held=True).elements] == ["203.0.113.5"]
