@@ -6,6 +6,12 @@
 // it, the hand-assembled program and the Python would_hold() to the same verdict on thousands
 // of generated and adversarial packets. Change one, change the three.
 //
+// The pairing (ramfw/kernel/pairing.py: the same walk, then a query's key recorded or a
+// reply's consumed) has no C version here: written as this walk in an inline function that
+// the query and reply programs call, clang's code for it is more than the verifier follows
+// (E2BIG: a million instructions; the hand-assembled programs take about 207,000). Its
+// specification is pair_key() in Python, which the tests hold the hand-assembled programs to.
+//
 // What it is for. DNS replies (udp sport 53) go through a rule that holds them in a queue
 // until the daemon has read them, so the addresses of an allowlisted name are allowed before
 // the application sees them. Holding costs a round trip through userspace, and most replies

@@ -207,8 +207,8 @@ def hand_verdicts():
 
 
 @pytest.fixture(scope="module")
-def reference_verdicts(bcc_headers):
-    """bpf/dns_prefilter.bpf.c compiled by bcc, its map holding the same keys: its verdicts."""
+def reference(bcc_headers):
+    """bpf/dns_prefilter.bpf.c compiled by bcc, its keys' map holding the same keys."""
     from bcc import BPF
 
     if os.geteuid() != 0:
@@ -218,16 +218,24 @@ def reference_verdicts(bcc_headers):
     except Exception as err:  # bcc raises Exception, with clang's errors on stderr
         pytest.skip(f"bcc cannot compile bpf/dns_prefilter.bpf.c here: {err}")
     try:
-        try:
-            function = compiled.load_func(b"ramfw_dns", BPF.SOCKET_FILTER)
-        except Exception as err:
-            pytest.skip(f"the kernel does not load the compiled C reference: {err}")
         table = compiled[b"ramfw_prefilter"]
         for k in KEYS:
             table[ctypes.c_uint32(k)] = ctypes.c_uint8(1)
-        yield [run(function.fd, packet) for _, packet in CORPUS]
+        yield compiled
     finally:
         compiled.cleanup()
+
+
+@pytest.fixture(scope="module")
+def reference_verdicts(reference):
+    """The C reference's verdicts."""
+    from bcc import BPF
+
+    try:
+        function = reference.load_func(b"ramfw_dns", BPF.SOCKET_FILTER)
+    except Exception as err:
+        pytest.skip(f"the kernel does not load the compiled C reference: {err}")
+    return [run(function.fd, packet) for _, packet in CORPUS]
 
 
 def disagreements(verdicts: list[int | None], what: str) -> list[str]:
@@ -319,31 +327,38 @@ def as_query(packet: bytes) -> bytes:
     return bytes(data)
 
 
-def test_the_kernel_pairs_every_packet_of_the_corpus_as_pair_key_says():
-    """Each packet of the corpus as a reply, after its query: the pairing programs record the
-    key ``pair_key`` gives the query (none where it gives none) and hold the reply exactly
+def pairing_disagreements(query_fd: int, reply_fd: int, pairs_fd: int) -> list[str]:
+    """Each packet of the corpus as a reply, after its query: the pairing programs must record
+    the key ``pair_key`` gives the query (none where it gives none) and hold the reply exactly
     when it gives it a key, once."""
     from ramfw.kernel.pairing import QUERY, REPLY
-    from ramfw.kernel.prefilter import Prefilter, pair_key
+    from ramfw.kernel.prefilter import pair_key
+
+    bad, paired = [], 0
+    for kind, packet in CORPUS:
+        query = as_query(packet)
+        expected = pair_key(packet, KEYS, REPLY)
+        assert expected == pair_key(query, KEYS, QUERY)
+        if run(query_fd, query) is None:
+            continue
+        recorded = expected is not None and bpf.map_lookup(pairs_fd, expected, 8) is not None
+        verdicts = (run(reply_fd, packet), run(reply_fd, packet))
+        if recorded != (expected is not None) or verdicts != ((1, 0) if expected is not None else (0, 0)):
+            bad.append(f"{kind}: recorded {recorded}, verdicts {verdicts}, key {expected!r}: {packet.hex()}")
+        paired += expected is not None
+        if expected is not None:
+            with contextlib.suppress(OSError):
+                bpf.map_delete(pairs_fd, expected)
+    assert paired > 500
+    return bad
+
+
+def test_the_hand_assembled_pairing_pairs_as_pair_key_says():
+    from ramfw.kernel.prefilter import Prefilter
 
     prefilter = load_or_skip(lambda: Prefilter(PATTERNS, pairing=True))
-    bad, paired = [], 0
     try:
-        for kind, packet in CORPUS:
-            query = as_query(packet)
-            expected = pair_key(packet, KEYS, REPLY)
-            assert expected == pair_key(query, KEYS, QUERY)
-            if run(prefilter.query_fd, query) is None:
-                continue
-            recorded = expected is not None and bpf.map_lookup(prefilter.pairs_fd, expected, 8) is not None
-            verdicts = (run(prefilter.reply_fd, packet), run(prefilter.reply_fd, packet))
-            if recorded != (expected is not None) or verdicts != ((1, 0) if expected is not None else (0, 0)):
-                bad.append(f"{kind}: recorded {recorded}, verdicts {verdicts}, key {expected!r}: {packet.hex()}")
-            paired += expected is not None
-            if expected is not None:
-                with contextlib.suppress(OSError):
-                    bpf.map_delete(prefilter.pairs_fd, expected)
+        bad = pairing_disagreements(prefilter.query_fd, prefilter.reply_fd, prefilter.pairs_fd)
     finally:
         prefilter.close()
-    assert paired > 500
     assert not bad, f"{len(bad)} of {len(CORPUS)} packets disagree, e.g.:\n" + "\n".join(bad[:10])
