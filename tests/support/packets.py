@@ -72,9 +72,9 @@ class AskedSnooper(Snooper):
     """A ``Snooper`` for which every UDP reply answers a query it saw first, as on a VM where
     the query's copy is read before its reply (pairing has tests of its own)."""
 
-    def on_packet(self, packet, now):
+    def on_packet(self, packet, now, held=False):
         query = query_for(packet)
         if query is not None:
             super().on_packet(query, now)
             self.counters["queries"] -= 1  # the test's, not the packet stream's
-        return super().on_packet(packet, now)
+        return super().on_packet(packet, now, held)
