@@ -157,7 +157,6 @@ class _Asm(bpf.Assembler):
         self.label(f"hashed{n}")
 
 
-
 def program(map_fd: int, side: str = FILTER, pairs_fd: int = -1, counters_fd: int = -1,
             pair_seconds: float = PAIR_SECONDS) -> bytes:
     """The socket filter. ``FILTER`` returns 1 (hold) for a reply that may be for an
