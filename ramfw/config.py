@@ -90,11 +90,19 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    textfile: str = ""  # a node_exporter textfile (…/ramfw.prom), written atomically
+    listen: str = ""  # serve them over HTTP at this address:port ("127.0.0.1:9541")
+    interval: int = 15  # seconds between two snapshots
+
+
+@dataclass(frozen=True)
 class Config:
     policy: PolicySettings = field(default_factory=PolicySettings)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     enforcement: EnforcementSettings = field(default_factory=EnforcementSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     path: str = "(defaults)"
 
 
@@ -181,6 +189,17 @@ def _validate(config: Config) -> Config:
     if p.max_registries < 1 or p.refresh_interval < 1:
         raise ConfigError(f"{where}: policy.max_registries and policy.refresh_interval must be positive")
     _validate_policy_source(p, where)
+    m = config.metrics
+    if m.textfile and not (m.textfile.startswith("/") and m.textfile.endswith(".prom")):
+        raise ConfigError(f"{where}: metrics.textfile {m.textfile!r}: an absolute path ending in .prom (node_exporter "
+                          "reads only those)")
+    try:
+        if m.listen:
+            split_proxy(m.listen)
+    except ValueError:
+        raise ConfigError(f"{where}: metrics.listen {m.listen!r} is not address:port (an IP address)") from None
+    if m.interval < 1:
+        raise ConfigError(f"{where}: metrics.interval must be positive")
     return config
 
 
@@ -213,7 +232,7 @@ def from_text(text: str, where: str = "config") -> Config:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{where}: not valid TOML: {err}") from None
     sections = {"policy": PolicySettings, "enforcement": EnforcementSettings, "dns": DnsSettings,
-                "daemon": DaemonSettings}
+                "daemon": DaemonSettings, "metrics": MetricsSettings}
     unknown = sorted(set(data) - set(sections))
     if unknown:
         raise ConfigError(f"{where}: unknown section [{unknown[0]}]; known: {', '.join(sections)}")

@@ -44,6 +44,7 @@ from .blocks import BlockLog, Throttle
 from .control import ControlServer
 from .engine import EngineScope
 from .guard import Guard
+from .metrics import Metrics
 from .poller import Poller, describe, fetch_at_start, refused
 
 log = logging.getLogger("ramfw")
@@ -64,7 +65,7 @@ class Daemon:
         self.queue: Queue | None = None
         self.snoop: Log | None = None
         self.blocks: Log | None = None
-        self.prefilter = None
+        self.prefilter = self.metrics = None
         self.control = ControlServer(config, self.handle)
         self.started = time.time()
         self._next_sweep = 0.0
@@ -107,9 +108,10 @@ class Daemon:
         self.own_traffic, self.applied_scope = "", ()
         self.apply()
         self.engine.say_scope()
-        self._seed_from_kernel()
+        self.snooper.seed(self.table.learned(), time.time())  # what the kernel still allows, from before a restart
         warm_up()
         self.control.open()
+        self.metrics = Metrics.start(self.config)
         log.info("ramfw daemon enforcing %s (%d entries, %s mode, scope %s, DNS hold: %s)",
                  self.policy.organization, len(self.policy.matcher), self.config.enforcement.mode,
                  ", ".join(self.scope), self.hold.value)
@@ -170,14 +172,6 @@ class Daemon:
         """A cgroup was made or removed beside the engine's: an engine restart, mark it now."""
         self.engine.watch.drain()
         self._check_engine()
-
-    def _seed_from_kernel(self) -> None:
-        """A restarted daemon picks up what the kernel still allows, with its expiry."""
-        now = time.time()
-        for item in self.table.learned():
-            if item.name:
-                self.snooper.learned.setdefault(item.name, {})[item.address] = now + item.expires
-                self.snooper.total += 1
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
@@ -285,7 +279,7 @@ class Daemon:
         """Decide on one held reply and give it its verdict, whatever raises on the way: a
         reply left in the queue would never be released (the bypass only helps an unbound
         queue), and the client's lookup would time out."""
-        accept = True
+        accept, start = True, time.perf_counter()
         try:
             accept = self._read(packet.payload, held=True).accept
         except Exception as err:  # noqa: BLE001 - the verdict comes first
@@ -296,6 +290,8 @@ class Daemon:
         except OSError as err:
             self.snooper.counters["queue_errors"] += 1
             self._error(f"queue verdict: {err}")
+        if self.metrics is not None:
+            self.metrics.hold.recent.append(time.perf_counter() - start)
 
     def _on_snoop(self, burst: int = BURST) -> None:
         """Read the copies waiting: queries, replies not held (passive, or passed by the prefilter)."""
@@ -393,6 +389,8 @@ class Daemon:
             self._error(f"programming the allowed sets failed: {refusal}")
         self._check_engine()
         self.guard.verify()
+        if self.metrics is not None:
+            self._guarded(lambda: self.metrics.take(self))
         trusted = self.resolv_conf.changed()
         if trusted is not None and trusted != self.trusted:
             self.trusted = trusted
@@ -412,8 +410,8 @@ class Daemon:
     def close(self) -> None:
         """The table's owner socket closes before the control socket: once the daemon stops
         answering (``ramfw down`` waits for that), its table is an orphan anyone may remove."""
-        for thing in (self.queue, self.snoop, self.blocks, self.prefilter, self.poller, *(getattr(self, name, None) for
-                      name in ("engine", "links", "guard", "table"))):
+        for thing in (self.queue, self.snoop, self.blocks, self.prefilter, self.poller, self.metrics, *(
+                      getattr(self, name, None) for name in ("engine", "links", "guard", "table"))):
             if thing is not None:
                 thing.close()
         self.control.close()

@@ -91,6 +91,14 @@ class Snooper:
         # prefilter's pairing): a held reply answered one; a copied one did not.
         self.kernel_pairs = False
 
+    def seed(self, learned, now: float) -> None:
+        """What the kernel still allows (``table.learned()``: its elements, with their names and
+        expiry), for a restarted daemon."""
+        for item in learned:
+            if item.name:
+                self.learned.setdefault(item.name, {})[item.address] = now + item.expires
+                self.total += 1
+
     def on_packet(self, packet: bytes, now: float, held: bool = False) -> Decision:
         """A reply (``held``, or copied), or a copied UDP query to a trusted resolver."""
         segment = parse_packet(packet)

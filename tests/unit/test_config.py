@@ -65,3 +65,18 @@ def test_invalid_config_is_a_clear_error(text, message):
 def test_load_missing_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         config.load(tmp_path / "nope.toml")
+
+
+def test_metrics_settings_are_checked():
+    import pytest
+
+    from ramfw import config as config_mod
+    from ramfw.errors import ConfigError
+
+    good = config_mod.from_text('[metrics]\ntextfile = "/var/lib/node_exporter/ramfw.prom"\nlisten = "[::1]:9541"\n')
+    assert good.metrics.listen == "[::1]:9541" and good.metrics.interval == 15
+    for bad, says in (('textfile = "ramfw.prom"', "absolute path"), ('textfile = "/tmp/ramfw.txt"', ".prom"),
+                      ('listen = "localhost:9541"', "not address:port"), ("interval = 0", "positive"),
+                      ('port = 9541', "no setting")):
+        with pytest.raises(ConfigError, match=says):
+            config_mod.from_text(f"[metrics]\n{bad}\n")
