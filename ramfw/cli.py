@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--policy", help="policy JSON file (default: the configured source)")
     daemon = commands.add_parser("daemon", help="run the daemon in the foreground")
     daemon.add_argument("--policy", help="policy JSON file (default: the configured source)")
+    daemon.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON objects "
+                        "(default: daemon.log_format)")
     reload = commands.add_parser("reload", help="make the daemon re-read the policy now")
     boot = commands.add_parser("boot", help="WSL2 boot entry: load modules, start one daemon")
     boot.add_argument("--install", metavar="COMMAND", help="add COMMAND to /etc/wsl.conf [boot] instead")
@@ -177,7 +179,7 @@ def _run(args) -> int:
     if args.command == "daemon":
         from . import daemon
 
-        return daemon.main(config, args.policy)
+        return daemon.main(config, args.policy, args.log_format)
     if args.command == "boot":
         from pathlib import Path
 

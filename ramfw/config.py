@@ -79,6 +79,9 @@ class DnsSettings:
 @dataclass(frozen=True)
 class DaemonSettings:
     run_dir: str = "/run/ramfw"
+    log_format: str = "text"  # or "json": one object per line, with a stable "event" name
+    log_file: str = ""  # default stderr (journald under systemd); a file is rotated at log_max_bytes
+    log_max_bytes: int = 10 << 20
 
     @property
     def socket(self) -> str:
@@ -189,6 +192,10 @@ def _validate(config: Config) -> Config:
     if p.max_registries < 1 or p.refresh_interval < 1:
         raise ConfigError(f"{where}: policy.max_registries and policy.refresh_interval must be positive")
     _validate_policy_source(p, where)
+    if config.daemon.log_format not in ("text", "json"):
+        raise ConfigError(f"{where}: daemon.log_format is {config.daemon.log_format!r}; use text or json")
+    if config.daemon.log_max_bytes < 4096:
+        raise ConfigError(f"{where}: daemon.log_max_bytes must be at least 4096")
     m = config.metrics
     if m.textfile and not (m.textfile.startswith("/") and m.textfile.endswith(".prom")):
         raise ConfigError(f"{where}: metrics.textfile {m.textfile!r}: an absolute path ending in .prom (node_exporter "

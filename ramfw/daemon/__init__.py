@@ -16,10 +16,12 @@ from ..config import Config
 log = logging.getLogger("ramfw")
 
 
-def main(config: Config, policy_path: str | None = None) -> int:
+def main(config: Config, policy_path: str | None = None, log_format: str | None = None) -> int:
+    from . import logs
     from .loop import Daemon
 
-    logging.basicConfig(level=logging.INFO, format="ramfw[%(process)d]: %(levelname)s: %(message)s")
+    d = config.daemon
+    logs.setup(log_format or d.log_format, d.log_file, d.log_max_bytes)
     daemon = Daemon(config, policy_path)
     try:
         daemon.start()
@@ -28,7 +30,7 @@ def main(config: Config, policy_path: str | None = None) -> int:
         raise
     notify_ready(f"enforcing {daemon.policy.organization}, scope {', '.join(daemon.scope) or 'none'}")
     daemon.run()
-    log.info("ramfw daemon stopped; enforcement stays in place until `ramfw down`")
+    log.info("ramfw daemon stopped; enforcement stays in place until `ramfw down`", extra=logs.event("stopped"))
     return 0
 
 

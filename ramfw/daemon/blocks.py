@@ -7,6 +7,8 @@ import logging
 import time
 from collections import deque
 
+from . import logs
+
 log = logging.getLogger("ramfw")
 LOG_INTERVAL = 10.0  # seconds between two log lines about one destination
 
@@ -19,7 +21,7 @@ class Throttle:
         self.interval = interval
         self._logged: dict[str, tuple[float, int]] = {}
 
-    def log(self, level: int, key: str, line: str) -> None:
+    def log(self, level: int, key: str, line: str, extra: dict | None = None) -> None:
         now = time.monotonic()
         last, repeats = self._logged.get(key, (-self.interval, 0))
         if now - last < self.interval:
@@ -28,7 +30,11 @@ class Throttle:
         if len(self._logged) >= 1024:
             self._logged.clear()
         self._logged[key] = (now, 0)
-        log.log(level, "%s%s", line, f" (seen {repeats} more times since the last report)" if repeats else "")
+        extra = {"event": "message", "fields": {}} if extra is None else extra
+        if repeats:
+            extra = {**extra, "fields": {**extra["fields"], "repeats": repeats}}
+        log.log(level, "%s%s", line, f" (seen {repeats} more times since the last report)" if repeats else "",
+                extra=extra)
 
 
 class BlockLog:
@@ -50,13 +56,12 @@ class BlockLog:
         self._named[address] = (now, lookup(address))
         return self._named[address][1]
 
-    def record(self, message: str, address: str, port: int) -> None:
-        if self.audit:
-            message = f"audit: would block: {message}"
-        self._log(f"{message} ({address} port {port})")
-        self.recent.append({"time": time.time(), "message": message, "address": address, "port": port})
-
-    def _log(self, line: str) -> None:
+    def record(self, message: str, address: str, port: int, host: str = "") -> None:
         """One log line per blocked destination per interval: a client retrying in a loop must
         not flood the log (status counts every one)."""
-        self._throttle.log(logging.WARNING, line, line)
+        if self.audit:
+            message = f"audit: would block: {message}"
+        line = f"{message} ({address} port {port})"
+        self._throttle.log(logging.WARNING, line, line, logs.event(
+            "block", verdict="audited" if self.audit else "blocked", host=host, address=address, port=port))
+        self.recent.append({"time": time.time(), "message": message, "address": address, "port": port})

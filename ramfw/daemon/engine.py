@@ -19,6 +19,7 @@ from pathlib import Path
 from ..config import Config
 from ..kernel import bpf, engine, nft
 from ..kernel.probes import Report
+from . import logs
 
 log = logging.getLogger("ramfw")
 
@@ -160,7 +161,7 @@ class EngineScope:
     def say_scope(self) -> None:
         if self.widened:
             log.warning("engine scope cannot be trusted (%s): host scope is in force on the registry ports "
-                        "until it can (fail closed)", self.widened)
+                        "until it can (fail closed)", self.widened, extra=logs.event("scope_widened", why=self.widened))
         elif self.wanted:
             log.info("engine scope is in force on: %s", ", ".join(r["path"] for r in self.state.get("cgroups", []))
                      or "(no engine running yet)")

@@ -17,6 +17,7 @@ import time
 from ..errors import RamfwError
 from ..kernel.tamper import Change, TableWatch
 from ..snoop.snooper import Element
+from . import logs
 from .blocks import Throttle
 
 VERIFY_EVERY = 5.0  # seconds between two full verifications
@@ -54,7 +55,8 @@ class Guard:
         if not daemon.policy.enabled:
             return
         self._log.log(logging.WARNING, cause.process, f"ramfw's table was changed by {cause}"
-                      + (f" ({'; '.join(differences)})" if differences else "") + ": putting it back")
+                      + (f" ({'; '.join(differences)})" if differences else "") + ": putting it back",
+                      logs.event("tamper_repair", by=str(cause), differences=differences))
         try:
             self._put_back(rebuild=False)
             left = daemon.table.verify()

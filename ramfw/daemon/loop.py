@@ -39,7 +39,7 @@ from ..policy import source as policy_source
 from ..snoop import resolvers
 from ..snoop.packet import destination
 from ..snoop.snooper import Decision, Snooper, warm_up
-from . import status as status_doc
+from . import logs, status as status_doc
 from .blocks import BlockLog, Throttle
 from .control import ControlServer
 from .engine import EngineScope
@@ -114,7 +114,9 @@ class Daemon:
         self.metrics = Metrics.start(self.config)
         log.info("ramfw daemon enforcing %s (%d entries, %s mode, scope %s, DNS hold: %s)",
                  self.policy.organization, len(self.policy.matcher), self.config.enforcement.mode,
-                 ", ".join(self.scope), self.hold.value)
+                 ", ".join(self.scope), self.hold.value, extra=logs.event(
+                     "started", organization=self.policy.organization, mode=self.config.enforcement.mode,
+                     scope=list(self.scope), dns_hold=self.hold.value))
         if self.hold is Hold.PASSIVE:
             log.warning("this kernel cannot hold DNS replies: the first connection to a new address can be lost")
         for note in record.proxy_notes(self.config):
@@ -332,7 +334,7 @@ class Daemon:
             if found is not None:
                 self.snooper.counters["blocks_named"] += 1
                 message = self.blocks_log.message(found[0], self.snooper.block_message)
-                self.blocks_log.record(message, *found)
+                self.blocks_log.record(message, *found, host=self.snooper.address_names.get(found[0], ""))
 
     # -- control -----------------------------------------------------------------------------
     def handle(self, command: str, uid: int = 0, prepared=None) -> dict:
@@ -375,7 +377,7 @@ class Daemon:
                 self.table.delete_elements(drop)
         message = f"policy reloaded: {describe(policy)}, {len(policy.matcher)} entries from {source}" + (
             f" ({fetched[1]})" if fetched else "")
-        log.info(message)
+        log.info(message, extra=logs.event("policy_reloaded", source=source, version=policy.version))
         return True, message
 
     def _housekeeping(self) -> None:
@@ -404,7 +406,7 @@ class Daemon:
     def _error(self, text: str) -> None:
         """Logged (one line per kind of error per 10 s: a packet that makes the same error
         again and again must not flood the log) and kept for status."""
-        self._error_log.log(logging.ERROR, text.split(":", 1)[0], text)
+        self._error_log.log(logging.ERROR, text.split(":", 1)[0], text, logs.event("error"))
         self.errors.append(text)
 
     def close(self) -> None:

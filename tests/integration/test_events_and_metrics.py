@@ -5,6 +5,7 @@ held, learned and refused."""
 import http.client
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,28 @@ def test_a_taken_metrics_port_never_keeps_the_daemon_from_enforcing(lab, write_c
         assert lab.connect(ALLOWED4, mark=MARK)[0] == "connected"
     finally:
         squatter.close()
+
+
+def test_a_blocked_connection_is_a_json_block_event_naming_the_host(lab, write_config, write_policy, tmp_path):
+    lab.serve_tcp([BLOCKED4], [443])
+    lab.start_dnsmasq(NET4, f"--host-record=blocked-registry.test,{BLOCKED4}")
+    write_policy(["allowed-registry.test"])
+    log_file = tmp_path / "ramfw.log"
+    config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n')
+    text = Path(config).read_text()
+    Path(config).write_text(text.replace("[daemon]\n", f'[daemon]\nlog_file = "{log_file}"\n', 1))
+    lab.start_daemon(config, "--log-format", "json")
+    lab.resolve("blocked-registry.test")
+    assert lab.connect(BLOCKED4, mark=MARK)[0] == "refused"
+    deadline = time.monotonic() + 5
+    while True:
+        events = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
+        blocks = [e for e in events if e["event"] == "block"]
+        if blocks:
+            break
+        assert time.monotonic() < deadline, f"no block event in {events}"
+        time.sleep(0.1)
+    assert blocks[0]["host"] == "blocked-registry.test" and blocks[0]["address"] == BLOCKED4
+    assert blocks[0]["port"] == 443 and blocks[0]["verdict"] == "blocked"
+    assert blocks[0]["message"].startswith("registry access to blocked-registry.test is not allowed")
+    assert any(e["event"] == "started" and e["organization"] == "acme" for e in events)
