@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from . import __version__
 from . import policy as policy_mod
 from . import record as record_mod
 from .config import Config
@@ -110,6 +111,7 @@ def status(config: Config) -> dict:
         return result
     result = kernel_status(config)
     result["daemon"] = {"running": False}
+    result["version"] = __version__  # this command's: no daemon answered with its own
     result["message"] += "; the daemon is not running, so nothing new is learned"
     return result
 

@@ -50,7 +50,10 @@ def _print_status(result: dict) -> None:
     if result.get("table"):
         print(f"table:      {result['table']['protection']}")
     daemon = result.get("daemon") or {}
-    print(f"daemon:     {'running, pid ' + str(daemon['pid']) if daemon.get('running') else 'not running'}")
+    # the daemon's release (an older one may still run after an upgrade), else this command's
+    version = daemon.get("version", "before 0.2.0") if daemon.get("running") else result.get("version", __version__)
+    print(f"daemon:     {'running, pid ' + str(daemon['pid']) if daemon.get('running') else 'not running'}, "
+          f"ramfw {version}")
     counters = result.get("counters") or {}
     if counters:
         print("counters:   " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
