@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from . import __version__
 from . import policy as policy_mod
 from . import record as record_mod
 from .config import Config
@@ -110,6 +111,7 @@ def status(config: Config) -> dict:
         return result
     result = kernel_status(config)
     result["daemon"] = {"running": False}
+    result["version"] = __version__  # this command's: no daemon answered with its own
     result["message"] += "; the daemon is not running, so nothing new is learned"
     return result
 
@@ -189,9 +191,24 @@ def doctor(config: Config) -> probes.Report:
     return probes.run(Path(config.daemon.run_dir) / probes.CACHE, fresh=True)
 
 
+def placed(config: Config) -> str | None:
+    """Where the policy the daemon would enforce comes from, or None when none is placed (no
+    file at the configured source, no cached copy): a daemon started then would enforce the
+    restrictive default (Docker Hub only). The packaged unit starts only once this is not None,
+    so installing the package changes nothing until an admin places a policy."""
+    source, cache = config.policy.source, Path(config.policy.cache)
+    if policy_source.is_url(source):
+        return source
+    if Path(source).exists():
+        return source
+    if cache.exists():
+        return f"{cache} (the last policy accepted; {source} is missing)"
+    return None
+
+
 def lint(path: str, config: Config) -> tuple[Policy, list[str]]:
     policy = policy_mod.from_file(path, config.policy.max_registries)
     return policy, policy_mod.lint(policy)
 
 
-__all__ = ["up", "down", "status", "reload", "doctor", "lint"]
+__all__ = ["up", "down", "status", "reload", "doctor", "placed", "lint"]

@@ -50,7 +50,10 @@ def _print_status(result: dict) -> None:
     if result.get("table"):
         print(f"table:      {result['table']['protection']}")
     daemon = result.get("daemon") or {}
-    print(f"daemon:     {'running, pid ' + str(daemon['pid']) if daemon.get('running') else 'not running'}")
+    # the daemon's release (an older one may still run after an upgrade), else this command's
+    version = daemon.get("version", "before 0.2.0") if daemon.get("running") else result.get("version", __version__)
+    print(f"daemon:     {'running, pid ' + str(daemon['pid']) if daemon.get('running') else 'not running'}, "
+          f"ramfw {version}")
     counters = result.get("counters") or {}
     if counters:
         print("counters:   " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     pol_commands = pol.add_subparsers(dest="policy_command", required=True)
     lint = pol_commands.add_parser("lint", help="validate a policy file and warn about gaps")
     lint.add_argument("file")
-    for sub in (up, daemon, reload, boot, down, status, lint, doctor):
+    placed = pol_commands.add_parser("placed", help="exit 0 if a policy is placed (the unit's ExecCondition)")
+    for sub in (up, daemon, reload, boot, down, status, lint, placed, doctor):
         sub.add_argument("--config", help=f"configuration file (default: {config_mod.DEFAULT_PATH})")
     args = parser.parse_args(argv)
     try:
@@ -205,6 +209,14 @@ def _run(args) -> int:
             _print_status(result)
         stale = (result.get("policy") or {}).get("stale") and result["enforcing"]
         return 8 if result.get("degraded") or stale else 0 if result["enforcing"] else 1
+    if args.command == "policy" and args.policy_command == "placed":
+        where = api.placed(config)
+        if where is None:
+            print(f"no policy is placed: {config.policy.source} is missing and nothing is cached; "
+                  "ramfw does nothing until one is")
+            return 1
+        print(f"policy placed: {where}")
+        return 0
     if args.command == "policy":
         policy, warnings = api.lint(args.file, config)
         print(f"{args.file}: valid: organization {policy.organization}, "

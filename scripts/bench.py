@@ -8,6 +8,9 @@
 5. ``fuzz`` (only when named): a million generated and mutated packets through the pure core.
 7. ``fleet`` and ``fleet_daemons`` (only when named; scripts/fleet.py): 1,000 simulated VMs
    polling a signed policy from nginx over TLS, and ten real daemons polling one origin.
+8. ``restart`` (only when named): rolling restarts (SIGTERM, then a new daemon, as systemd
+   and a package upgrade do) under a steady stream of lookups of new names: how long nothing
+   is learned, whether DNS kept flowing, whether a learned address stayed reachable.
 6. ``flood`` and ``soak`` (only when named; scripts/load.py): 20,000 replies a second for 60 s,
    and 10 minutes of a steady mix with one-off names: lookup latency, RSS, CPU, counters.
 Prints a table and writes bench-results/bench.json. Not a test: figures, not pass/fail.
@@ -28,7 +31,7 @@ from ramfw.kernel.ruleset import Hold
 from ramfw.kernel.table import Table
 from ramfw.snoop.snooper import Element
 from ramfw.config import EnforcementSettings
-from tests.lab.sandbox import ALLOWED4, NET4, Lab
+from tests.lab.sandbox import ALLOWED4, NET4, ROGUE_DNS4, Lab
 
 MARK = 0x52410000
 FLOOR_READER = """
@@ -257,6 +260,71 @@ def fuzz_core(lab, tmp, messages=420_000):
             "seconds": round(seconds, 1), "packets_per_second": int(found["packets"] / seconds)}
 
 
+def restart(lab, tmp, restarts=5, names=4000, interval=0.004):
+    """Each lookup is of a name never asked before (its own AAAA address), so the set shows,
+    afterwards, which replies were learned: the gap is the span of unlearned lookups around
+    each restart. Meanwhile a connection to an address learned earlier is opened at every
+    lookup (a pull in progress must not notice the restart)."""
+    records = [f"--host-record=n{i}.allowed-registry.test,2001:db8::a:{i:x}" for i in range(names)]
+    lab.start_dnsmasq(ROGUE_DNS4, *records, ttl=3600)  # a second resolver on the lab's "internet", trusted here
+    config = write_files(tmp)
+    text = Path(config).read_text().replace(f'trusted_resolvers = ["{NET4}"]', f'trusted_resolvers = ["{NET4}", "{ROGUE_DNS4}"]')
+    Path(config).write_text(text)
+    daemon = lab.start_daemon(config)
+    lab.resolve("allowed-registry.test")
+    asked, failed_dns, failed_connects, i = [], 0, 0, 0
+    restarts_at, downtime = [], []  # (ms to stop, ms until the new daemon answers)
+
+    def lookups_until(deadline):
+        nonlocal i, failed_dns, failed_connects
+        while time.monotonic() < deadline and i < names:
+            at = time.monotonic()
+            try:
+                lab.resolve(f"n{i}.allowed-registry.test", "AAAA", server=ROGUE_DNS4)
+            except Exception:
+                failed_dns += 1
+            asked.append((at, f"2001:db8::a:{i:x}"))
+            i += 1
+            failed_connects += lab.connect(ALLOWED4, mark=MARK, timeout=2)[0] != "connected"  # learned at the start
+            time.sleep(interval)
+
+    import threading
+    for _ in range(restarts):
+        lookups_until(time.monotonic() + 1)
+        done = threading.Event()
+
+        def roll():
+            nonlocal daemon
+            restarts_at.append(time.monotonic())
+            daemon.terminate()
+            daemon.wait(10)
+            stopped = time.monotonic()
+            daemon = lab.start_daemon(config)
+            downtime.append((round((stopped - restarts_at[-1]) * 1000), round((time.monotonic() - stopped) * 1000)))
+            done.set()
+
+        roller = threading.Thread(target=roll)
+        roller.start()
+        while not done.is_set():
+            lookups_until(time.monotonic() + 0.05)
+        roller.join()
+        lookups_until(time.monotonic() + 1)
+    with lab.vm.inside():
+        learned = {item.address for item in Table("ramfw").learned()}
+    daemon.terminate()
+    daemon.wait(10)
+    gaps, missed = [], []  # per restart: first to last unlearned lookup (ms), how many
+    for at, until in zip(restarts_at, [*restarts_at[1:], float("inf")]):  # each restart's own window
+        window = [t for t, address in asked if address not in learned and at - 0.5 <= t < until - 0.5]
+        gaps.append(round((max(window) - min(window)) * 1000) if window else 0)
+        missed.append(len(window))
+    unlearned = sum(address not in learned for _, address in asked)
+    return {"restarts": restarts, "lookups": len(asked), "unlearned_lookups": unlearned,
+            "gap_ms": gaps, "unlearned_per_restart": missed, "gap_ms_median": round(statistics.median(gaps)), "gap_ms_max": max(gaps),
+            "stop_ms_then_start_ms": downtime, "failed_lookups": failed_dns,
+            "failed_connects_to_learned": failed_connects}
+
+
 def main():
     results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{subprocess.getoutput('nproc')} cores"}
     only = sys.argv[1:] or ["dns_latency", "race", "programming", "memory", "docker_pull"]
@@ -264,7 +332,7 @@ def main():
 
     steps = {"dns_latency": dns_latency, "race": race, "programming": None, "memory": memory,
              "docker_pull": docker_pull, "fuzz": fuzz_core, "flood": load.flood, "soak": load.soak,
-             "fleet": fleet.fleet, "fleet_daemons": fleet.fleet_daemons}
+             "fleet": fleet.fleet, "fleet_daemons": fleet.fleet_daemons, "restart": restart}
     for name, fn in ((n, steps[n]) for n in only):
         lab = Lab()
         try:

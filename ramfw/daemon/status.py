@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from .. import record
+from .. import __version__, record
 from ..kernel import probes
 from ..kernel.ruleset import Hold
 from ..snoop import resolvers
@@ -71,7 +71,8 @@ def document(daemon, full: bool = True) -> dict:
     if freshness["stale"]:
         notes.insert(0, f"policy out of date: {freshness['stale']}")
     return {
-        "daemon": {"running": True, "pid": os.getpid(), "since": daemon.started},
+        "daemon": {"running": True, "pid": os.getpid(), "since": daemon.started, "version": __version__},
+        "version": __version__,
         "enforcing": bool(counters),
         "mode": daemon.config.enforcement.mode,
         "scope": list(daemon.config.enforcement.scope),

@@ -15,7 +15,9 @@ import struct
 from pathlib import Path
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
-SOURCE_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"  # the C sources, for bcc
+# The C sources, for bcc: the checkout's, or where the Debian package puts them
+SOURCE_DIR = next((d for d in (Path(__file__).resolve().parent.parent.parent / "bpf", Path("/usr/share/ramfw/bpf"))
+                   if d.is_dir()), Path("/usr/share/ramfw/bpf"))
 # Commands, program types, attach points (include/uapi/linux/bpf.h)
 BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 2, 3
 BPF_PROG_LOAD, BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_PROG_TEST_RUN = 5, 6, 7, 8, 9, 10

@@ -277,6 +277,18 @@ class RegistryLab:
         if self.dockerd.poll() is not None:
             raise RuntimeError(f"dockerd exited: {(root / 'dockerd.log').read_text()[-2000:]}")
 
+    def host_network(self) -> None:
+        """Let the engine run containers with ``--net host`` (the vm's namespace). dockerd names
+        that namespace by a file it bind-mounts under its exec root, in its private mount
+        namespace, where runc (started by containerd, outside it) cannot see the mount: runc
+        would join an empty file and fail. The same binding, made here too, is what it sees;
+        ``close`` removes it."""
+        key = self.dir / "vm" / "exec" / "netns" / "default"
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.touch()
+        subprocess.run(["mount", "--bind", self.lab.vm.path, str(key)], check=True)
+        self.host_network_key = key
+
     def restart_dockerd(self) -> None:
         """`systemctl restart docker` as systemd does it: stop, remove the cgroup, make it again, start."""
         self.stop_dockerd()
@@ -344,6 +356,8 @@ class RegistryLab:
 
     def close(self) -> None:
         self.stop_dockerd()  # the lab kills containerd and removes both cgroups
+        if getattr(self, "host_network_key", None) is not None:
+            subprocess.run(["umount", str(self.host_network_key)], capture_output=True)
         for server in self.fronts:
             with contextlib.suppress(Exception):
                 server.shutdown()
