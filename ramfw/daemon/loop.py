@@ -59,12 +59,11 @@ class Daemon:
         self.policy_path = policy_path
         self.stopping = False
         self.reload_requested = False
-        self.errors: deque[str] = deque(maxlen=20)
+        self.errors: deque[str] = deque(maxlen=20)  # kept for status
         self.blocks_log = BlockLog(config.enforcement.mode == "audit")
         self._error_log = Throttle()
         self.queue: Queue | None = None
-        self.snoop: Log | None = None
-        self.blocks: Log | None = None
+        self.snoop = self.blocks = None  # each a Log once bound
         self.prefilter = self.metrics = None
         self.control = ControlServer(config, self.handle)
         self.started = time.time()
@@ -178,10 +177,11 @@ class Daemon:
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
         wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
+        for end in (wake_r, wake_w):
+            end.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        handlers = {signal.SIGHUP: self._on_sighup, signal.SIGTERM: self._on_stop, signal.SIGINT: self._on_stop}
+        stop = lambda *_: setattr(self, "stopping", True)  # noqa: E731
+        handlers = {signal.SIGHUP: self._on_sighup, signal.SIGTERM: stop, signal.SIGINT: stop}
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         sel = selectors.DefaultSelector()
         if self.queue:
@@ -218,10 +218,8 @@ class Daemon:
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            sel.close()
-            wake_r.close()
-            wake_w.close()
-            self.close()
+            for thing in (sel, wake_r, wake_w, self):
+                thing.close()
 
     def _on_new_policy(self) -> None:
         """From the poller: a new policy was accepted and cached; the loop reloads it."""
@@ -246,9 +244,6 @@ class Daemon:
         self.reload_requested = True
         if self.poller is not None:  # a URL is fetched in the poller's thread, reloaded if new
             self.poller.poll_soon()
-
-    def _on_stop(self, *_):
-        self.stopping = True
 
     # -- handlers: each reads what waits and returns -----------------------------------------
     def _drain(self, reader, counter: str, errors: str, handle, first=None, burst: int = BURST) -> None:
@@ -410,9 +405,14 @@ class Daemon:
         self.errors.append(text)
 
     def close(self) -> None:
-        """The table's owner socket closes before the control socket: once the daemon stops
-        answering (``ramfw down`` waits for that), its table is an orphan anyone may remove."""
-        for thing in (self.queue, self.snoop, self.blocks, self.prefilter, self.poller, self.metrics, *(
+        """Held replies get their verdicts first (``Queue.close``): a restart loses none. The
+        table's owner socket closes before the control socket: once the daemon stops answering
+        (``ramfw down`` waits for that), its table is an orphan anyone may remove."""
+        if self.queue is not None:
+            if self.snoop is not None:  # the copies of the held replies' queries wait there
+                self._guarded(self._on_snoop)
+            self.queue.close(release=self._release)
+        for thing in (self.snoop, self.blocks, self.prefilter, self.poller, self.metrics, *(
                       getattr(self, name, None) for name in ("engine", "links", "guard", "table"))):
             if thing is not None:
                 thing.close()

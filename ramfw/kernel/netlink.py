@@ -65,7 +65,8 @@ NFQ_FLAG_BYPASS = 0x01
 # nfnetlink_queue
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
 NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_PAYLOAD = 1, 2, 10
-NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN = 1, 2, 3
+NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
+NFQA_CFG_F_FAIL_OPEN = 1 << 0
 NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND = 1, 2
 NFQNL_COPY_PACKET = 2
 NF_DROP, NF_ACCEPT = 0, 1
@@ -220,15 +221,17 @@ def drain(sock: socket.socket) -> None:
 _seq = itertools.count(1)
 
 
-def request(sock: socket.socket, msg_type: int, res_id: int, attrs: bytes, what: str) -> None:
+def request(sock: socket.socket, msg_type: int, res_id: int, attrs: bytes, what: str, other=None) -> None:
     """Send one acknowledged request (a queue's or log group's configuration) and wait for it."""
     sock.send(message(msg_type, NLM_F_REQUEST | NLM_F_ACK, next(_seq), 0, res_id, attrs))
-    wait_acks(sock, 1, what)
+    wait_acks(sock, 1, what, other=other)
 
 
-def wait_acks(sock: socket.socket, count: int, what: str, timeout: float = 5.0) -> None:
+def wait_acks(sock: socket.socket, count: int, what: str, timeout: float = 5.0, other=None) -> None:
     """Read until ``count`` acks arrived; raise OSError with the kernel's errno on a refusal.
-    Works on blocking and non-blocking sockets alike (the loop's sockets are non-blocking)."""
+    Works on blocking and non-blocking sockets alike (the loop's sockets are non-blocking).
+    ``other(data, msg_type, start, end)`` is given every other message read meanwhile (a
+    queue's held packets arrive on the socket its configuration is acknowledged on)."""
     while count > 0:
         if not select.select([sock], [], [], timeout)[0]:
             raise OSError(errno.ETIMEDOUT, f"{what}: no answer from the kernel within {timeout:g} s")
@@ -236,12 +239,14 @@ def wait_acks(sock: socket.socket, count: int, what: str, timeout: float = 5.0) 
             data = sock.recv(65536)
         except BlockingIOError:
             continue
-        for msg_type, start, _ in messages(data):
+        for msg_type, start, end in messages(data):
             if msg_type == NLMSG_ERROR:
                 (code,) = struct.unpack_from("=i", data, start)
                 if code:
                     raise OSError(-code, f"{what}: {errno.errorcode.get(-code, code)}")
                 count -= 1
+            elif other is not None:
+                other(data, msg_type, start, end)
 
 
 def bind_group(kind, number: int, what: str, setting: str):
