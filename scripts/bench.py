@@ -273,7 +273,7 @@ def restart(lab, tmp, restarts=5, names=4000, interval=0.004):
     daemon = lab.start_daemon(config)
     lab.resolve("allowed-registry.test")
     asked, failed_dns, failed_connects, i = [], 0, 0, 0
-    restarts_at, downtime = [], []  # (ms to stop, ms until the new daemon answers)
+    restarts_at, downtime, failed_at = [], [], []  # (ms to stop, ms until the new daemon answers)
 
     def lookups_until(deadline):
         nonlocal i, failed_dns, failed_connects
@@ -283,6 +283,7 @@ def restart(lab, tmp, restarts=5, names=4000, interval=0.004):
                 lab.resolve(f"n{i}.allowed-registry.test", "AAAA", server=ROGUE_DNS4)
             except Exception:
                 failed_dns += 1
+                failed_at.append(at)
             asked.append((at, f"2001:db8::a:{i:x}"))
             i += 1
             failed_connects += lab.connect(ALLOWED4, mark=MARK, timeout=2)[0] != "connected"  # learned at the start
@@ -322,6 +323,8 @@ def restart(lab, tmp, restarts=5, names=4000, interval=0.004):
     return {"restarts": restarts, "lookups": len(asked), "unlearned_lookups": unlearned,
             "gap_ms": gaps, "unlearned_per_restart": missed, "gap_ms_median": round(statistics.median(gaps)), "gap_ms_max": max(gaps),
             "stop_ms_then_start_ms": downtime, "failed_lookups": failed_dns,
+            # where each failed lookup was sent: ms from the nearest SIGTERM (negative: before it)
+            "failed_lookups_ms_from_restart": [round(min((t - r for r in restarts_at), key=abs) * 1000) for t in failed_at],
             "failed_connects_to_learned": failed_connects}
 
 

@@ -66,8 +66,7 @@ class Daemon:
         self.snoop = self.blocks = None  # each a Log once bound
         self.prefilter = self.metrics = None
         self.control = ControlServer(config, self.handle)
-        self.started = time.time()
-        self._next_sweep = 0.0
+        self.started, self._next_sweep = time.time(), 0.0
         self.poller: Poller | None = None
 
     # -- start-up --------------------------------------------------------------------------
@@ -204,6 +203,8 @@ class Daemon:
             self.control.prepare = lambda command: self.poller.fetch_now() if command == "reload" else None
             self.poller.start()
         next_housekeeping = time.monotonic() + HOUSEKEEPING
+        if self.queue:  # replies read while the queue's binding was acknowledged wait in it, not in the socket
+            self._guarded(self._on_queue)
         try:
             while not self.stopping:
                 for key, _ in sel.select(max(0.0, next_housekeeping - time.monotonic())):
@@ -232,8 +233,7 @@ class Daemon:
             self._wake.send(b"w")
 
     def _guarded(self, step) -> None:
-        """Whatever goes wrong in one step is logged and counted; the daemon keeps running,
-        and with it the enforcement and the DNS it holds."""
+        """What goes wrong in a step is logged and counted; the daemon, its enforcement and DNS go on."""
         try:
             step()
         except Exception as err:  # noqa: BLE001 - the daemon must outlive its own bugs

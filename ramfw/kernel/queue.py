@@ -35,8 +35,10 @@ class Queue:
         self._kept: list[Packet] = []
         self.sock = netlink.open_socket()
         try:
-            self._config(attr(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, 0)))
-            self._config(attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0xFFFF, NFQNL_COPY_PACKET))
+            # one request: no packet is queued between the binding and its parameters (copied
+            # without its payload, as a new queue's default is)
+            self._config(attr(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, 0))
+                         + attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0xFFFF, NFQNL_COPY_PACKET))
                          + u32(NFQA_CFG_QUEUE_MAXLEN, maxlen))
         except BaseException:
             self.sock.close()
@@ -44,7 +46,8 @@ class Queue:
         self.sock.setblocking(False)  # the daemon's loop must never wait here
 
     def _config(self, attrs: bytes) -> None:
-        """Packets read while waiting for the kernel's ack are kept for ``receive``."""
+        """Packets read while waiting for the kernel's ack are kept for ``receive`` (the socket
+        no longer says they wait: whoever binds a queue reads it once at once)."""
         netlink.request(self.sock, (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG, self.queue_num, attrs,
                         f"netfilter queue {self.queue_num}", other=self._keep)
 

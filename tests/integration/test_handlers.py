@@ -13,7 +13,7 @@ from ramfw import config as config_mod
 from ramfw import policy
 from ramfw.config import DnsSettings, EnforcementSettings
 from ramfw.daemon.loop import Daemon
-from ramfw.kernel import nflog, nft, probes, ruleset
+from ramfw.kernel import netlink, nflog, nft, probes, ruleset
 from ramfw.kernel.queue import Queue
 from ramfw.kernel.ruleset import Hold
 from ramfw.kernel.table import Table
@@ -226,3 +226,26 @@ def test_a_stopping_daemon_gives_every_held_reply_its_verdict_and_holds_no_new_o
         assert len(released) == 1 and daemon.table.names == ["a.allowed-registry.test"]
     finally:
         client.close()
+
+
+def test_a_reply_read_while_the_queue_is_configured_is_kept_for_receive(lab):
+    """Found by the rolling-restart benchmark (a lookup lost ~0.2 s after a restart, as the new
+    daemon bound the queue): a held reply that reached the socket before the kernel's ack to a
+    configuration request was read and thrown away with it, and never got a verdict."""
+    lab.start_dnsmasq(NET4, f"--host-record=a.allowed-registry.test,{ALLOWED4}")
+    daemon = held_daemon(lab)
+    queue = daemon.queue
+    with lab.vm.inside():
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        client.sendto(dns.message.make_query("a.allowed-registry.test", "A").to_wire(), (NET4, 53))
+        assert select.select([queue.sock], [], [], 3)[0], "the reply was not held"
+        queue._config(netlink.u32(netlink.NFQA_CFG_QUEUE_MAXLEN, 4096))  # its ack comes after the reply
+        assert not select.select([queue.sock], [], [], 0)[0]
+        packets = queue.receive()
+        assert len(packets) == 1 and dns.message.from_wire(packets[0].payload[28:]).question
+        queue.verdict(packets[0].packet_id)
+        assert select.select([client], [], [], 2)[0], "the kept reply's verdict did not release it"
+    finally:
+        for thing in (client, queue, daemon.snoop):
+            thing.close()
