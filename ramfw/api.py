@@ -86,14 +86,18 @@ def down(config: Config) -> None:
         pass
 
 
+STATUS_SCHEMA = 1  # the contract of status --json: docs/status.md; raised when a key goes or changes
+
+
 def status(config: Config) -> dict:
-    """The daemon's status; when it is down, the kernel's state and the record ``up`` left."""
+    """The daemon's status; when it is down, the kernel's state and the record ``up`` left
+    (docs/status.md: every key)."""
     try:
         answer = control.request(config, "status")
     except DaemonError:
         answer = None
     if answer and answer.get("ok"):
-        result = answer["status"]
+        result = {"schema": STATUS_SCHEMA, **answer["status"]}
         if not result["policy"]["enabled"]:
             result["message"] = (f"registry access is not restricted: organization "
                                  f"{result['policy']['organization']} has registryAccess.enabled false")
@@ -110,7 +114,7 @@ def status(config: Config) -> dict:
             result["message"] = "ramfw is not enforcing: its table is missing (run `ramfw down`, then start again)"
         return result
     result = kernel_status(config)
-    result["daemon"] = {"running": False}
+    result["daemon"], result["schema"] = {"running": False}, STATUS_SCHEMA
     result["version"] = __version__  # this command's: no daemon answered with its own
     result["message"] += "; the daemon is not running, so nothing new is learned"
     return result
