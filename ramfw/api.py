@@ -17,6 +17,7 @@ from . import policy as policy_mod
 from . import record as record_mod
 from .config import Config
 from .daemon import control
+from .daemon import seen as seen_mod
 from .errors import DaemonError, NftablesError, PolicyError, require_root
 from .daemon.engine import EngineScope
 from .kernel import bpf, engine, links, probes, ruleset
@@ -210,9 +211,32 @@ def placed(config: Config) -> str | None:
     return None
 
 
+def report(config: Config, policy_path: str | None = None) -> dict:
+    """What the daemon saw (saved every few seconds and when it stops): refusals per host, and
+    lookups per entry of the policy in force (or ``policy_path``'s)."""
+    path = seen_mod.seen_path(config)
+    seen = seen_mod.Seen.load(path)
+    policy = _policy_for_tools(config, policy_path)
+    saved = os.path.getmtime(path) if os.path.exists(path) else None
+    return {"file": path, "saved_at": saved, "refused": seen.refused, "looked_up": seen.looked_up,
+            "usage": seen_mod.usage(seen.looked_up, policy), "organization": policy.organization}
+
+
+def suggest(config: Config, policy_path: str | None = None) -> tuple[dict, list[str], list[str]]:
+    """A policy that would allow what was refused: ``policy.suggest.suggest``."""
+    from .policy.suggest import suggest as make
+    return make(_policy_for_tools(config, policy_path), seen_mod.Seen.load(seen_mod.seen_path(config)).refused)
+
+
+def _policy_for_tools(config: Config, policy_path: str | None) -> Policy:
+    if policy_path is not None:
+        return policy_mod.from_file(policy_path, config.policy.max_registries)
+    return policy_source.load(config, fallback=True)[0]
+
+
 def lint(path: str, config: Config) -> tuple[Policy, list[str]]:
     policy = policy_mod.from_file(path, config.policy.max_registries)
     return policy, policy_mod.lint(policy)
 
 
-__all__ = ["up", "down", "status", "reload", "doctor", "placed", "lint"]
+__all__ = ["up", "down", "status", "reload", "doctor", "placed", "report", "suggest", "lint"]

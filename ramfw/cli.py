@@ -122,6 +122,21 @@ def _print_doctor(report, table_owner: bool = True) -> None:
     print("ramfw cannot enforce here" if report.missing_required() else "ramfw can enforce here")
 
 
+def _report_text(result: dict) -> str:
+    when = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "never"  # noqa: E731
+    lines = [f"what ramfw saw ({result['file']}, saved {when(result['saved_at'])}):"]
+    refused = sorted(result["refused"].items(), key=lambda item: -item[1]["count"])
+    lines.append(f"refused ({len(refused)} hosts; in audit mode, would have been):" if refused else "refused: nothing")
+    for host, seen in refused:
+        lines.append(f"  {host:40} {seen['count']:6}x  ports {','.join(map(str, seen.get('ports', [])))}  "
+                     f"clients {','.join(seen.get('clients', []))}  first {when(seen['first'])}  last {when(seen['last'])}")
+    lines.append(f"use of {result['organization']}'s entries (lookups learned from):")
+    for entry, use in sorted(result["usage"].items()):
+        lines.append(f"  {entry:40} {use['lookups']:6}   last {when(use['last'])}"
+                     + ("   (unused: prune it?)" if not use["lookups"] else ""))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ramfw", description="Registry firewall for the container VM.")
     parser.add_argument("--version", action="version", version=f"ramfw {__version__}")
@@ -146,7 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     lint = pol_commands.add_parser("lint", help="validate a policy file and warn about gaps")
     lint.add_argument("file")
     placed = pol_commands.add_parser("placed", help="exit 0 if a policy is placed (the unit's ExecCondition)")
-    for sub in (up, daemon, reload, boot, down, status, lint, placed, doctor):
+    report = commands.add_parser("report", help="what was refused (audit: would have been) and each entry's use")
+    report.add_argument("--json", action="store_true", help="machine-readable output")
+    suggest = pol_commands.add_parser("suggest", help="a policy allowing what was refused (exact hosts only)")
+    suggest.add_argument("--diff", action="store_true", help="only the entries to add")
+    for sub in (report, suggest):
+        sub.add_argument("--policy", help="policy JSON file (default: the policy in force)")
+    for sub in (up, daemon, reload, boot, down, status, lint, placed, report, suggest, doctor):
         sub.add_argument("--config", help=f"configuration file (default: {config_mod.DEFAULT_PATH})")
     args = parser.parse_args(argv)
     try:
@@ -209,6 +230,16 @@ def _run(args) -> int:
             _print_status(result)
         stale = (result.get("policy") or {}).get("stale") and result["enforcing"]
         return 8 if result.get("degraded") or stale else 0 if result["enforcing"] else 1
+    if args.command == "report":
+        result = api.report(config, args.policy)
+        print(json.dumps(result, indent=1, sort_keys=True) if args.json else _report_text(result))
+        return 0
+    if args.command == "policy" and args.policy_command == "suggest":
+        data, added, notes = api.suggest(config, args.policy)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print("\n".join(f"+ {entry}" for entry in added) if args.diff else json.dumps(data, indent=2))
+        return 0
     if args.command == "policy" and args.policy_command == "placed":
         where = api.placed(config)
         if where is None:

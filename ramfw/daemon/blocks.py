@@ -7,6 +7,7 @@ import logging
 import time
 from collections import deque
 
+from ..snoop.packet import destination, source
 from . import logs
 
 log = logging.getLogger("ramfw")
@@ -65,3 +66,15 @@ class BlockLog:
         self._throttle.log(logging.WARNING, line, line, logs.event(
             "block", verdict="audited" if self.audit else "blocked", host=host, address=address, port=port))
         self.recent.append({"time": time.time(), "message": message, "address": address, "port": port})
+
+    def name_and_record(self, packets: list[bytes], snooper, seen) -> None:
+        """Blocked packets (their headers, from the log group): each named by the replies the
+        snooper kept, logged, and kept in ``seen`` (a ``seen.Seen``) for ``ramfw report``."""
+        for packet in packets:
+            found = destination(packet)
+            if found is None:
+                continue
+            snooper.counters["blocks_named"] += 1
+            host = snooper.address_names.get(found[0], "")
+            self.record(self.message(found[0], snooper.block_message), *found, host=host)
+            seen.refusal(host, *found, source(packet), "audited" if self.audit else "blocked", time.time())

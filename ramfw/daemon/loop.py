@@ -37,7 +37,6 @@ from ..kernel.ruleset import Hold
 from ..kernel.table import Table
 from ..policy import source as policy_source
 from ..snoop import resolvers
-from ..snoop.packet import destination
 from ..snoop.snooper import Decision, Snooper, warm_up
 from . import logs, status as status_doc
 from .blocks import BlockLog, Throttle
@@ -46,6 +45,7 @@ from .engine import EngineScope
 from .guard import Guard
 from .metrics import Metrics
 from .poller import Poller, describe, fetch_at_start, refused
+from .seen import Seen, seen_path
 
 log = logging.getLogger("ramfw")
 HOUSEKEEPING = 1.0
@@ -61,6 +61,7 @@ class Daemon:
         self.reload_requested = False
         self.errors: deque[str] = deque(maxlen=20)  # kept for status
         self.blocks_log = BlockLog(config.enforcement.mode == "audit")
+        self.seen = Seen()  # what start() loads: refusals and lookups, for ramfw report
         self._error_log = Throttle()
         self.queue: Queue | None = None
         self.snoop = self.blocks = None  # each a Log once bound
@@ -79,6 +80,7 @@ class Daemon:
         self.policy, self.source = policy_source.load(self.config, self.policy_path, fallback=True,
                                                       polled=self.url_source)
         self.policy_loaded = time.time()
+        self.seen = Seen.load(seen_path(self.config))
         self.report = probes.run(Path(self.config.daemon.run_dir) / probes.CACHE)
         self.report.check_required()
         self.hold = Hold.PASSIVE if self.config.dns.hold == "passive" else self.report.hold
@@ -305,6 +307,7 @@ class Daemon:
             return Decision()
         if decision.elements:
             self._program(decision.elements)
+            self.seen.learned(decision.elements, time.time())
         return decision
 
     def _program(self, elements) -> None:
@@ -324,12 +327,7 @@ class Daemon:
             return
         if self.snoop is not None:  # copies of replies that name the address may still wait there
             self._on_snoop()
-        for packet in packets:
-            found = destination(packet)
-            if found is not None:
-                self.snooper.counters["blocks_named"] += 1
-                message = self.blocks_log.message(found[0], self.snooper.block_message)
-                self.blocks_log.record(message, *found, host=self.snooper.address_names.get(found[0], ""))
+        self.blocks_log.name_and_record(packets, self.snooper, self.seen)
 
     # -- control -----------------------------------------------------------------------------
     def handle(self, command: str, uid: int = 0, prepared=None) -> dict:
@@ -386,6 +384,7 @@ class Daemon:
             self._error(f"programming the allowed sets failed: {refusal}")
         self._check_engine()
         self.guard.verify()
+        self.seen.save()
         if self.metrics is not None:
             self._guarded(lambda: self.metrics.take(self))
         trusted = self.resolv_conf.changed()
@@ -412,6 +411,7 @@ class Daemon:
             if self.snoop is not None:  # the copies of the held replies' queries wait there
                 self._guarded(self._on_snoop)
             self.queue.close(release=self._release)
+        self.seen.save(force=True)
         for thing in (self.snoop, self.blocks, self.prefilter, self.poller, self.metrics, *(
                       getattr(self, name, None) for name in ("engine", "links", "guard", "table"))):
             if thing is not None:

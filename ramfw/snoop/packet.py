@@ -82,3 +82,16 @@ def destination(data: bytes) -> tuple[str, int] | None:
         return socket.inet_ntop(family, dst), port
     except (IndexError, struct.error, ValueError):
         return None
+
+
+def source(data: bytes) -> str:
+    """Where a packet came from (its source address), or "" when its header is cut short."""
+    try:
+        version = data[0] >> 4
+        if version == 4 and len(data) >= 20:
+            return socket.inet_ntop(socket.AF_INET, data[12:16])
+        if version == 6 and len(data) >= 40:
+            return socket.inet_ntop(socket.AF_INET6, data[8:24])
+    except (IndexError, ValueError):
+        pass
+    return ""
