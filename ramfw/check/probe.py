@@ -350,7 +350,7 @@ class Probe:
 
 
 def probe(text: str, login: Login, nameservers: list[str], certs_dir: str = CERTS_DIR,
-          budget: float = BUDGET, by: str = "ramfw check") -> dict:
+          budget: float = BUDGET, by: str = "ramfw check", resolver: Resolver | None = None) -> dict:
     """One image, probed; plain data (``verdict`` reads it)."""
     reference = parse(text)
     result = {"reference": reference.to_text(), "registry": reference.host, "port": reference.port,
@@ -362,7 +362,7 @@ def probe(text: str, login: Login, nameservers: list[str], certs_dir: str = CERT
         result["error"] = f"the engine's certificates for {reference.domain} cannot be read: {_why(err)}"
         result["steps"] = []
         return result
-    attempt = Probe(reference, login, Resolver(nameservers), context, budget)
+    attempt = Probe(reference, login, resolver or Resolver(nameservers), context, budget)
     try:
         result["blob"] = attempt.run()
         result["complete"] = True
