@@ -207,7 +207,7 @@ def to_lines(report: dict) -> list[str]:
     lines = [f"{report['reference']}: {why[report['verdict']]}"]
     if report["verdict"] == "blocked" and report["error"]:
         lines.append(f"  (the probe stopped: {report['error']})")
-    width = max([len(r["host"]) for r in report["hosts"]] + [10])
+    width = min(max([len(r["host"]) for r in report["hosts"]] + [10]), 32)
     for row in report["hosts"]:
         policy = f"allowed by {row['entry']}" if row["entry"] else row["policy"].upper() if \
             row["policy"] == "blocked" else row["policy"]
