@@ -249,6 +249,7 @@ class Probe:
             step = Step(role if hop == 0 else "redirect", parts.hostname.lower(), port, parts.path or "/")
             self.steps.append(step)
             conn = self._connect(parts.scheme, step.host, port, step)
+            sock = conn.sock  # the response reads from it after the connection lets go of it
             try:
                 sent = dict(headers)
                 if (step.host, port) != login_to:
@@ -263,7 +264,7 @@ class Probe:
                     target = urllib.parse.urlsplit(url)
                     step.location = urllib.parse.urlunsplit((target.scheme, target.netloc, target.path, "", ""))
                     continue
-                data = response.read(MAX_BODY) if body else b""
+                data = self._read(response, sock) if body else b""
                 return response.status, response.headers, data
             except (OSError, http.client.HTTPException) as err:
                 step.error = _why(err)
@@ -271,6 +272,21 @@ class Probe:
             finally:
                 conn.close()
         raise Failed(f"more than {MAX_REDIRECTS} redirects")
+
+    def _read(self, response: http.client.HTTPResponse, sock: socket.socket) -> bytes:
+        """The body, ``MAX_BODY`` at most, within the image's budget (a server that trickles
+        bytes would otherwise hold the probe, in the daemon a thread, for as long as it likes)."""
+        data = bytearray()
+        while len(data) < MAX_BODY:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError()
+            sock.settimeout(min(TIMEOUT, remaining))
+            chunk = response.read1(min(65536, MAX_BODY - len(data)))
+            if not chunk:
+                break
+            data += chunk
+        return bytes(data)
 
     # -- the pull -----------------------------------------------------------------------------
     def _base(self) -> str:
@@ -305,7 +321,7 @@ class Probe:
         try:
             answer = json.loads(data)
             token = answer.get("token") or answer.get("access_token")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             token = None
         if not isinstance(token, str) or not token:
             raise Failed("the token endpoint's answer has no token")
@@ -320,7 +336,7 @@ class Probe:
                          + (": no such image, or it needs a login" if status in (401, 403, 404) else ""))
         try:
             document = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise Failed(f"the manifest {ref} is not JSON") from None
         if not isinstance(document, dict):
             raise Failed(f"the manifest {ref} is not a JSON object")

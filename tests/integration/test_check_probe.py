@@ -9,6 +9,7 @@ import shutil
 import ssl
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -79,6 +80,18 @@ class World:
                 if self.headers.get("Authorization") != "Bearer T0KEN":
                     realm = f"https://auth.test:{world.port('auth.test')}/token"
                     return self.answer(401, WWW_Authenticate=f'Bearer realm="{realm}",service="registry.test"')
+                if self.path == "/v2/slow/image/manifests/1":  # a byte every 0.3 s
+                    self.send_response(200)
+                    self.send_header("Content-Length", "20")
+                    self.end_headers()
+                    for _ in range(20):
+                        try:
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                        except OSError:
+                            return
+                        time.sleep(0.3)
+                    return
                 if self.path == "/v2/test/image/manifests/1":
                     index = {"manifests": [
                         {"digest": f"sha256:{arch}", "platform": {"os": "linux", "architecture": arch}}
@@ -154,3 +167,12 @@ def test_a_missing_image_and_an_unknown_name_stop_the_probe(world):
     unknown = probe.probe("nowhere.test/test/image:1", Login(), [], certs, resolver=Resolver())
     assert not unknown["complete"] and "no address" in unknown["error"]
     assert unknown["steps"][0]["host"] == "nowhere.test"
+
+
+def test_a_server_that_trickles_cannot_hold_the_probe_past_its_budget(world):
+    registry = f"registry.test:{world.port('registry.test')}"
+    start = time.monotonic()
+    result = probe.probe(f"{registry}/slow/image:1", Login(), [], certs_for(world, registry), budget=1.5,
+                         resolver=Resolver())
+    assert not result["complete"] and "timed out" in result["error"]
+    assert time.monotonic() - start < 3
