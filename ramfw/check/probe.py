@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .. import __version__
 from .credentials import Login
-from .reference import Reference, parse
+from .reference import Reference, is_address, parse
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -147,7 +147,7 @@ class Resolver:
     def addresses(self, host: str, deadline: float | None = None) -> tuple[str, ...]:
         if host in self._found:
             return self._found[host]
-        if _is_address(host):
+        if is_address(host):
             return (host,)
         if host == "localhost":
             return ("127.0.0.1", "::1")
@@ -169,14 +169,6 @@ class Resolver:
             raise Failed(f"{host} has no address (asked {', '.join(self._resolver.nameservers)})")
         self._found[host] = tuple(found)
         return self._found[host]
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _why(err: BaseException) -> str:

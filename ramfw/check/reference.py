@@ -55,11 +55,15 @@ class Reference:
     @property
     def is_address(self) -> bool:
         """The registry is named by an IP address, which no policy entry can allow."""
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            return False
-        return True
+        return is_address(self.host)
+
+
+def is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _reject(text: str, rule: str) -> InvalidReference:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..policy import Policy, hosting, profiles
 from ..policy.names import InvalidName, Pattern, canonical, parse_entry
+from .reference import is_address
 
 EXIT_ALLOWED, EXIT_BLOCKED, EXIT_KERNEL, EXIT_INCOMPLETE = 0, 1, 8, 9
 ALLOW_DOCKER_HUB = '"allowDockerHub": true'
@@ -34,17 +35,9 @@ class Kernel:
     readable: bool = True
 
 
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _local(host: str) -> bool:
     """Loopback is not egress: ramfw never filters it."""
-    return host == "localhost" or (_is_address(host) and ipaddress.ip_address(host).is_loopback)
+    return host == "localhost" or (is_address(host) and ipaddress.ip_address(host).is_loopback)
 
 
 def _answer(step: dict) -> str:
@@ -95,7 +88,7 @@ def _policy(host: str, policy: Policy) -> tuple[str, str]:
         return "not egress", ""
     if not policy.enabled:
         return "not restricted", ""
-    if _is_address(host):
+    if is_address(host):
         return "blocked", ""
     try:
         pattern = parse_entry(host).pattern
@@ -131,7 +124,7 @@ def _entries(row: dict, policy: Policy, registry: str) -> tuple[list[str], list[
     host = row["host"]
     if host in profiles.DOCKER_HUB_HOSTS and not policy.allow_docker_hub:
         return [ALLOW_DOCKER_HUB], []
-    if _is_address(host):
+    if is_address(host):
         return [], [f"{host} is an IP address, which no policy entry can allow: pull by a host name"]
     if host.startswith("*."):
         shared = hosting.shared(parse_entry(host).pattern)
