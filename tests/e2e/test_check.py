@@ -7,7 +7,7 @@ from pathlib import Path
 from tests.e2e import test_docker as lab_e2e
 from tests.e2e.test_docker import POLICY, fresh, pull, restart_daemon, write_policy
 from tests.lab.registry import IMAGE
-from tests.lab.sandbox import CDN4
+from tests.lab.sandbox import CDN4, RAMFW, ROOT
 
 world = lab_e2e.world  # the same lab as test_docker's: registries, dockerd, a ramfw daemon (engine scope)
 
@@ -89,6 +89,20 @@ def test_several_images_at_once_exit_with_the_worst(world):
     assert code == 9 and "404" in report["images"][0]["error"]
     bad = world.ramfw("check", "--config", world.config, "Allowed-Registry.test/X")
     assert bad.returncode == 2 and "lower-case" in bad.stderr
+
+
+def test_only_root_may_have_the_daemon_probe(world):
+    """The daemon's probes pass host scope: no other user may ask for them."""
+    request = {"command": "check", "images": [f"blocked-registry.test/{IMAGE}"]}
+    script = ("import json, socket, sys; s = socket.socket(socket.AF_UNIX); s.connect('\\0ramfw/ramfw'); "
+              "s.sendall(sys.argv[1].encode() + b'\\n'); print(s.makefile().readline())")
+    result = world.vm.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                          script, json.dumps(request))
+    assert json.loads(result.stdout) == {"ok": False, "error": "check needs root"}
+    unprivileged = world.vm.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *RAMFW, "check",
+                                f"blocked-registry.test/{IMAGE}", check=False,
+                                cwd=str(ROOT), env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert unprivileged.returncode == 6 and "needs root" in unprivileged.stderr
 
 
 def test_with_the_daemon_stopped_check_probes_itself_and_still_agrees_with_pulls(world):
