@@ -1,4 +1,4 @@
-"""The library API the CLI (and anyone else) calls: up, down, status, reload, doctor, lint.
+"""The library API the CLI (and anyone else) calls: up, down, status, reload, doctor, lint, check.
 
 This module wires the pure core (policy, ruleset rendering) to the kernel objects; it keeps
 no state of its own beyond a small JSON record of what ``up`` applied, in the run directory,
@@ -7,6 +7,7 @@ which ``status`` reads back beside the kernel's own state.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 from dataclasses import replace
@@ -16,9 +17,10 @@ from . import __version__
 from . import policy as policy_mod
 from . import record as record_mod
 from .config import Config
+from .check import credentials, probe, reference, verdict
 from .daemon import control
 from .daemon import seen as seen_mod
-from .errors import DaemonError, NftablesError, PolicyError, require_root
+from .errors import DaemonError, InvalidReference, NftablesError, PolicyError, require_root
 from .daemon.engine import EngineScope
 from .kernel import bpf, engine, links, probes, ruleset
 from .kernel.table import Table
@@ -239,4 +241,64 @@ def lint(path: str, config: Config) -> tuple[Policy, list[str]]:
     return policy, policy_mod.lint(policy)
 
 
-__all__ = ["up", "down", "status", "reload", "doctor", "placed", "report", "suggest", "lint"]
+def check(config: Config, images: list[str], certs_dir: str = probe.CERTS_DIR) -> dict:
+    """Probe each image's pull, then judge every host against the policy in force and the
+    kernel's allowed sets, read after the probe's lookups (``check.verdict``). The daemon probes
+    when one answers: its connections are its own, exempt from host scope by its cgroup; else
+    this process does, filtered like any other in host scope."""
+    require_root("ramfw check")
+    if not images or len(images) > probe.MAX_IMAGES:
+        raise InvalidReference(f"name 1 to {probe.MAX_IMAGES} images")
+    logins = {}
+    for image in images:
+        login = credentials.read(reference.parse(image))  # every reference is checked before anything is sent
+        logins[image] = {"basic": login.basic, "how": login.how}
+    policy, nameservers, notes, daemon = _in_force(config)
+    results = None
+    if daemon:
+        answer = control.request(config, "check", timeout=probe.BUDGET * len(images) + 15, arguments={
+            "images": images, "logins": logins, "nameservers": nameservers, "certs_dir": certs_dir})
+        if answer.get("ok"):
+            results = answer["results"]
+        else:
+            notes.append(f"the daemon did not probe ({answer.get('error')}): this process did")
+    if results is None:
+        results = probe.probe_all(images, logins, nameservers, certs_dir)
+    state = Table(config.enforcement.table).state()
+    kernel = verdict.Kernel(state.exists, state.mode,
+                            {str(ipaddress.ip_address(item.address)): item.name for item in state.learned})
+    reports = [verdict.judge(result, policy, kernel) for result in results]
+    add, todo = verdict.summary(reports)
+    return {"images": reports, "add": add, "todo": todo, "exit": verdict.exit_code(reports), "notes": notes,
+            "policy": policy.summary(), "kernel": {"enforcing": kernel.enforcing, "mode": kernel.mode,
+                                                   "learned_addresses": len(kernel.learned)}}
+
+
+def _in_force(config: Config) -> tuple[Policy, list[str], list[str], bool]:
+    """(the policy in force, the resolvers the kernel learns from, notes, whether a daemon runs):
+    the daemon's, else the record ``up`` left, else what a daemon would load."""
+    try:
+        answer = control.request(config, "status")
+    except DaemonError:
+        answer = {}
+    if answer.get("ok"):
+        found = answer["status"]
+        notes = [f"probed by the ramfw daemon (pid {found['daemon']['pid']}), against its policy "
+                 f"({found['policy']['organization']}, {found['policy']['entries']} entries from "
+                 f"{found['policy'].get('source')})"]
+        if "host" in found.get("scope_in_force", []):
+            notes += [n for n in found.get("notes", []) if n.startswith("ramfw's own connections")]
+        return policy_mod.from_summary(found["policy"]), list(found["trusted_resolvers"]), notes, True
+    notes = ["no daemon answers: this process probes, and nothing new is learned, so the kernel allows only "
+             "what it learned before"]
+    record = record_mod.read(config)
+    if record:
+        if "host" in record.get("scope_in_force", []):
+            notes.append("host scope is in force: this process's connections are filtered like any other's")
+        return policy_mod.from_summary(record["policy"]), list(record["trusted_resolvers"]), notes, False
+    policy, source = policy_source.load(config, None, fallback=True)
+    notes.append(f"ramfw is not in force here: judged against the policy a daemon would load ({source})")
+    return policy, resolvers.trusted(config.dns.trusted_resolvers), notes, False
+
+
+__all__ = ["up", "down", "status", "reload", "doctor", "placed", "report", "suggest", "lint", "check"]

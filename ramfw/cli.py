@@ -5,7 +5,10 @@ configuration or command line; 3 the kernel lacks what ramfw needs; 4 nftables r
 transaction; 5 the daemon could not be reached; 6 root is needed; 7 a queue or log group ramfw
 needs is held by another program; 8 enforcing, but not as configured (status: engine scope
 cannot be trusted, so host scope is in force on the registry ports; or the policy is out of
-date: expired, or its source silent for longer than policy.max_staleness).
+date: expired, or its source silent for longer than policy.max_staleness). ``check``: 0 every
+host the pulls touch is allowed by the policy and by the kernel now; 1 the policy blocks one
+(the entries to add are printed); 8 the policy allows them but the kernel would refuse one now;
+9 a probe could not finish (the registry could not be reached, or refused the pull).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 
 from . import __version__, api, record
 from . import config as config_mod
+from .check import probe, verdict
 from .errors import RamfwError
 from .policy import source as policy_source
 
@@ -137,6 +141,15 @@ def _report_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _print_check(result: dict) -> None:
+    for note in result["notes"]:
+        print(f"note: {note}")
+    for report in result["images"]:
+        print("\n".join(verdict.to_lines(report)))
+    if result["todo"]:
+        print(f"to make these pulls work: {result['todo']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ramfw", description="Registry firewall for the container VM.")
     parser.add_argument("--version", action="version", version=f"ramfw {__version__}")
@@ -167,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     suggest.add_argument("--diff", action="store_true", help="only the entries to add")
     for sub in (report, suggest):
         sub.add_argument("--policy", help="policy JSON file (default: the policy in force)")
-    for sub in (up, daemon, reload, boot, down, status, lint, placed, report, suggest, doctor):
+    check = commands.add_parser("check", help="probe pulls: the hosts they touch, allowed or not, what to add")
+    check.add_argument("images", nargs="+", metavar="IMAGE")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--certs-dir", default=probe.CERTS_DIR, help="the engine's per-registry CAs, "
+                       f"<dir>/<registry>/*.crt, beside the system store (default: {probe.CERTS_DIR})")
+    for sub in (up, daemon, reload, boot, down, status, lint, placed, report, suggest, doctor, check):
         sub.add_argument("--config", help=f"configuration file (default: {config_mod.DEFAULT_PATH})")
     args = parser.parse_args(argv)
     try:
@@ -240,6 +258,15 @@ def _run(args) -> int:
             print(f"note: {note}", file=sys.stderr)
         print("\n".join(f"+ {entry}" for entry in added) if args.diff else json.dumps(data, indent=2))
         return 0
+
+
+    if args.command == "check":
+        result = api.check(config, args.images, args.certs_dir)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            _print_check(result)
+        return result["exit"]
     if args.command == "policy" and args.policy_command == "placed":
         where = api.placed(config)
         if where is None:

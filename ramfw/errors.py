@@ -53,6 +53,12 @@ class NotRoot(RamfwError):
     exit_code = 6
 
 
+class InvalidReference(RamfwError):
+    """An image reference given to ``ramfw check`` is not one the engine would pull."""
+
+    exit_code = 2
+
+
 def require_root(what: str) -> None:
     import os
 

@@ -8,7 +8,10 @@ socket every distribution can reach. Mutating commands need uid 0 (``SO_PEERCRED
 No client can stall the daemon's loop: each connection is read and answered by a thread of
 its own, within a deadline for the whole request (a client that sends a byte a second is cut
 off), and at most ``MAX_CLIENTS`` at once; only the command itself runs in the loop, handed
-over through a queue and a wake-up. A client believes only a server running as root.
+over through a queue and a wake-up. A command that touches nothing of the loop's runs in the
+client's thread instead (``THREADED``: ``check`` probes registries for ``ramfw check``, and its
+connections are the daemon's own, exempt from host scope by its cgroup as the policy polls
+are). A client believes only a server running as root.
 """
 
 from __future__ import annotations
@@ -29,6 +32,23 @@ from ..errors import DaemonError
 READ_ONLY = ("ping", "status")  # what any local user may ask
 MAX_CLIENTS = 16
 DEADLINE = 2.0  # seconds for a whole request to arrive, and for its answer to leave
+
+
+def check(request: dict) -> dict:
+    """``ramfw check``'s probes, made by the daemon (root asked): the images, the logins the
+    caller read from its Docker config, the resolvers to ask, the engine's certs.d."""
+    from ..check import probe
+
+    images, logins = request.get("images"), request.get("logins") or {}
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images) or not isinstance(logins, dict):
+        return {"ok": False, "error": "check takes a list of images"}
+    nameservers = [str(n) for n in request.get("nameservers") or []]
+    results = probe.probe_all(images, {k: v for k, v in logins.items() if isinstance(v, dict)}, nameservers,
+                              str(request.get("certs_dir") or probe.CERTS_DIR), by="the ramfw daemon")
+    return {"ok": True, "results": results}
+
+
+THREADED = {"check": check}  # answered in the client's thread, without the loop
 
 
 def abstract_address(config: Config) -> str:
@@ -151,6 +171,11 @@ class ControlServer:
             return {"ok": False, "error": f"bad request: {type(err).__name__}"}
         if uid != 0 and command not in READ_ONLY:
             return {"ok": False, "error": f"{command} needs root"}
+        if command in THREADED:
+            try:
+                return THREADED[command](request)
+            except Exception as err:  # noqa: BLE001 - the client gets an answer
+                return {"ok": False, "error": f"{command} failed: {err}"}
         pending = _Request(command, uid)
         try:
             pending.prepared = self.prepare(command)
@@ -185,9 +210,9 @@ class ControlServer:
             self.lock.close()
 
 
-def request(config: Config, command: str, timeout: float = 5.0) -> dict:
+def request(config: Config, command: str, timeout: float = 5.0, arguments: dict | None = None) -> dict:
     """Ask the daemon (its socket file, else the namespace's abstract socket); DaemonError if
-    neither answers."""
+    neither answers. ``timeout`` is for each read."""
     failures = []
     for address in (config.daemon.socket, abstract_address(config)):
         try:
@@ -197,7 +222,7 @@ def request(config: Config, command: str, timeout: float = 5.0) -> dict:
                 if peer_uid(sock) != 0:  # a squatter on the address, not the daemon (which runs as root)
                     failures.append(f"{address!r} is held by uid {peer_uid(sock)}, not by the ramfw daemon")
                     continue
-                sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+                sock.sendall(json.dumps({**(arguments or {}), "command": command}).encode() + b"\n")
                 return json.loads(read_line(sock, 1 << 26))  # a status can be large; the timeout is per read
         except (OSError, ValueError) as err:
             failures.append(str(err))

@@ -167,9 +167,9 @@ class EngineScope:
                      or "(no engine running yet)")
 
     def own_traffic(self) -> tuple[list[bytes], str]:
-        """Host scope covers every local process: ramfw's own connections (policy polls) pass by
-        its cgroup while no other process is in it. The rules (none: no exemption) and what
-        they do."""
+        """Host scope covers every local process: ramfw's own connections (policy polls, `ramfw
+        check`'s probes) pass by its cgroup while no other process is in it. The rules (none: no
+        exemption) and what they do."""
         if "host" not in self.scope_in_force:
             return [], "not in host scope"
         where = self.mount or bpf.cgroup2_mount()

@@ -65,7 +65,7 @@ def document(daemon, full: bool = True) -> dict:
     if table.get("warning"):
         notes.append(f"WARNING: {table['warning']}")
     if "host" in daemon.scope:
-        notes.append(f"ramfw's own connections (policy polls) are {daemon.own_traffic}")
+        notes.append(f"ramfw's own connections (policy polls, `ramfw check`'s probes) are {daemon.own_traffic}")
     url = daemon.url_source
     freshness = poller.status_fields(daemon, now)
     if freshness["stale"]:

@@ -213,6 +213,15 @@ def from_file(path: str | Path, max_registries: int = DEFAULT_MAX_REGISTRIES) ->
     return from_text(text, max_registries, str(path))
 
 
+def from_summary(summary: dict) -> Policy:
+    """The policy a ``Policy.summary()`` describes (what the daemon's status and the record of
+    ``up`` carry), for matching: the entries in force, the same matcher."""
+    registries = tuple(Registry(text, "", parse_entry(text).pattern) for text in summary.get("registries", []))
+    return Policy(summary.get("organization", ""), bool(summary.get("enabled", True)),
+                  bool(summary.get("allowDockerHub", True)), registries, version=summary.get("version") or 0,
+                  expires=summary.get("expires"), signer=summary.get("signer") or "")
+
+
 def default() -> Policy:
     """With no policy configured: Docker Hub only, as Docker RAM starts."""
     return Policy("default", True, True, ())
