@@ -130,9 +130,10 @@ def _report_text(result: dict) -> str:
     when = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "never"  # noqa: E731
     lines = [f"what ramfw saw ({result['file']}, saved {when(result['saved_at'])}):"]
     refused = sorted(result["refused"].items(), key=lambda item: -item[1]["count"])
-    lines.append(f"refused ({len(refused)} hosts; in audit mode, would have been):" if refused else "refused: nothing")
+    lines.append(f"refused ({len(refused)} host(s); in audit mode, would have been):" if refused else "refused: nothing")
     for host, seen in refused:
-        lines.append(f"  {host:40} {seen['count']:6}x  ports {','.join(map(str, seen.get('ports', [])))}  "
+        lines.append(f"  {host:40} {seen['count']:6}x {seen.get('verdict', ''):8} "
+                     f"ports {','.join(map(str, seen.get('ports', [])))}  "
                      f"clients {','.join(seen.get('clients', []))}  first {when(seen['first'])}  last {when(seen['last'])}")
     lines.append(f"use of {result['organization']}'s entries (lookups learned from):")
     for entry, use in sorted(result["usage"].items()):

@@ -4,7 +4,10 @@ A "vm" namespace runs a real Docker engine (in a cgroup of its own) and the ramf
 "internet" namespace runs a real DNS server and real registries (Debian's docker-registry,
 TLS from a throw-away CA) on documentation addresses. The engine pulls from an allowed and a
 blocked registry, and from one whose blobs redirect to a CDN name; ramfw status explains
-each block. The host's own network, ruleset and Docker are never touched.
+each block (the block events). `ramfw check` then names the CDN host the redirecting pull
+needs, and an audit run turns what the pulls touched into a policy (`ramfw report`, `ramfw
+policy suggest`) that, enforced, lets the pulls through and still refuses the blocked
+registry. The host's own network, ruleset and Docker are never touched.
 """
 
 import json
@@ -25,6 +28,17 @@ def show(title, text=""):
     print(f"\n=== {title}")
     if text.strip():
         print(text.rstrip())
+
+
+def pulls(registries, *names) -> None:
+    for name in names:
+        images = registries.docker("images", "-q").stdout.split()
+        if images:  # no cached layers: every pull downloads its blobs
+            registries.docker("rmi", "-f", *set(images), check=False)
+        start = time.monotonic()
+        result = registries.docker("pull", f"{name}/{IMAGE}", check=False)
+        outcome = "pulled" if result.returncode == 0 else "FAILED: " + result.stderr.strip()[-160:]
+        show(f"docker pull {name}/{IMAGE}  ({time.monotonic() - start:.2f} s)", outcome)
 
 
 def main() -> int:
@@ -48,18 +62,33 @@ def main() -> int:
                               f'[dns]\ntrusted_resolvers = ["{NET4}"]\n[daemon]\nrun_dir = "{tmp}/run"\n')
             show("the organization's policy (Docker Hub is allowed by default)", policy.read_text())
             show("ramfw policy lint", lab.ramfw("policy", "lint", str(policy)).stdout)
-            lab.start_daemon(str(config))
+            lab.daemon = lab.start_daemon(str(config))
             show("ramfw daemon started; ramfw status", lab.ramfw("status", "--config", str(config)).stdout)
-            for name in ("allowed-registry.test", "blocked-registry.test", "redirect-registry.test"):
-                images = registries.docker("images", "-q").stdout.split()
-                if images:  # no cached layers: every pull downloads its blobs
-                    registries.docker("rmi", "-f", *set(images), check=False)
-                start = time.monotonic()
-                result = registries.docker("pull", f"{name}/{IMAGE}", check=False)
-                outcome = "pulled" if result.returncode == 0 else "FAILED: " + result.stderr.strip()[-160:]
-                show(f"docker pull {name}/{IMAGE}  ({time.monotonic() - start:.2f} s)", outcome)
+            pulls(registries, "allowed-registry.test", "blocked-registry.test", "redirect-registry.test")
             time.sleep(0.3)
-            show("ramfw status", lab.ramfw("status", "--config", str(config)).stdout)
+            show("ramfw status (the block events)", lab.ramfw("status", "--config", str(config)).stdout)
+            certs = registries.dir / "vm" / "etc-docker" / "certs.d"  # the CAs the lab's dockerd trusts
+            show(f"ramfw check redirect-registry.test/{IMAGE}", lab.ramfw(
+                "check", "--config", str(config), "--certs-dir", str(certs), f"redirect-registry.test/{IMAGE}").stdout)
+
+            audit = config.read_text().replace("[enforcement]\n", '[enforcement]\nmode = "audit"\n')
+            config.write_text(audit)
+            lab.daemon.terminate()
+            lab.daemon.wait(10)
+            Path(tmp, "seen.json").unlink(missing_ok=True)  # a fresh audit: only what its pulls touch
+            lab.daemon = lab.start_daemon(str(config))
+            show("audit mode: the same policy, nothing refused, everything that would be is kept")
+            pulls(registries, "redirect-registry.test")
+            lab.daemon.terminate()  # what it saw is saved as it stops
+            lab.daemon.wait(10)
+            show("ramfw report", lab.ramfw("report", "--config", str(config)).stdout)
+            suggested = lab.ramfw("policy", "suggest", "--config", str(config))
+            show("ramfw policy suggest --diff", lab.ramfw("policy", "suggest", "--diff", "--config", str(config)).stdout)
+            policy.write_text(suggested.stdout)
+            config.write_text(audit.replace('mode = "audit"\n', ""))
+            lab.daemon = lab.start_daemon(str(config))
+            show("the suggested policy, enforced", policy.read_text())
+            pulls(registries, "redirect-registry.test", "blocked-registry.test")
             show("ramfw down", lab.ramfw("down", "--config", str(config)).stdout)
         finally:
             if registries is not None:

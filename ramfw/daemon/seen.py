@@ -94,13 +94,22 @@ class Seen:
         return {"refused": self.refused, "looked_up": self.looked_up}
 
 
+DOCKER_HUB = "Docker Hub (allowDockerHub)"
+
+
 def usage(looked_up: dict[str, dict], policy) -> dict[str, dict]:
-    """Per policy entry: lookups learned from and when last; entries nobody looked up have 0."""
-    per_entry = {pattern.to_text(): {"lookups": 0, "last": None} for pattern in policy.patterns()}
+    """Per policy entry: lookups learned from and when last; entries nobody looked up have 0.
+    Docker Hub's hosts (``allowDockerHub``) count as one entry."""
+    registries = {registry.pattern.to_text() for registry in policy.registries}
+    per_entry = {entry: {"lookups": 0, "last": None} for entry in sorted(registries)}
+    if policy.allow_docker_hub:
+        per_entry[DOCKER_HUB] = {"lookups": 0, "last": None}
     for name, seen in looked_up.items():
         pattern = policy.matcher.match(name)
-        if pattern is not None and pattern.to_text() in per_entry:
-            entry = per_entry[pattern.to_text()]
+        if pattern is None:
+            continue
+        entry = per_entry.get(pattern.to_text() if pattern.to_text() in registries else DOCKER_HUB)
+        if entry is not None:
             entry["lookups"] += seen["count"]
             entry["last"] = max(entry["last"] or 0, seen["last"])
     return per_entry

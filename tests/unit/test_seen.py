@@ -59,6 +59,10 @@ def test_usage_per_entry_counts_lookups_and_names_the_unused():
                  "b.allowed.test": {"count": 2, "first": 1.0, "last": 4.0}}
     use = usage(looked_up, policy("allowed.test", "ghcr.io"))
     assert use == {"allowed.test": {"lookups": 5, "last": 9.0}, "ghcr.io": {"lookups": 0, "last": None}}
+    hub = policy_mod.from_data({"organizations": [{"name": "acme", "registryAccess": {
+        "enabled": True, "registries": [{"address": "ghcr.io"}]}}]})  # allowDockerHub by default
+    use = usage({"registry-1.docker.io": {"count": 2, "first": 1.0, "last": 3.0}}, hub)
+    assert use == {"ghcr.io": {"lookups": 0, "last": None}, seen_mod.DOCKER_HUB: {"lookups": 2, "last": 3.0}}
 
 
 def test_suggest_adds_exact_hosts_only_and_says_what_it_cannot_add():
