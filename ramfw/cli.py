@@ -21,6 +21,7 @@ import time
 from . import __version__, api, record
 from . import config as config_mod
 from .check import probe, verdict
+from .daemon.blocks import advice
 from .errors import RamfwError
 from .policy import source as policy_source
 
@@ -73,6 +74,9 @@ def _print_status(result: dict) -> None:
         seen[line] = seen.pop(line, 0) + 1  # re-inserted: the most recent come last
     for line, count in list(seen.items())[-10:]:
         print(f"blocked:    {line}" + (f" x{count}" if count > 1 else ""))
+    hosts = list(dict.fromkeys(b["host"] for b in (result.get("recent_blocks") or [])[-50:] if b.get("host")))
+    if hosts:
+        print(f"to allow:   {advice(*hosts[-5:])}")
     for error in (result.get("errors") or [])[-5:]:
         print(f"error:      {error}")
 

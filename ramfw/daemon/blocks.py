@@ -38,6 +38,11 @@ class Throttle:
                 extra=extra)
 
 
+def advice(*hosts: str) -> str:
+    """What a developer refused a registry can do about it."""
+    return f"ask your administrators to add {', '.join(hosts)} to your organization's allowed registries"
+
+
 class BlockLog:
     def __init__(self, audit: bool):
         self.audit = audit
@@ -64,8 +69,10 @@ class BlockLog:
             message = f"audit: would block: {message}"
         line = f"{message} ({address} port {port})"
         self._throttle.log(logging.WARNING, line, line, logs.event(
-            "block", verdict="audited" if self.audit else "blocked", host=host, address=address, port=port))
-        self.recent.append({"time": time.time(), "message": message, "address": address, "port": port})
+            "block", verdict="audited" if self.audit else "blocked", host=host, address=address, port=port,
+            **({"advice": advice(host)} if host else {})))
+        self.recent.append({"time": time.time(), "message": message, "address": address, "port": port,
+                            "host": host})
 
     def name_and_record(self, packets: list[bytes], snooper, seen) -> None:
         """Blocked packets (their headers, from the log group): each named by the replies the

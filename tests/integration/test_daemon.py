@@ -86,6 +86,8 @@ def test_blocked_name_is_refused_and_named_in_status(daemon_lab):
     assert result["recent_blocks"][-1]["message"] == "registry access to blocked-registry.test is not allowed"
     text = lab.ramfw("status", "--config", lab.config).stdout
     assert "registry access to blocked-registry.test is not allowed" in text
+    assert ("to allow:   ask your administrators to add blocked-registry.test to your organization's allowed "
+            "registries") in text
 
 
 def test_a_flood_of_blocked_connections_is_counted_whole_and_named_at_a_bounded_rate(daemon_lab):

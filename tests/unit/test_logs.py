@@ -40,6 +40,7 @@ def test_a_block_is_one_json_object_with_its_event_and_fields(tmp_path):
     block, other, audited = lines_of(tmp_path / "ramfw.log")
     assert block["event"] == "block" and block["level"] == "warning" and block["verdict"] == "blocked"
     assert (block["host"], block["address"], block["port"]) == ("evil.test", "203.0.113.9", 443)
+    assert block["advice"] == "ask your administrators to add evil.test to your organization's allowed registries"
     assert block["message"] == "registry access to evil.test is not allowed (203.0.113.9 port 443)"
     assert block["time"].endswith("Z") and isinstance(block["pid"], int)
     assert other["event"] == "message" and other["message"] == "something else"
