@@ -233,7 +233,7 @@ def suggest(config: Config, policy_path: str | None = None) -> tuple[dict, list[
 def _policy_for_tools(config: Config, policy_path: str | None) -> Policy:
     if policy_path is not None:
         return policy_mod.from_file(policy_path, config.policy.max_registries)
-    return policy_source.load(config, fallback=True)[0]
+    return _in_force(config)[0]
 
 
 def lint(path: str, config: Config) -> tuple[Policy, list[str]]:
