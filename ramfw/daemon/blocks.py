@@ -46,6 +46,7 @@ def advice(*hosts: str) -> str:
 class BlockLog:
     def __init__(self, audit: bool):
         self.audit = audit
+        self.verdict = "audited" if audit else "blocked"  # what a block event says became of it
         self.recent: deque[dict] = deque(maxlen=50)
         self._throttle = Throttle()
         self._named: dict[str, tuple[float, str]] = {}  # address -> (when, message): one lookup per interval
@@ -69,7 +70,7 @@ class BlockLog:
             message = f"audit: would block: {message}"
         line = f"{message} ({address} port {port})"
         self._throttle.log(logging.WARNING, line, line, logs.event(
-            "block", verdict="audited" if self.audit else "blocked", host=host, address=address, port=port,
+            "block", verdict=self.verdict, host=host, address=address, port=port,
             **({"advice": advice(host)} if host else {})))
         self.recent.append({"time": time.time(), "message": message, "address": address, "port": port,
                             "host": host})
@@ -84,4 +85,4 @@ class BlockLog:
             snooper.counters["blocks_named"] += 1
             host = snooper.address_names.get(found[0], "")
             self.record(self.message(found[0], snooper.block_message), *found, host=host)
-            seen.refusal(host, *found, source(packet), "audited" if self.audit else "blocked", time.time())
+            seen.refusal(host, *found, source(packet), self.verdict, time.time())

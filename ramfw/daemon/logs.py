@@ -27,7 +27,6 @@ import time
 import uuid
 
 TEXT_FORMAT = "ramfw[%(process)d]: %(levelname)s: %(message)s"
-FORMATS = ("text", "json")
 
 
 class JsonFormatter(logging.Formatter):

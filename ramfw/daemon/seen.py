@@ -90,9 +90,6 @@ class Seen:
         except OSError as err:
             log.warning("could not save what ramfw saw to %s: %s", self.path, err)
 
-    def to_dict(self) -> dict:
-        return {"refused": self.refused, "looked_up": self.looked_up}
-
 
 DOCKER_HUB = "Docker Hub (allowDockerHub)"
 
