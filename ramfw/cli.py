@@ -21,7 +21,7 @@ import time
 from . import __version__, api, record
 from . import config as config_mod
 from .check import probe, verdict
-from .daemon.blocks import advice
+from .daemon.blocks import advice, client_text
 from .errors import RamfwError
 from .policy import source as policy_source
 
@@ -70,7 +70,9 @@ def _print_status(result: dict) -> None:
         print(f"note:       {note}")
     seen: dict[str, int] = {}
     for block in result.get("recent_blocks") or []:
-        line = f"{block['message']} ({block['address']} port {block['port']})"
+        client = block.get("client") or {}
+        line = f"{block['message']} ({block['address']} port {block['port']})" + (
+            f" by {client_text(client)}" if client.get("recorded") else "")
         seen[line] = seen.pop(line, 0) + 1  # re-inserted: the most recent come last
     for line, count in list(seen.items())[-10:]:
         print(f"blocked:    {line}" + (f" x{count}" if count > 1 else ""))
@@ -138,7 +140,7 @@ def _report_text(result: dict) -> str:
     for host, seen in refused:
         lines.append(f"  {host:40} {seen['count']:6}x {seen.get('verdict', ''):8} "
                      f"ports {','.join(map(str, seen.get('ports', [])))}  "
-                     f"clients {','.join(seen.get('clients', []))}  first {when(seen['first'])}  last {when(seen['last'])}")
+                     f"clients {','.join(seen.get('clients', []) + seen.get('processes', []))}  first {when(seen['first'])}  last {when(seen['last'])}")
     lines.append(f"use of {result['organization']}'s entries (lookups learned from):")
     for entry, use in sorted(result["usage"].items()):
         lines.append(f"  {entry:40} {use['lookups']:6}   last {when(use['last'])}"

@@ -55,6 +55,7 @@ class EnforcementSettings:
     bpffs: str = "/sys/fs/bpf"
     proxies: tuple[str, ...] = ()  # the engine's explicit HTTP(S) proxies, "address:port": reachable in scope
     table_owner: bool = True  # own the table (owner + persist) where the kernel can: others cannot change it
+    engine_socket: str = "/var/run/docker.sock"  # the engine's API: names the containers block events name
 
     @property
     def configured_cgroups(self) -> tuple[str, ...]:

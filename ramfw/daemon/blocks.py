@@ -7,8 +7,9 @@ import logging
 import time
 from collections import deque
 
-from ..snoop.packet import destination, source
+from ..snoop.packet import flow
 from . import logs
+from .clients import Clients
 
 log = logging.getLogger("ramfw")
 LOG_INTERVAL = 10.0  # seconds between two log lines about one destination
@@ -50,6 +51,15 @@ class BlockLog:
         self.recent: deque[dict] = deque(maxlen=50)
         self._throttle = Throttle()
         self._named: dict[str, tuple[float, str]] = {}  # address -> (when, message): one lookup per interval
+        self.clients = None  # a clients.Clients once ``name_clients``
+
+    def name_clients(self, cgroup_mount: str | None, engine_socket: str) -> None:
+        """Record who connects (in the kernel), to name the client of each block."""
+        self.clients = Clients(cgroup_mount, engine_socket)
+
+    def close(self) -> None:
+        if self.clients is not None:
+            self.clients.close()
 
     def message(self, address: str, lookup) -> str:
         """The block message for ``address``; ``lookup(address)`` (a search of the kept replies)
@@ -63,26 +73,62 @@ class BlockLog:
         self._named[address] = (now, lookup(address))
         return self._named[address][1]
 
-    def record(self, message: str, address: str, port: int, host: str = "") -> None:
-        """One log line per blocked destination per interval: a client retrying in a loop must
-        not flood the log (status counts every one)."""
+    def record(self, message: str, address: str, port: int, host: str = "", client: dict | None = None,
+               containers=None) -> None:
+        """One log line per blocked destination and client per interval: a client retrying in a
+        loop must not flood the log (status counts every one). A client in a container whose name
+        the engine has not told yet is logged once ``containers`` (``clients.Containers``) knows."""
         if self.audit:
             message = f"audit: would block: {message}"
+        client = client or {}
         line = f"{message} ({address} port {port})"
-        self._throttle.log(logging.WARNING, line, line, logs.event(
-            "block", verdict=self.verdict, host=host, address=address, port=port,
-            **({"advice": advice(host)} if host else {})))
-        self.recent.append({"time": time.time(), "message": message, "address": address, "port": port,
-                            "host": host})
+        fields = {"verdict": self.verdict, "host": host, "address": address, "port": port, "client": client,
+                  **({"advice": advice(host)} if host else {})}
+        block = {"time": time.time(), "message": message, "address": address, "port": port, "host": host,
+                 "client": client}
+        self.recent.append(block)
+
+        def write() -> None:
+            said = f"{line} by {client_text(client)}" if client.get("recorded") else line
+            self._throttle.log(logging.WARNING, f"{line} {client.get('pid', '')}", said, logs.event("block", **fields))
+        if containers is not None and "container" in client:
+            containers.complete(client["container"], write)
+        else:
+            write()
 
     def name_and_record(self, packets: list[bytes], snooper, seen) -> None:
         """Blocked packets (their headers, from the log group): each named by the replies the
-        snooper kept, logged, and kept in ``seen`` (a ``seen.Seen``) for ``ramfw report``."""
+        snooper kept and by its client (``clients.Clients``: what the kernel recorded at connect
+        time), logged, and kept in ``seen`` (a ``seen.Seen``) for ``ramfw report``."""
         for packet in packets:
-            found = destination(packet)
+            found = flow(packet)
             if found is None:
                 continue
             snooper.counters["blocks_named"] += 1
-            host = snooper.address_names.get(found[0], "")
-            self.record(self.message(found[0], snooper.block_message), *found, host=host)
-            seen.refusal(host, *found, source(packet), self.verdict, time.time())
+            host = snooper.address_names.get(found.dst, "")
+            client = self.clients.describe(found) if self.clients is not None else {}
+            self.record(self.message(found.dst, snooper.block_message), found.dst, found.dport, host=host,
+                        client=client, containers=self.clients.containers if self.clients is not None else None)
+            seen.refusal(host, found.dst, found.dport, found.src, self.verdict, time.time(), process_name(client))
+
+
+def client_text(client: dict) -> str:
+    """``dockerd (pid 812, /usr/sbin/dockerd, cgroup /system.slice/docker.service)``, or ``wget
+    (pid 91) in container builder (moby/buildkit, 1f2e3d4c5b6a)``."""
+    details = [f"pid {client['pid']}"] + [client[key] for key in ("exe",) if client.get(key)]
+    container = client.get("container")
+    if container is None:
+        details += [f"cgroup {client['cgroup']}"] if client.get("cgroup") else []
+        return f"{client['comm']} ({', '.join(details)})"
+    named = [container[key] for key in ("image",) if container.get(key)] + [container["id"][:12]]
+    return f"{client['comm']} ({', '.join(details)}) in container {container.get('name') or '?'} ({', '.join(named)})"
+
+
+def process_name(client: dict) -> str:
+    """What ``ramfw report`` lists among a host's clients: the process, or its container."""
+    if not client.get("recorded"):
+        return ""
+    container = client.get("container")
+    if container is None:
+        return client["comm"]
+    return f"{client['comm']} in {container.get('name') or container['id'][:12]}"

@@ -105,6 +105,8 @@ class Daemon:
         self.guard = Guard(self)  # and no change made by another process
         self.engine = EngineScope(self.config, self.report)
         self.engine.start()  # before the ruleset: it must know whether engine scope can be trusted
+        if self.blocks:  # before the ruleset too: who connects is recorded from the start
+            self.blocks_log.name_clients(self.engine.mount, self.config.enforcement.engine_socket)
         self.own_traffic, self.applied_scope = "", ()
         self.apply()
         self.engine.say_scope()
@@ -139,14 +141,12 @@ class Daemon:
                                             d.pair_queries, f.query_fd if f else None)
             scope = self.engine.scope_in_force
             settings = dataclasses.replace(e, scope=scope)
-            self.table.apply(ruleset.build_ruleset(settings, self.trusted, d.max_addresses, self.hold), dns_rules,
-                             rebuild)
+            self.table.apply(ruleset.build_ruleset(settings, self.trusted, d.max_addresses, self.hold), dns_rules, rebuild)
             self.applied_scope = scope
             self._on_links()
             self.own_traffic = self.engine.exempt_own_traffic(self.table, "", self.url_source, force=True)
-        record.write(self.config, record.build(self.config, self.policy, self.source, self.trusted,
-                                               self.report.to_dict(), daemon_pid=os.getpid(),
-                                               scope_in_force=list(self.applied_scope)))
+        record.write(self.config, record.build(self.config, self.policy, self.source, self.trusted, self.report.to_dict(),
+                                               daemon_pid=os.getpid(), scope_in_force=list(self.applied_scope)))
 
     def _check_engine(self) -> None:
         """Mark what the engine runs in now; widen or narrow the scope when that changed (or
@@ -413,7 +413,7 @@ class Daemon:
             self.queue.close(release=self._release)
         self.seen.save(force=True)
         for thing in (self.snoop, self.blocks, self.prefilter, self.poller, self.metrics, *(
-                      getattr(self, name, None) for name in ("engine", "links", "guard", "table"))):
+                      getattr(self, name, None) for name in ("engine", "blocks_log", "links", "guard", "table"))):
             if thing is not None:
                 thing.close()
         self.control.close()

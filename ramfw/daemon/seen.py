@@ -49,11 +49,13 @@ class Seen:
             log.warning("what ramfw saw before is unreadable (%s: %s); starting afresh", path, err)
         return seen
 
-    def refusal(self, host: str, address: str, port: int, client: str, verdict: str, now: float) -> None:
+    def refusal(self, host: str, address: str, port: int, client: str, verdict: str, now: float,
+                process: str = "") -> None:
+        """A refusal of ``client`` (its address; ``process``: who there, as the kernel recorded it)."""
         key = host or f"address {address}"
         entry = self._touch(self.refused, key, now)
         entry["verdict"] = verdict
-        for field, value in (("ports", port), ("clients", client), ("addresses", address)):
+        for field, value in (("ports", port), ("clients", client), ("addresses", address), ("processes", process)):
             kept = entry.setdefault(field, [])
             if value not in kept and value not in ("", None):
                 kept.append(value)

@@ -64,6 +64,9 @@ def document(daemon, full: bool = True) -> dict:
     table = probes.table_protection(daemon.table.kernel_view(), daemon.table.portid, daemon.table.owned)
     if table.get("warning"):
         notes.append(f"WARNING: {table['warning']}")
+    clients = daemon.blocks_log.clients
+    if clients is not None and clients.problem:
+        notes.append(f"block events cannot name their clients: {clients.problem}")
     if "host" in daemon.scope:
         notes.append(f"ramfw's own connections (policy polls, `ramfw check`'s probes) are {daemon.own_traffic}")
     url = daemon.url_source

@@ -87,8 +87,7 @@ class Report:
                 "capabilities": [asdict(c) for c in self.capabilities]}
 
 
-PROTECTION_OWNED = ("table owned by the daemon: other processes cannot change it, `nft flush ruleset` leaves it "
-                    "alone")
+PROTECTION_OWNED = "table owned by the daemon: other processes cannot change it, `nft flush ruleset` leaves it alone"
 PROTECTION_GUARDED = "table not owned: changes by others are detected and repaired"
 
 COSTS = {
@@ -107,8 +106,8 @@ COSTS = {
                     "ports in force instead",
     "table_owner": "other processes can change ramfw's table (`nft flush ruleset` removes it): the daemon sees "
                    "each change as it is committed and puts the table back within a second",
-    "btf": "none today; CO-RE programs would need it",
     "bcc": "none: the engine-scope program is loaded without a compiler",
+    "client_recording": "block events name the destination but not the process, cgroup or container that connected",
 }
 
 
@@ -324,12 +323,6 @@ def _cgroup_paths_probe() -> Capability:
     return Capability("cgroup_paths", True, f"cgroup paths in /proc are those under {mount}", COSTS["cgroup_paths"])
 
 
-def _btf_probe() -> Capability:
-    ok = Path("/sys/kernel/btf/vmlinux").exists()
-    return Capability("btf", ok, "/sys/kernel/btf/vmlinux" if ok else "no /sys/kernel/btf/vmlinux",
-                      COSTS["btf"])
-
-
 def _bcc_probe() -> Capability:
     release = platform.release()
     headers = Path(os.environ.get("BCC_KERNEL_SOURCE") or f"/lib/modules/{release}/build")
@@ -349,7 +342,10 @@ def _bcc_probe() -> Capability:
 
 def probe_here() -> list[Capability]:
     """All probes, in the current network namespace (call only inside a throw-away one)."""
-    return _table_probes() + [_nfnetlink_queue_probe(), _cgroup_bpf_probe(), _cgroup_paths_probe(), _btf_probe(), _bcc_probe()]
+    from .clients import probe as client_probe
+
+    return _table_probes() + [_nfnetlink_queue_probe(), _cgroup_bpf_probe(), _cgroup_paths_probe(), _bcc_probe(),
+                              Capability("client_recording", *client_probe(), COSTS["client_recording"])]
 
 
 def _cache_key() -> dict:

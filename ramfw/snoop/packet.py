@@ -64,24 +64,40 @@ def parse_packet(data: bytes) -> Segment | None:
 PORTED = {6, 17, 33, 132, 136}  # TCP, UDP, DCCP, SCTP, UDP-Lite: the destination port follows the source port
 
 
-def destination(data: bytes) -> tuple[str, int] | None:
-    """Where a packet was going (address, port; 0 for a transport without ports), from its
-    headers alone: a blocked packet reaches the daemon cut short (the log rule's snap length),
-    so the lengths in its headers are not checked."""
+@dataclass(frozen=True)
+class Flow:
+    """A packet's addresses and ports (0 for a transport without ports)."""
+
+    proto: int
+    src: str
+    sport: int
+    dst: str
+    dport: int
+
+
+def flow(data: bytes) -> Flow | None:
+    """A packet's flow, from its headers alone: a blocked packet reaches the daemon cut short
+    (the log rule's snap length), so the lengths in its headers are not checked."""
     try:
         version = data[0] >> 4
         if version == 4:
-            proto, family, dst, offset = data[9], socket.AF_INET, data[16:20], (data[0] & 0x0F) * 4
+            proto, family, src, dst, offset = data[9], socket.AF_INET, data[12:16], data[16:20], (data[0] & 0x0F) * 4
         elif version == 6:
-            proto, family, dst, offset = data[6], socket.AF_INET6, data[24:40], 40
+            proto, family, src, dst, offset = data[6], socket.AF_INET6, data[8:24], data[24:40], 40
             while proto in (0, 43, 60):
                 proto, offset = data[offset], offset + (data[offset + 1] + 1) * 8
         else:
             return None
-        port = struct.unpack_from("!H", data, offset + 2)[0] if proto in PORTED else 0
-        return socket.inet_ntop(family, dst), port
+        sport, dport = struct.unpack_from("!HH", data, offset) if proto in PORTED else (0, 0)
+        return Flow(proto, socket.inet_ntop(family, src), sport, socket.inet_ntop(family, dst), dport)
     except (IndexError, struct.error, ValueError):
         return None
+
+
+def destination(data: bytes) -> tuple[str, int] | None:
+    """Where a packet was going (address, port; 0 for a transport without ports)."""
+    found = flow(data)
+    return None if found is None else (found.dst, found.dport)
 
 
 def source(data: bytes) -> str:

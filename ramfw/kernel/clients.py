@@ -1,0 +1,176 @@
+"""Who opened a connection, recorded by the kernel at connect time (the client recorder).
+
+A ``sock_ops`` program attached to the root of the cgroup v2 hierarchy runs in the connecting
+task's context right before a TCP socket sends its SYN (``BPF_SOCK_OPS_TCP_CONNECT_CB``): its
+ports and addresses are then bound. It records, per connection, what only the kernel knows for
+certain at that moment: the process (tgid) and thread, its user and group, its cgroup (by id) and
+its name (``comm``), and when (boot clock). The daemon reads the record of a blocked packet by its
+addresses and ports; a blocked packet with no record came from no ``connect()`` of this VM's
+(a raw socket's forged SYN, or UDP, which this program does not see).
+
+The program is assembled by hand (``bpf``), so it loads where no compiler or headers are. It is
+attached through a BPF link the daemon's process holds: when the daemon exits, however it exits,
+the kernel detaches it (recording is for messages, not enforcement; nothing fails open).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import struct
+from dataclasses import dataclass
+
+from . import bpf
+
+BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS, BPF_LINK_CREATE = 13, 3, 28
+TCP_CONNECT_CB = 3  # BPF_SOCK_OPS_TCP_CONNECT_CB
+FUNC_PID_TGID, FUNC_UID_GID, FUNC_COMM, FUNC_CGROUP_ID, FUNC_BOOT_NS = 14, 15, 16, 80, 125
+MAX_ENTRIES = 16384  # connections remembered (LRU): a block is read within milliseconds of its SYN
+AF_INET, AF_INET6 = 2, 10
+# struct bpf_sock_ops: op, args[4], family, remote_ip4, local_ip4, remote_ip6[4], local_ip6[4],
+# remote_port (network order, in the upper 16 bits on little-endian), local_port (host order)
+_OP, _FAMILY, _REMOTE4, _LOCAL4, _REMOTE6, _LOCAL6, _RPORT, _LPORT = 0, 20, 24, 28, 32, 48, 64, 68
+# The key: remote address (16), local address (16; IPv4 in the first 4 bytes), remote port, local
+# port (both host order, 16 bits in a 32-bit word). The value: pid_tgid, uid_gid, cgroup id, boot
+# time (ns), comm (16).
+KEY, VALUE = 40, 48
+_K, _V = -KEY, -KEY - VALUE  # their stack slots
+
+
+@dataclass(frozen=True)
+class Connect:
+    """A connection as the kernel recorded it."""
+
+    pid: int  # the process (tgid)
+    thread: int
+    uid: int
+    gid: int
+    cgroup_id: int
+    boot_ns: int  # when, on CLOCK_BOOTTIME
+    comm: str
+
+
+def _copy(asm: bpf.Assembler, src: int, dst: int, words: int) -> None:
+    for word in range(words):
+        asm(bpf.LDX_W, bpf.R2, bpf.R6, off=src + 4 * word)
+        asm(bpf.STX_W, bpf.R10, bpf.R2, off=dst + 4 * word)
+
+
+def recorder_program(map_fd: int) -> bytes:
+    """sock_ops: on TCP_CONNECT_CB, connections[addresses, ports] = who, when."""
+    a = bpf.Assembler()
+    a(bpf.MOV_X, bpf.R6, bpf.R1)
+    a(bpf.LDX_W, bpf.R2, bpf.R6, off=_OP)
+    a(bpf.JNE_K, bpf.R2, off="out", imm=TCP_CONNECT_CB)
+    for slot in range(_V, 0, 8):
+        a(bpf.ST_DW, bpf.R10, off=slot, imm=0)
+    a(bpf.LDX_W, bpf.R2, bpf.R6, off=_FAMILY)
+    a(bpf.JEQ_K, bpf.R2, off="v6", imm=AF_INET6)
+    a(bpf.JNE_K, bpf.R2, off="out", imm=AF_INET)
+    _copy(a, _REMOTE4, _K, 1)
+    _copy(a, _LOCAL4, _K + 16, 1)
+    a(bpf.JA, off="ports")
+    a.label("v6")
+    _copy(a, _REMOTE6, _K, 4)
+    _copy(a, _LOCAL6, _K + 16, 4)
+    a.label("ports")
+    a(bpf.LDX_W, bpf.R2, bpf.R6, off=_RPORT)
+    a(bpf.STX_W, bpf.R10, bpf.R2, off=_K + 32)
+    a(bpf.LDX_W, bpf.R2, bpf.R6, off=_LPORT)
+    a(bpf.STX_W, bpf.R10, bpf.R2, off=_K + 36)
+    for helper, slot in ((FUNC_PID_TGID, 0), (FUNC_UID_GID, 8), (FUNC_CGROUP_ID, 16), (FUNC_BOOT_NS, 24)):
+        a(bpf.CALL, imm=helper)
+        a(bpf.STX_DW, bpf.R10, bpf.R0, off=_V + slot)
+    a(bpf.MOV_X, bpf.R1, bpf.R10)
+    a(bpf.ADD_K, bpf.R1, imm=_V + 32)
+    a(bpf.MOV_K, bpf.R2, imm=16)
+    a(bpf.CALL, imm=FUNC_COMM)
+    a.map_call(bpf.FUNC_MAP_UPDATE_ELEM, map_fd, _K, _V)
+    a.label("out")
+    a(bpf.MOV_K, bpf.R0, imm=1)
+    a(bpf.EXIT)
+    return a.assemble()
+
+
+def key(local: str, local_port: int, remote: str, remote_port: int) -> bytes:
+    """The map key of a connection, as the program writes it (ports in host order: the program
+    stores the kernel's words as they are, which the little-endian loads read this way)."""
+    def packed(address: str) -> bytes:
+        return ipaddress.ip_address(address).packed.ljust(16, b"\0")
+    return packed(remote) + packed(local) + struct.pack("<I", remote_port_word(remote_port)) + struct.pack(
+        "<I", local_port)
+
+
+def remote_port_word(port: int) -> int:
+    """``bpf_sock_ops.remote_port`` as a little-endian load reads it: network order, shifted up."""
+    return int.from_bytes(struct.pack(">H", port), "little") << 16
+
+
+def parse(value: bytes) -> Connect:
+    pid_tgid, uid_gid, cgroup_id, boot_ns = struct.unpack_from("<QQQQ", value)
+    comm = value[32:48].split(b"\0", 1)[0].decode(errors="replace")
+    return Connect(pid=pid_tgid >> 32, thread=pid_tgid & 0xFFFFFFFF, uid=uid_gid & 0xFFFFFFFF, gid=uid_gid >> 32,
+                   cgroup_id=cgroup_id, boot_ns=boot_ns, comm=comm)
+
+
+def _mapped(address: str) -> str | None:
+    """An IPv4 address as a dual-stack socket's IPv6 side has it (``::ffff:a.b.c.d``)."""
+    parsed = ipaddress.ip_address(address)
+    return f"::ffff:{parsed}" if parsed.version == 4 else None
+
+
+class ClientRecorder:
+    """The recorder's map, program and link: loaded, attached at ``cgroup_root``, closed."""
+
+    def __init__(self, cgroup_root: str):
+        self.map_fd = self.prog_fd = self.link_fd = -1
+        try:
+            self.map_fd = bpf.map_create(bpf.BPF_MAP_TYPE_LRU_HASH, KEY, VALUE, MAX_ENTRIES)
+            self.prog_fd = bpf.load_program(recorder_program(self.map_fd), BPF_PROG_TYPE_SOCK_OPS,
+                                            BPF_CGROUP_SOCK_OPS, b"ramfw_clients")
+            self.link_fd = link_cgroup(cgroup_root, self.prog_fd, BPF_CGROUP_SOCK_OPS)
+        except OSError:
+            self.close()
+            raise
+
+    def lookup(self, local: str, local_port: int, remote: str, remote_port: int) -> Connect | None:
+        """Who opened the connection from ``local`` to ``remote``, if the kernel recorded it."""
+        candidates = [(local, remote)]
+        if _mapped(local) and _mapped(remote):
+            candidates.append((_mapped(local), _mapped(remote)))
+        for here, there in candidates:
+            value = bpf.map_lookup(self.map_fd, key(here, local_port, there, remote_port), VALUE)
+            if value is not None:
+                return parse(value)
+        return None
+
+    def close(self) -> None:
+        for fd in (self.link_fd, self.prog_fd, self.map_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.map_fd = self.prog_fd = self.link_fd = -1
+
+
+def link_cgroup(cgroup: str, prog_fd: int, attach_type: int) -> int:
+    """BPF_LINK_CREATE on a cgroup directory: the attachment lives as long as the link's fd."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return bpf.bpf(BPF_LINK_CREATE, struct.pack("<IIII", prog_fd, fd, attach_type, 0).ljust(64, b"\0"))
+    finally:
+        os.close(fd)
+
+
+def probe() -> tuple[bool, str]:
+    """Does the verifier take the recorder (its helpers in sock_ops: kernels before about 5.10
+    refuse some)? Loaded, not attached."""
+    map_fd = prog_fd = -1
+    try:
+        map_fd = bpf.map_create(bpf.BPF_MAP_TYPE_LRU_HASH, KEY, VALUE, 16)
+        prog_fd = bpf.load_program(recorder_program(map_fd), BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS)
+        return True, "the kernel records who connects (sock_ops at connect time): block events name their clients"
+    except OSError as err:
+        return False, f"the client recorder does not load: {err.strerror}"
+    finally:
+        for fd in (prog_fd, map_fd):
+            if fd >= 0:
+                os.close(fd)
