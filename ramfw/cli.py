@@ -141,10 +141,10 @@ def _report_text(result: dict) -> str:
         lines.append(f"  {host:40} {seen['count']:6}x {seen.get('verdict', ''):8} "
                      f"ports {','.join(map(str, seen.get('ports', [])))}  "
                      f"clients {','.join(seen.get('clients', []) + seen.get('processes', []))}  first {when(seen['first'])}  last {when(seen['last'])}")
-    lines.append(f"use of {result['organization']}'s entries (lookups learned from):")
+    lines.append(f"use of {result['organization']}'s entries (lookups learned from, connections to what they taught):")
     for entry, use in sorted(result["usage"].items()):
-        lines.append(f"  {entry:40} {use['lookups']:6}   last {when(use['last'])}"
-                     + ("   (unused: prune it?)" if not use["lookups"] else ""))
+        lines.append(f"  {entry:40} {use['lookups']:6} lookups {use.get('connections', 0):6} connections   "
+                     f"last {when(use['last'])}" + ("   (unused: prune it?)" if not use["lookups"] and not use.get("connections") else ""))
     return "\n".join(lines)
 
 

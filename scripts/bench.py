@@ -11,6 +11,8 @@
 8. ``restart`` (only when named): rolling restarts (SIGTERM, then a new daemon, as systemd
    and a package upgrade do) under a steady stream of lookups of new names: how long nothing
    is learned, whether DNS kept flowing, whether a learned address stayed reachable.
+9. ``connect`` (only when named): what the client recorder adds to every TCP connect(), with
+   and without it interleaved, and what naming a blocked packet's client costs the daemon.
 6. ``flood`` and ``soak`` (only when named; scripts/load.py): 20,000 replies a second for 60 s,
    and 10 minutes of a steady mix with one-off names: lookup latency, RSS, CPU, counters.
 Prints a table and writes bench-results/bench.json. Not a test: figures, not pass/fail.
@@ -328,6 +330,68 @@ def restart(lab, tmp, restarts=5, names=4000, interval=0.004):
             "failed_connects_to_learned": failed_connects}
 
 
+def connect_cost(lab, tmp, rounds=10, connects=1000):
+    """What the client recorder (issue #11) adds to every TCP connect() on the VM: loopback
+    connects in the vm, rounds with the recorder attached and without interleaved; and what
+    naming one blocked packet's client costs the daemon (the kernel record, /proc, the cgroup)."""
+    import socket
+    import struct
+
+    from ramfw.daemon.clients import Clients
+    from ramfw.kernel import bpf
+    from ramfw.kernel.clients import ClientRecorder
+    from ramfw.snoop.packet import TCP, Flow
+
+    with lab.vm.inside():
+        server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4096)
+    address = server.getsockname()
+
+    def timed() -> list[float]:
+        samples = []
+        for _ in range(connects):
+            with lab.vm.inside():
+                client = socket.socket()
+            start = time.perf_counter()
+            client.connect(address)
+            samples.append(time.perf_counter() - start)
+            # closed with a reset: thousands of TIME_WAIT ports would slow the connects that follow
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            server.accept()[0].close()
+        return samples
+
+    with_recorder, without = [], []
+    for round_ in range(rounds):
+        if round_ % 2:
+            without += timed()
+        recorder = ClientRecorder(bpf.cgroup2_mount())
+        with_recorder += timed()
+        recorder.close()
+        if not round_ % 2:
+            without += timed()
+    clients = Clients(None, str(Path(tmp) / "no-engine.sock"))
+    with lab.vm.inside():
+        client = socket.socket()
+    client.connect(address)
+    local = client.getsockname()
+    flow = Flow(TCP, local[0], local[1], address[0], address[1])
+    naming = []
+    for _ in range(2000):
+        start = time.perf_counter()
+        clients.describe(flow)
+        naming.append(time.perf_counter() - start)
+    client.close()
+    clients.close()
+    server.close()
+    us = lambda values, p: round(pct(values, p) * 1e6, 1)  # noqa: E731
+    return {"connects": len(without), "p50_us": us(with_recorder, 50), "p99_us": us(with_recorder, 99),
+            "baseline_p50_us": us(without, 50), "baseline_p99_us": us(without, 99),
+            "added_p50_us": round(us(with_recorder, 50) - us(without, 50), 1),
+            "naming_one_block_p50_us": us(naming, 50), "naming_one_block_p99_us": us(naming, 99)}
+
+
 def main():
     results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{subprocess.getoutput('nproc')} cores"}
     only = sys.argv[1:] or ["dns_latency", "race", "programming", "memory", "docker_pull"]
@@ -335,7 +399,8 @@ def main():
 
     steps = {"dns_latency": dns_latency, "race": race, "programming": None, "memory": memory,
              "docker_pull": docker_pull, "fuzz": fuzz_core, "flood": load.flood, "soak": load.soak,
-             "fleet": fleet.fleet, "fleet_daemons": fleet.fleet_daemons, "restart": restart}
+             "fleet": fleet.fleet, "fleet_daemons": fleet.fleet_daemons, "restart": restart,
+             "connect": connect_cost}
     for name, fn in ((n, steps[n]) for n in only):
         lab = Lab()
         try:

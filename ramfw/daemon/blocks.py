@@ -57,6 +57,19 @@ class BlockLog:
         """Record who connects (in the kernel), to name the client of each block."""
         self.clients = Clients(cgroup_mount, engine_socket)
 
+    def keep(self, snooper, seen, force: bool = False) -> None:
+        """Housekeeping: the connections the kernel counted to learned addresses, per name (an
+        address learned for several names counts for each), into ``seen``, which is saved."""
+        if self.clients is not None and self.clients.recorder is not None:
+            counted = self.clients.recorder.connections()
+            if counted:
+                per_name: dict[str, int] = {}
+                for name, addresses in snooper.learned.items():
+                    for address in counted.keys() & addresses.keys():
+                        per_name[name] = per_name.get(name, 0) + counted[address]
+                seen.connected(per_name, time.time())
+        seen.save(force)
+
     def close(self) -> None:
         if self.clients is not None:
             self.clients.close()

@@ -384,7 +384,7 @@ class Daemon:
             self._error(f"programming the allowed sets failed: {refusal}")
         self._check_engine()
         self.guard.verify()
-        self.seen.save()
+        self.blocks_log.keep(self.snooper, self.seen)  # connections counted, then saved
         if self.metrics is not None:
             self._guarded(lambda: self.metrics.take(self))
         trusted = self.resolv_conf.changed()
@@ -411,7 +411,7 @@ class Daemon:
             if self.snoop is not None:  # the copies of the held replies' queries wait there
                 self._guarded(self._on_snoop)
             self.queue.close(release=self._release)
-        self.seen.save(force=True)
+        self.blocks_log.keep(self.snooper, self.seen, force=True)
         for thing in (self.snoop, self.blocks, self.prefilter, self.poller, self.metrics, *(
                       getattr(self, name, None) for name in ("engine", "blocks_log", "links", "guard", "table"))):
             if thing is not None:

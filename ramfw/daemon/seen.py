@@ -66,13 +66,19 @@ class Seen:
         for name in {element.name for element in elements}:
             self._touch(self.looked_up, name, now)
 
-    def _touch(self, table: dict[str, dict], key: str, now: float) -> dict:
+    def connected(self, names: dict[str, int], now: float) -> None:
+        """Connections the kernel counted to the addresses learned for these allowlisted names."""
+        for name, count in names.items():
+            entry = self._touch(self.looked_up, name, now, "connections", count)
+            entry["last_connection"] = now
+
+    def _touch(self, table: dict[str, dict], key: str, now: float, field: str = "count", by: int = 1) -> dict:
         entry = table.pop(key, None)  # re-inserted last: the dict's order is the recency
         if entry is None:
             entry = {"count": 0, "first": now}
             while len(table) >= MAX_HOSTS:
                 del table[next(iter(table))]
-        entry["count"] += 1
+        entry[field] = entry.get(field, 0) + by
         entry["last"] = now
         table[key] = entry
         self._changed = True
@@ -97,12 +103,13 @@ DOCKER_HUB = "Docker Hub (allowDockerHub)"
 
 
 def usage(looked_up: dict[str, dict], policy) -> dict[str, dict]:
-    """Per policy entry: lookups learned from and when last; entries nobody looked up have 0.
-    Docker Hub's hosts (``allowDockerHub``) count as one entry."""
+    """Per policy entry: lookups learned from, connections to what they taught, and when last;
+    entries nobody used have 0. Docker Hub's hosts (``allowDockerHub``) count as one entry."""
     registries = {registry.pattern.to_text() for registry in policy.registries}
-    per_entry = {entry: {"lookups": 0, "last": None} for entry in sorted(registries)}
+    unused = {"lookups": 0, "connections": 0, "last": None}
+    per_entry = {entry: dict(unused) for entry in sorted(registries)}
     if policy.allow_docker_hub:
-        per_entry[DOCKER_HUB] = {"lookups": 0, "last": None}
+        per_entry[DOCKER_HUB] = dict(unused)
     for name, seen in looked_up.items():
         pattern = policy.matcher.match(name)
         if pattern is None:
@@ -110,6 +117,7 @@ def usage(looked_up: dict[str, dict], policy) -> dict[str, dict]:
         entry = per_entry.get(pattern.to_text() if pattern.to_text() in registries else DOCKER_HUB)
         if entry is not None:
             entry["lookups"] += seen["count"]
+            entry["connections"] += seen.get("connections", 0)
             entry["last"] = max(entry["last"] or 0, seen["last"])
     return per_entry
 

@@ -24,7 +24,7 @@ BPF_PROG_LOAD, BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_P
 BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_QUERY = 15, 16
 ATTR_SIZE = 160  # room for every field of union bpf_attr a newer kernel may write back (query.revision, ...)
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_LRU_HASH = 1, 2, 9
-BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_LOOKUP_ELEM, BPF_MAP_GET_NEXT_KEY = 1, 4
 BPF_PROG_TYPE_SOCKET_FILTER, BPF_PROG_TYPE_CGROUP_SOCK = 1, 9
 BPF_CGROUP_INET_SOCK_CREATE = 2
 BPF_F_ALLOW_MULTI = 2
@@ -135,6 +135,25 @@ def map_update(map_fd: int, key: bytes, value: bytes) -> None:
 def map_delete(map_fd: int, key: bytes) -> None:
     k = ctypes.create_string_buffer(key, len(key))  # kept alive until the call returns
     bpf(BPF_MAP_DELETE_ELEM, _elem_attr(map_fd, k, None))
+
+
+def map_keys(map_fd: int, key_size: int, limit: int = 1 << 20) -> list[bytes]:
+    """Every key of a map (BPF_MAP_GET_NEXT_KEY from none), at most ``limit``."""
+    keys: list[bytes] = []
+    previous = None
+    while len(keys) < limit:
+        k = ctypes.create_string_buffer(previous, key_size) if previous is not None else None
+        nxt = ctypes.create_string_buffer(key_size)
+        try:
+            bpf(BPF_MAP_GET_NEXT_KEY, struct.pack("<IIQQQ", map_fd, 0, ctypes.addressof(k) if k is not None else 0,
+                                                  ctypes.addressof(nxt), 0).ljust(32, b"\0"))
+        except OSError as err:
+            if err.errno == 2:  # ENOENT: the last key
+                break
+            raise
+        previous = nxt.raw
+        keys.append(previous)
+    return keys
 
 
 def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:

@@ -15,6 +15,7 @@ the kernel detaches it (recording is for messages, not enforcement; nothing fail
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import struct
@@ -26,15 +27,18 @@ BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS, BPF_LINK_CREATE = 13, 3, 28
 TCP_CONNECT_CB = 3  # BPF_SOCK_OPS_TCP_CONNECT_CB
 FUNC_PID_TGID, FUNC_UID_GID, FUNC_COMM, FUNC_CGROUP_ID, FUNC_BOOT_NS = 14, 15, 16, 80, 125
 MAX_ENTRIES = 16384  # connections remembered (LRU): a block is read within milliseconds of its SYN
+MAX_DESTINATIONS = 8192  # addresses whose connections are counted between two reads (LRU)
 AF_INET, AF_INET6 = 2, 10
 # struct bpf_sock_ops: op, args[4], family, remote_ip4, local_ip4, remote_ip6[4], local_ip6[4],
 # remote_port (network order, in the upper 16 bits on little-endian), local_port (host order)
 _OP, _FAMILY, _REMOTE4, _LOCAL4, _REMOTE6, _LOCAL6, _RPORT, _LPORT = 0, 20, 24, 28, 32, 48, 64, 68
-# The key: remote address (16), local address (16; IPv4 in the first 4 bytes), remote port, local
-# port (both host order, 16 bits in a 32-bit word). The value: pid_tgid, uid_gid, cgroup id, boot
-# time (ns), comm (16).
-KEY, VALUE = 40, 48
+# The key: family and 4 bytes of padding, remote address (16), local address (16; IPv4 in the first
+# 4 bytes), remote port, local port (each as the kernel's 32-bit word). Its first 24 bytes (family,
+# remote address) are the key of the connection counts. The value: pid_tgid, uid_gid, cgroup id,
+# boot time (ns), comm (16).
+KEY, DESTINATION, VALUE = 48, 24, 48
 _K, _V = -KEY, -KEY - VALUE  # their stack slots
+_REMOTE, _LOCAL, _PORTS = _K + 8, _K + 24, _K + 40
 
 
 @dataclass(frozen=True)
@@ -56,28 +60,26 @@ def _copy(asm: bpf.Assembler, src: int, dst: int, words: int) -> None:
         asm(bpf.STX_W, bpf.R10, bpf.R2, off=dst + 4 * word)
 
 
-def recorder_program(map_fd: int) -> bytes:
-    """sock_ops: on TCP_CONNECT_CB, connections[addresses, ports] = who, when."""
+def recorder_program(map_fd: int, counts_fd: int) -> bytes:
+    """sock_ops: on TCP_CONNECT_CB, connections[addresses, ports] = who, when; and
+    counts[remote address] += 1."""
     a = bpf.Assembler()
     a(bpf.MOV_X, bpf.R6, bpf.R1)
     a(bpf.LDX_W, bpf.R2, bpf.R6, off=_OP)
     a(bpf.JNE_K, bpf.R2, off="out", imm=TCP_CONNECT_CB)
     for slot in range(_V, 0, 8):
         a(bpf.ST_DW, bpf.R10, off=slot, imm=0)
-    a(bpf.LDX_W, bpf.R2, bpf.R6, off=_FAMILY)
+    _copy(a, _FAMILY, _K, 1)  # r2 keeps the family
     a(bpf.JEQ_K, bpf.R2, off="v6", imm=AF_INET6)
     a(bpf.JNE_K, bpf.R2, off="out", imm=AF_INET)
-    _copy(a, _REMOTE4, _K, 1)
-    _copy(a, _LOCAL4, _K + 16, 1)
+    _copy(a, _REMOTE4, _REMOTE, 1)
+    _copy(a, _LOCAL4, _LOCAL, 1)
     a(bpf.JA, off="ports")
     a.label("v6")
-    _copy(a, _REMOTE6, _K, 4)
-    _copy(a, _LOCAL6, _K + 16, 4)
+    _copy(a, _REMOTE6, _REMOTE, 4)
+    _copy(a, _LOCAL6, _LOCAL, 4)
     a.label("ports")
-    a(bpf.LDX_W, bpf.R2, bpf.R6, off=_RPORT)
-    a(bpf.STX_W, bpf.R10, bpf.R2, off=_K + 32)
-    a(bpf.LDX_W, bpf.R2, bpf.R6, off=_LPORT)
-    a(bpf.STX_W, bpf.R10, bpf.R2, off=_K + 36)
+    _copy(a, _RPORT, _PORTS, 2)  # remote_port, local_port: adjacent in the context and in the key
     for helper, slot in ((FUNC_PID_TGID, 0), (FUNC_UID_GID, 8), (FUNC_CGROUP_ID, 16), (FUNC_BOOT_NS, 24)):
         a(bpf.CALL, imm=helper)
         a(bpf.STX_DW, bpf.R10, bpf.R0, off=_V + slot)
@@ -86,6 +88,14 @@ def recorder_program(map_fd: int) -> bytes:
     a(bpf.MOV_K, bpf.R2, imm=16)
     a(bpf.CALL, imm=FUNC_COMM)
     a.map_call(bpf.FUNC_MAP_UPDATE_ELEM, map_fd, _K, _V)
+    a.map_call(bpf.FUNC_MAP_LOOKUP_ELEM, counts_fd, _K)  # family and remote address: the key's first 24 bytes
+    a(bpf.JEQ_K, bpf.R0, off="first", imm=0)
+    a(bpf.MOV_K, bpf.R1, imm=1)
+    a(bpf.XADD_DW, bpf.R0, bpf.R1, off=0)
+    a(bpf.JA, off="out")
+    a.label("first")
+    a(bpf.ST_DW, bpf.R10, off=_V, imm=1)
+    a.map_call(bpf.FUNC_MAP_UPDATE_ELEM, counts_fd, _K, _V)
     a.label("out")
     a(bpf.MOV_K, bpf.R0, imm=1)
     a(bpf.EXIT)
@@ -95,10 +105,17 @@ def recorder_program(map_fd: int) -> bytes:
 def key(local: str, local_port: int, remote: str, remote_port: int) -> bytes:
     """The map key of a connection, as the program writes it (ports in host order: the program
     stores the kernel's words as they are, which the little-endian loads read this way)."""
-    def packed(address: str) -> bytes:
-        return ipaddress.ip_address(address).packed.ljust(16, b"\0")
-    return packed(remote) + packed(local) + struct.pack("<I", remote_port_word(remote_port)) + struct.pack(
-        "<I", local_port)
+    return destination_key(remote) + _packed(local) + struct.pack("<II", remote_port_word(remote_port), local_port)
+
+
+def _packed(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed.ljust(16, b"\0")
+
+
+def destination_key(address: str) -> bytes:
+    """The key of the connection counts: the family, padding, the address."""
+    family = AF_INET6 if ipaddress.ip_address(address).version == 6 else AF_INET
+    return struct.pack("<II", family, 0) + _packed(address)
 
 
 def remote_port_word(port: int) -> int:
@@ -123,10 +140,11 @@ class ClientRecorder:
     """The recorder's map, program and link: loaded, attached at ``cgroup_root``, closed."""
 
     def __init__(self, cgroup_root: str):
-        self.map_fd = self.prog_fd = self.link_fd = -1
+        self.map_fd = self.counts_fd = self.prog_fd = self.link_fd = -1
         try:
             self.map_fd = bpf.map_create(bpf.BPF_MAP_TYPE_LRU_HASH, KEY, VALUE, MAX_ENTRIES)
-            self.prog_fd = bpf.load_program(recorder_program(self.map_fd), BPF_PROG_TYPE_SOCK_OPS,
+            self.counts_fd = bpf.map_create(bpf.BPF_MAP_TYPE_LRU_HASH, DESTINATION, 8, MAX_DESTINATIONS)
+            self.prog_fd = bpf.load_program(recorder_program(self.map_fd, self.counts_fd), BPF_PROG_TYPE_SOCK_OPS,
                                             BPF_CGROUP_SOCK_OPS, b"ramfw_clients")
             self.link_fd = link_cgroup(cgroup_root, self.prog_fd, BPF_CGROUP_SOCK_OPS)
         except OSError:
@@ -144,11 +162,24 @@ class ClientRecorder:
                 return parse(value)
         return None
 
+    def connections(self) -> dict[str, int]:
+        """The TCP connections opened to each address since the last call (taken from the map)."""
+        taken = {}
+        for packed in bpf.map_keys(self.counts_fd, DESTINATION):
+            value = bpf.map_lookup(self.counts_fd, packed, 8)
+            with contextlib.suppress(OSError):
+                bpf.map_delete(self.counts_fd, packed)
+            if value is not None:
+                address = ipaddress.ip_address(packed[8:12] if packed[0] == AF_INET else packed[8:])
+                name = str(getattr(address, "ipv4_mapped", None) or address)  # a dual-stack socket's
+                taken[name] = taken.get(name, 0) + struct.unpack("<Q", value)[0]
+        return taken
+
     def close(self) -> None:
-        for fd in (self.link_fd, self.prog_fd, self.map_fd):
+        for fd in (self.link_fd, self.prog_fd, self.map_fd, self.counts_fd):
             if fd >= 0:
                 os.close(fd)
-        self.map_fd = self.prog_fd = self.link_fd = -1
+        self.map_fd = self.counts_fd = self.prog_fd = self.link_fd = -1
 
 
 def link_cgroup(cgroup: str, prog_fd: int, attach_type: int) -> int:
@@ -163,14 +194,15 @@ def link_cgroup(cgroup: str, prog_fd: int, attach_type: int) -> int:
 def probe() -> tuple[bool, str]:
     """Does the verifier take the recorder (its helpers in sock_ops: kernels before about 5.10
     refuse some)? Loaded, not attached."""
-    map_fd = prog_fd = -1
+    map_fd = counts_fd = prog_fd = -1
     try:
         map_fd = bpf.map_create(bpf.BPF_MAP_TYPE_LRU_HASH, KEY, VALUE, 16)
-        prog_fd = bpf.load_program(recorder_program(map_fd), BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS)
+        counts_fd = bpf.map_create(bpf.BPF_MAP_TYPE_LRU_HASH, DESTINATION, 8, 16)
+        prog_fd = bpf.load_program(recorder_program(map_fd, counts_fd), BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS)
         return True, "the kernel records who connects (sock_ops at connect time): block events name their clients"
     except OSError as err:
         return False, f"the client recorder does not load: {err.strerror}"
     finally:
-        for fd in (prog_fd, map_fd):
+        for fd in (prog_fd, map_fd, counts_fd):
             if fd >= 0:
                 os.close(fd)

@@ -39,7 +39,7 @@ def world(tmp_path_factory):
         lab.config = str(tmp / "ramfw.toml")
         Path(lab.config).write_text(
             f'[policy]\nsource = "{lab.policy}"\ncache = "{tmp}/cache.json"\n'
-            f'[enforcement]\nbpffs = "{bpffs}"\n'
+            f'[enforcement]\nbpffs = "{bpffs}"\nengine_socket = "{registries.socket}"\n'
             f'[dns]\ntrusted_resolvers = ["{NET4}"]\n[daemon]\nrun_dir = "{tmp}/run"\n')
         lab.daemon = lab.start_daemon(lab.config)
         lab.registries = registries
@@ -115,6 +115,30 @@ def test_pull_from_the_blocked_registry_fails_at_once_and_says_why(world):
     wait_for_block(world, "registry access to blocked-registry.test is not allowed")
     text = world.ramfw("status", "--config", world.config).stdout
     assert "registry access to blocked-registry.test is not allowed" in text
+
+
+def test_a_blocked_pull_is_named_with_dockerd_its_pid_and_executable(world):
+    """Issue #11, 1: the kernel recorded who connected; the event names the engine and the host."""
+    dockerd = int((world.registries.dir / "vm" / "docker.pid").read_text())
+    result, _ = pull(world, f"blocked-registry.test/{IMAGE}")
+    assert result.returncode != 0 and "connection refused" in result.stderr
+    client = wait_for_client(world, lambda c: c.get("pid") == dockerd)
+    assert client["comm"] == "dockerd" and Path(client["exe"]).name == "dockerd"
+    assert client["cgroup"] == "/" + str(world.registries.cgroup.relative_to(bpf.cgroup2_mount()))
+    text = world.ramfw("status", "--config", world.config).stdout
+    assert (f"registry access to blocked-registry.test is not allowed ({BLOCKED4} port 443) by dockerd "
+            f"(pid {dockerd}, {client['exe']}") in text
+    assert "to allow:   ask your administrators to add blocked-registry.test" in text
+
+
+def wait_for_client(world, where) -> dict:
+    deadline = time.monotonic() + 10
+    while True:
+        found = [b["client"] for b in status(world)["recent_blocks"] if where(b.get("client") or {})]
+        if found:
+            return found[-1]
+        assert time.monotonic() < deadline, status(world)["recent_blocks"]
+        time.sleep(0.2)
 
 
 def test_redirected_blobs_need_their_cdn_name(world):
@@ -238,6 +262,19 @@ def test_a_container_that_fetches_itself_is_blocked_in_containers_scope_only(wor
     restart_daemon(world, str(containers))
     try:
         assert world.registries.docker(*probe).stdout.strip() == "closed"
+        # Issue #11, 1: the builder's refusal names its container and image (buildx names a
+        # docker-container builder's container buildx_buildkit_<builder>0)
+        docker = world.registries.docker
+        builder = docker("run", "-d", "--name", "buildx_buildkit_lab0", "local/busybox:1", "sh", "-c",
+                         f"while true; do nc -w 1 {BLOCKED4} 443 </dev/null; sleep 1; done").stdout.strip()
+        try:
+            client = wait_for_client(world, lambda c: c.get("container", {}).get("id") == builder)
+            assert client["container"] == {"id": builder, "name": "buildx_buildkit_lab0", "image": "local/busybox:1"}
+            assert client["comm"] == "nc" and client["pid"] > 0
+            text = world.ramfw("status", "--config", world.config).stdout
+            assert f"in container buildx_buildkit_lab0 (local/busybox:1, {builder[:12]})" in text
+        finally:
+            docker("rm", "-f", builder, check=False)
     finally:
         restart_daemon(world, world.config)
 

@@ -31,6 +31,7 @@ def test_an_audit_run_becomes_a_policy_that_enforces_exactly_what_was_seen(lab, 
     audit = write_config(dns, mode="audit", scope=["host"], registry_ports=[443])
     lab.daemon = lab.start_daemon(audit)
     assert looked_up_and_connected(lab, "allowed-registry.test", ALLOWED4) == "connected"
+    assert [lab.connect(ALLOWED4)[0] for _ in range(2)] == ["connected"] * 2  # three connections, one lookup
     for _ in range(2):  # let through, as audit mode does, and kept
         assert looked_up_and_connected(lab, "mirror.other.test", BLOCKED4) == "connected"
     time.sleep(0.5)
@@ -46,8 +47,10 @@ def test_an_audit_run_becomes_a_policy_that_enforces_exactly_what_was_seen(lab, 
     assert mirror["addresses"] == [BLOCKED4] and mirror["clients"] and mirror["first"] <= mirror["last"]
     assert "allowed-registry.test" not in report["refused"] and "third.other.test" not in report["refused"]
     assert report["usage"]["allowed-registry.test"]["lookups"] >= 1
+    assert report["usage"]["allowed-registry.test"]["connections"] == 3  # counted by the kernel at connect time
     text = lab.ramfw("report", "--config", audit).stdout
     assert "mirror.other.test" in text and "allowed-registry.test" in text
+    assert "3 connections" in text
 
     suggested = lab.ramfw("policy", "suggest", "--config", audit)
     assert suggested.returncode == 0, suggested.stderr

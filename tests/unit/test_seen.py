@@ -58,11 +58,27 @@ def test_usage_per_entry_counts_lookups_and_names_the_unused():
     looked_up = {"a.allowed.test": {"count": 3, "first": 1.0, "last": 9.0},
                  "b.allowed.test": {"count": 2, "first": 1.0, "last": 4.0}}
     use = usage(looked_up, policy("allowed.test", "ghcr.io"))
-    assert use == {"allowed.test": {"lookups": 5, "last": 9.0}, "ghcr.io": {"lookups": 0, "last": None}}
+    assert use == {"allowed.test": {"lookups": 5, "connections": 0, "last": 9.0},
+                   "ghcr.io": {"lookups": 0, "connections": 0, "last": None}}
     hub = policy_mod.from_data({"organizations": [{"name": "acme", "registryAccess": {
         "enabled": True, "registries": [{"address": "ghcr.io"}]}}]})  # allowDockerHub by default
     use = usage({"registry-1.docker.io": {"count": 2, "first": 1.0, "last": 3.0}}, hub)
-    assert use == {"ghcr.io": {"lookups": 0, "last": None}, seen_mod.DOCKER_HUB: {"lookups": 2, "last": 3.0}}
+    assert use == {"ghcr.io": {"lookups": 0, "connections": 0, "last": None},
+                   seen_mod.DOCKER_HUB: {"lookups": 2, "connections": 0, "last": 3.0}}
+
+
+def test_connections_are_counted_per_entry_and_survive_a_restart(tmp_path):
+    seen = Seen(str(tmp_path / "seen.json"))
+    seen.learned([Element("203.0.113.10", 60, "a.allowed.test")], 1.0)
+    seen.connected({"a.allowed.test": 3, "b.allowed.test": 2}, 5.0)  # b: learned before a restart
+    seen.connected({"a.allowed.test": 1}, 7.0)
+    seen.save(force=True)
+    again = Seen.load(str(tmp_path / "seen.json"))
+    assert again.looked_up["a.allowed.test"]["count"] == 1  # one lookup, not four
+    assert again.looked_up["a.allowed.test"]["connections"] == 4
+    assert again.looked_up["b.allowed.test"]["count"] == 0
+    use = usage(again.looked_up, policy("allowed.test", "ghcr.io"))
+    assert use["allowed.test"] == {"lookups": 1, "connections": 6, "last": 7.0}
 
 
 def test_suggest_adds_exact_hosts_only_and_says_what_it_cannot_add():
