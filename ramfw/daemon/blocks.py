@@ -105,7 +105,7 @@ class BlockLog:
             said = f"{line} by {client_text(client)}" if client.get("recorded") else line
             self._throttle.log(logging.WARNING, f"{line} {client.get('pid', '')}", said, logs.event("block", **fields))
         if containers is not None and "container" in client:
-            containers.complete(client["container"], write)
+            containers.complete(client, write)
         else:
             write()
 
@@ -133,8 +133,11 @@ def client_text(client: dict) -> str:
     if container is None:
         details += [f"cgroup {client['cgroup']}"] if client.get("cgroup") else []
         return f"{client['comm']} ({', '.join(details)})"
+    if not container.get("name"):
+        return (f"{client['comm']} ({', '.join(details)}) in cgroup {client['cgroup']}, named for container "
+                f"{container['id'][:12]}, which the engine does not say runs there")
     named = [container[key] for key in ("image",) if container.get(key)] + [container["id"][:12]]
-    return f"{client['comm']} ({', '.join(details)}) in container {container.get('name') or '?'} ({', '.join(named)})"
+    return f"{client['comm']} ({', '.join(details)}) in container {container['name']} ({', '.join(named)})"
 
 
 def process_name(client: dict) -> str:
@@ -142,6 +145,6 @@ def process_name(client: dict) -> str:
     if not client.get("recorded"):
         return ""
     container = client.get("container")
-    if container is None:
+    if container is None or not container.get("name"):
         return client["comm"]
-    return f"{client['comm']} in {container.get('name') or container['id'][:12]}"
+    return f"{client['comm']} in {container['name']}"

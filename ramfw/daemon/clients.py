@@ -22,6 +22,7 @@ import urllib.parse
 from pathlib import Path
 
 from ..kernel import bpf
+from ..kernel.clients import MAX_ENTRIES, ClientRecorder
 from ..snoop.packet import TCP, Flow
 
 log = logging.getLogger("ramfw")
@@ -44,7 +45,6 @@ class Clients:
         if cgroup_mount is None:
             self.problem = "no cgroup v2 hierarchy to attach the client recorder to"
             return
-        from ..kernel.clients import ClientRecorder
         try:
             self.recorder = ClientRecorder(cgroup_mount)
         except OSError as err:
@@ -60,12 +60,14 @@ class Clients:
             return {"recorded": False, "why": "only TCP connections are recorded"}
         connect = self.recorder.lookup(found.src, found.sport, found.dst, found.dport)
         if connect is None:
-            return {"recorded": False, "why": "no connect() made this packet (a raw socket's, or forged)"}
-        client = {"recorded": True, "pid": connect.pid, "comm": connect.comm, "uid": connect.uid,
-                  "exe": executable(connect.pid, connect.boot_ns), "cgroup": self.cgroup_path(connect.cgroup_id)}
+            return {"recorded": False, "why": f"no connect() recorded for it: a raw socket's or forged packet, or "
+                                              f"more than {MAX_ENTRIES} connections since"}
+        client = {"recorded": True, "pid": connect.pid, "comm": printable(connect.comm), "uid": connect.uid,
+                  "exe": printable(executable(connect.pid, connect.boot_ns)),
+                  "cgroup": printable(self.cgroup_path(connect.cgroup_id))}
         match = _CONTAINER.search(client["cgroup"])
-        if match:
-            client["container"] = {"id": match.group(1), "name": "", "image": ""}  # the engine names it
+        if match:  # a container's, if the engine says so (``Containers``)
+            client["container"] = {"id": match.group(1), "name": "", "image": ""}
         return client
 
     def cgroup_path(self, cgroup_id: int) -> str:
@@ -116,31 +118,31 @@ def executable(pid: int, connected_ns: int) -> str:
 
 class Containers:
     """Container names and images from the engine's API (``GET /containers/<id>/json``), asked in
-    a thread: a slow engine never holds up the loop. ``complete(event, fields, done)`` fills in
-    the container of an event's client, then calls ``done``, in order."""
+    a thread: a slow engine never holds up the loop.
+
+    A cgroup's name is not proof: anyone with a delegated cgroup subtree (systemd gives each
+    user one) can name a cgroup ``docker-<id>.scope`` after a real container. A container is
+    named only when the engine says its process runs in the very cgroup the kernel recorded."""
 
     def __init__(self, engine_socket: str):
         self.socket = engine_socket
-        self._known: dict[str, dict] = {}
+        self._known: dict[str, dict] = {}  # id -> name, image, cgroup (its process's), as the engine said
         self._work: queue.Queue = queue.Queue(maxsize=256)
         self._thread: threading.Thread | None = None
 
-    def known(self, container_id: str) -> dict | None:
-        return self._known.get(container_id)
-
-    def complete(self, container: dict, done) -> None:
-        """Fill in ``container`` (its ``id`` given) with ``name`` and ``image``, then call ``done()``:
-        at once if known, else from the thread once the engine answers (or does not)."""
-        known = self._known.get(container["id"])
+    def complete(self, client: dict, done) -> None:
+        """Fill in ``client["container"]`` (its ``id`` given) with ``name`` and ``image``, then call
+        ``done()``: at once if known, else from the thread once the engine answers (or does not)."""
+        known = self._known.get(client["container"]["id"])
         if known is not None:
-            container.update(known)
+            _fill(client, known)
             done()
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="ramfw-containers", daemon=True)
             self._thread.start()
         try:
-            self._work.put_nowait((container, done))
+            self._work.put_nowait((client, done))
         except queue.Full:  # a flood of new containers: the event goes out without the names
             done()
 
@@ -149,18 +151,21 @@ class Containers:
             item = self._work.get()
             if item is None:
                 return
-            container, done = item
-            if container["id"] not in self._known:
-                found = self.inspect(container["id"])
-                if found.get("name") or len(self._known) < 1024:
-                    self._known[container["id"]] = found
-            container.update(self._known.get(container["id"], {}))
+            client, done = item
+            container_id = client["container"]["id"]
+            known = self._known.get(container_id) or self.inspect(container_id)
+            if known["name"]:  # what the engine could not say is asked again next time
+                if len(self._known) >= 1024:
+                    self._known.clear()
+                self._known[container_id] = known
+            _fill(client, known)
             try:
                 done()
             except Exception:  # noqa: BLE001: a log call must not end the thread
                 log.exception("a block event could not be written")
 
     def inspect(self, container_id: str) -> dict:
+        """What the engine says of a container: name, image, and the cgroup its process is in."""
         conn = http.client.HTTPConnection("engine", timeout=ENGINE_TIMEOUT)
         try:
             conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -171,12 +176,15 @@ class Containers:
             body = json.loads(response.read(1 << 20)) if response.status == 200 else {}
         except (OSError, ValueError, http.client.HTTPException) as err:
             log.warning("the engine at %s did not name container %s: %s", self.socket, container_id[:12], err)
-            return {"name": "", "image": ""}
+            body = {}
         finally:
             conn.close()
-        config = body.get("Config") if isinstance(body, dict) else None
-        return {"name": str(body.get("Name", "")).lstrip("/") if isinstance(body, dict) else "",
-                "image": str(config.get("Image", "")) if isinstance(config, dict) else ""}
+        body = body if isinstance(body, dict) else {}
+        config, state = body.get("Config"), body.get("State")
+        pid = state.get("Pid") if isinstance(state, dict) else None
+        return {"name": printable(str(body.get("Name", "")).lstrip("/")),
+                "image": printable(str(config.get("Image", ""))) if isinstance(config, dict) else "",
+                "cgroup": process_cgroup(pid) if isinstance(pid, int) and pid > 0 else ""}
 
     def close(self) -> None:
         if self._thread is not None:
@@ -184,3 +192,27 @@ class Containers:
                 self._work.put(None, timeout=ENGINE_TIMEOUT)
             self._thread.join(ENGINE_TIMEOUT + 1)
             self._thread = None
+
+
+def _fill(client: dict, known: dict) -> None:
+    """The engine's names, where its container's process runs in the client's cgroup (or above it)."""
+    cgroup = known.get("cgroup") or ""
+    if cgroup and (client["cgroup"] == cgroup or client["cgroup"].startswith(cgroup.rstrip("/") + "/")):
+        client["container"].update(name=known["name"], image=known["image"])
+
+
+def process_cgroup(pid: int) -> str:
+    """A process's cgroup v2 path, as /proc shows it to ramfw; "" if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+    except OSError:
+        pass
+    return ""
+
+
+def printable(text: str) -> str:
+    """A name a process gave itself (``comm``, a path, a container's): control characters would
+    let it write lines of its own into a text log."""
+    return "".join(c if c.isprintable() else "?" for c in text)

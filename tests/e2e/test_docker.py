@@ -1,6 +1,7 @@
 """End to end: a real Docker engine pulling, pushing and building through ramfw."""
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -277,6 +278,35 @@ def test_a_container_that_fetches_itself_is_blocked_in_containers_scope_only(wor
             docker("rm", "-f", builder, check=False)
     finally:
         restart_daemon(world, world.config)
+
+
+def test_a_cgroup_named_after_a_container_does_not_pin_its_connections_on_it(world, tmp_path):
+    """A local user with a delegated cgroup subtree can name a cgroup docker-<id>.scope after a
+    real container: the block names that cgroup, not the container (the engine says where the
+    container's process runs)."""
+    docker = world.registries.docker
+    victim = docker("run", "-d", "--name", "victim", "local/busybox:1", "sleep", "300").stdout.strip()
+    framing = world.cgroup(f"docker-{victim}.scope")
+    host_config = tmp_path / "host.toml"
+    host_config.write_text(Path(world.config).read_text().replace(
+        "[enforcement]\n", '[enforcement]\nscope = ["engine", "host"]\n'))
+    restart_daemon(world, str(host_config))
+    try:
+        curl = world.vm.popen("curl", "-s", "-o", "/dev/null", "--retry", "3", "--retry-connrefused",
+                              "--retry-delay", "1", f"https://{BLOCKED4}/v2/",
+                              preexec_fn=lambda: (framing / "cgroup.procs").write_text(str(os.getpid())))
+        try:
+            client = wait_for_client(world, lambda c: c.get("pid") == curl.pid)
+        finally:
+            curl.kill()
+            curl.wait()
+        assert client["container"] == {"id": victim, "name": "", "image": ""}
+        text = world.ramfw("status", "--config", world.config).stdout
+        assert f"named for container {victim[:12]}, which the engine does not say runs there" in text
+        assert "in container victim" not in text
+    finally:
+        restart_daemon(world, world.config)
+        docker("rm", "-f", victim, check=False)
 
 
 def test_hosts_file_and_hard_coded_addresses_do_not_get_through(world):

@@ -90,7 +90,8 @@ def test_a_process_in_a_container_cgroup_is_named_with_the_container(lab, daemon
     assert blocks, daemon_log()
     assert blocks[0]["client"]["container"] == {"id": container_id, "name": "", "image": ""}
     assert blocks[0]["client"]["cgroup"] == "/" + cgroup.name
-    assert f"in container ? ({container_id[:12]})" in blocks[0]["message"]
+    assert (f"in cgroup /{cgroup.name}, named for container {container_id[:12]}, which the engine does not say "
+            "runs there") in blocks[0]["message"]
 
 
 def test_the_test_process_own_connection_is_named_with_its_own_pid(lab, daemon_log):
@@ -112,8 +113,8 @@ def test_a_forged_syn_is_said_unrecorded_never_pinned_on_a_process(lab, daemon_l
         send_raw(lab.vm, forged_syn(VM4, BLOCKED4, 40123), BLOCKED4)
     blocks = daemon_log()
     assert blocks, "the forged SYN was blocked and named"
-    assert blocks[0]["client"] == {"recorded": False,
-                                   "why": "no connect() made this packet (a raw socket's, or forged)"}
+    assert blocks[0]["client"] == {"recorded": False, "why": "no connect() recorded for it: a raw socket's or forged "
+                                                             "packet, or more than 16384 connections since"}
     assert " by " not in blocks[0]["message"]
 
 
