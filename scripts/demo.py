@@ -58,7 +58,7 @@ def main() -> int:
                     {"address": "allowed-registry.test", "nickname": "Approved"},
                     {"address": "redirect-registry.test", "nickname": "Redirects its blobs"}]}}]}, indent=1))
             config.write_text(f'[policy]\nsource = "{policy}"\ncache = "{tmp}/cache.json"\n'
-                              f'[enforcement]\nbpffs = "{tmp}/bpffs"\n'
+                              f'[enforcement]\nbpffs = "{tmp}/bpffs"\nengine_socket = "{registries.socket}"\n'
                               f'[dns]\ntrusted_resolvers = ["{NET4}"]\n[daemon]\nrun_dir = "{tmp}/run"\n')
             show("the organization's policy (Docker Hub is allowed by default)", policy.read_text())
             show("ramfw policy lint", lab.ramfw("policy", "lint", str(policy)).stdout)
