@@ -86,19 +86,19 @@ class BlockLog:
         self._named[address] = (now, lookup(address))
         return self._named[address][1]
 
-    def record(self, message: str, address: str, port: int, host: str = "", client: dict | None = None,
-               containers=None) -> None:
+    def record(self, message: str, address: str, port: int, names: list[str] = (), reason: str = "",
+               client: dict | None = None, containers=None) -> None:
         """One log line per blocked destination and client per interval: a client retrying in a
         loop must not flood the log (status counts every one). A client in a container whose name
         the engine has not told yet is logged once ``containers`` (``clients.Containers``) knows."""
         if self.audit:
             message = f"audit: would block: {message}"
-        client = client or {}
+        client, host = client or {}, names[0] if names else ""
         line = f"{message} ({address} port {port})"
-        fields = {"verdict": self.verdict, "host": host, "address": address, "port": port, "client": client,
-                  **({"advice": advice(host)} if host else {})}
         block = {"time": time.time(), "message": message, "address": address, "port": port, "host": host,
-                 "client": client}
+                 "destination_names": list(names), "reason": reason, "client": client}
+        fields = {"verdict": self.verdict, **{k: v for k, v in block.items() if k not in ("time", "message")},
+                  **({"advice": advice(host)} if host else {})}
         self.recent.append(block)
 
         def write() -> None:
@@ -118,10 +118,12 @@ class BlockLog:
             if found is None:
                 continue
             snooper.counters["blocks_named"] += 1
-            host = snooper.address_names.get(found.dst, "")
+            names = snooper.names_of(found.dst)
             client = self.clients.describe(found) if self.clients is not None else {}
-            self.record(self.message(found.dst, snooper.block_message), found.dst, found.dport, host=host,
-                        client=client, containers=self.clients.containers if self.clients is not None else None)
+            self.record(self.message(found.dst, snooper.block_message), found.dst, found.dport, names=names,
+                        reason=snooper.block_reason(names), client=client,
+                        containers=self.clients.containers if self.clients is not None else None)
+            host = names[0] if names else ""
             seen.refusal(host, found.dst, found.dport, found.src, self.verdict, time.time(), process_name(client))
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger("ramfw")
 MAX_TCP_FLOWS = 4096
 NAMES_BYTES = 4 << 20  # the address->name map for block messages (text, plus ENTRY_BYTES each)
 ENTRY_BYTES = 160  # what Python's objects cost per entry of that map, beyond the text
+NAMES_PER_ADDRESS = 3  # the names kept per address in that map
 UNREAD_BYTES = 1 << 20  # replies for other names waiting to be indexed (one burst, normally)
 TCP_BYTES = 8 << 20  # the TCP flows' unread data together: the oldest flows go first
 MAX_QUERIES = 16384  # outstanding UDP queries for allowlisted names, to pair replies with
@@ -273,7 +274,7 @@ class Snooper:
         """Apply the per-name and total caps; remember what is programmed."""
         if self.total + len(addresses) > self.settings.max_addresses and now >= self._forced_expiry:
             self._forced_expiry = now + 1  # near the cap: sweep now, but at most once a second
-            self.expire(now)
+            self.expire(now, remember=False)
         known = self.learned.setdefault(name, {})
         expired = [a for a, expiry in known.items() if expiry <= now]
         for address in expired:
@@ -294,17 +295,20 @@ class Snooper:
         self.counters["learned"] += len(elements)
         return elements
 
-    def expire(self, now: float) -> int:
+    def expire(self, now: float, remember: bool = True) -> int:
         """Forget the addresses the kernel has expired (their element timeouts run on the same
         clock as ``learned``), and names left with none; return how many were released. Run
         by housekeeping, and when the total cap is near: a cap frees itself, it never fills
-        up for good."""
+        up for good. ``remember``: a block to an expired address still names it (not near the
+        cap, where it runs while a reply is held)."""
         released = 0
         for name in list(self.learned):
             known = self.learned[name]
             gone = [address for address, expiry in known.items() if expiry <= now]
             for address in gone:
                 del known[address]
+                if remember:
+                    self._remember(address, name)
             released += len(gone)
             if not known:
                 del self.learned[name]
@@ -318,10 +322,13 @@ class Snooper:
             log.warning("cap reached, address not allowed: %s", what)
 
     def _remember(self, address: str, name: str) -> None:
-        """The name this address was last given for; the least recently seen go past NAMES_BYTES."""
+        """The names this address was last given for (up to ``NAMES_PER_ADDRESS``, the latest
+        first, space-separated: a CDN edge answers for many); the least recently seen addresses
+        go past NAMES_BYTES."""
         old = self.address_names.pop(address, None)
         if old is not None:
             self._names_bytes -= len(address) + len(old) + ENTRY_BYTES
+            name = " ".join([name] + [n for n in old.split(" ") if n != name][:NAMES_PER_ADDRESS - 1])
         self.address_names[address] = name
         self._names_bytes += len(address) + len(name) + ENTRY_BYTES
         while self._names_bytes > NAMES_BYTES:
@@ -338,12 +345,30 @@ class Snooper:
                 gone[name] = [a for a, expiry in addresses.items() if expiry > now]
         return gone
 
+    def names_of(self, address: str) -> list[str]:
+        """The names this VM last resolved to ``address``, the latest first (Hubble's
+        ``destination_names``)."""
+        if address in self.address_names:
+            return self.address_names[address].split(" ")
+        return [name for name, known in self.learned.items() if address in known][:NAMES_PER_ADDRESS]
+
     def block_message(self, address: str) -> str:
         self.index_unread()
-        name = self.address_names.get(address)
-        if name is None:
+        names = self.names_of(address)
+        if not names:
             return f"registry access to {address} is not allowed (no DNS name was seen for it)"
-        return f"registry access to {name} is not allowed"
+        if self.block_reason(names) == "address_not_learned":
+            return (f"registry access to {names[0]} is not allowed at {address} now (allowlisted, but that address "
+                    "is not learned: its lookup expired, or no trusted resolver gave it)")
+        return f"registry access to {names[0]} is not allowed"
+
+    def block_reason(self, names: list[str]) -> str:
+        """Why a connection to an address with these names was refused (a stable word)."""
+        if not names:
+            return "no_name_seen"  # a hard-coded address, /etc/hosts, or a lookup ramfw did not see
+        if self.policy.enabled and self.policy.allows(names[0]) is not None:
+            return "address_not_learned"  # allowlisted, but not (now) allowed: expired, or an untrusted answer
+        return "not_allowlisted"
 
 
 def warm_up() -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from ramfw.kernel import bpf, clients
 from tests.integration.test_forged_replies import checksum, send_raw
-from tests.lab.sandbox import BLOCKED4, NET4, VM4
+from tests.lab.sandbox import ALLOWED4, BLOCKED4, NET4, VM4
 
 
 @pytest.fixture
@@ -64,6 +64,7 @@ def test_a_blocked_curl_is_named_with_its_pid_and_executable(lab, daemon_log):
     assert blocks, f"no block event names curl's pid {client.pid}: {daemon_log()}"
     event = blocks[0]
     assert event["host"] == "blocked-registry.test" and event["address"] == BLOCKED4 and event["port"] == 443
+    assert event["destination_names"] == ["blocked-registry.test"] and event["reason"] == "not_allowlisted"
     assert event["client"]["recorded"] is True
     assert event["client"]["comm"] == "curl" and event["client"]["uid"] == 0
     assert Path(event["client"]["exe"]).name == "curl"
@@ -151,3 +152,31 @@ def test_the_recorder_goes_with_its_daemon_even_when_killed(lab, write_config, w
     daemon.kill()
     daemon.wait()
     assert attached_recorders() == before, "the kernel detached it with the daemon's last file descriptor"
+
+
+def test_an_allowlisted_name_whose_address_expired_is_said_so(lab, write_config, write_policy, tmp_path):
+    """Why, not only what: a block of an allowlisted name's address after its lookup expired
+    names the name and says the address is not learned now (it did say "no DNS name was seen")."""
+    lab.serve_tcp([ALLOWED4], [443])
+    lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}", ttl=1)
+    write_policy(["allowed-registry.test"])
+    log_file = tmp_path / "ramfw.log"
+    config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\nttl_min = 1\nttl_grace = 0\n', scope=["host"])
+    text = Path(config).read_text()
+    Path(config).write_text(text.replace("[daemon]\n", f'[daemon]\nlog_file = "{log_file}"\n', 1))
+    lab.start_daemon(config, "--log-format", "json")
+    lab.resolve("allowed-registry.test")
+    assert lab.connect(ALLOWED4)[0] == "connected"
+    time.sleep(2.5)
+    assert lab.connect(ALLOWED4)[0] == "refused"
+    deadline = time.monotonic() + 5
+    while True:
+        events = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
+        blocks = [e for e in events if e["event"] == "block"]
+        if blocks or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert blocks, events
+    assert blocks[0]["reason"] == "address_not_learned" and blocks[0]["host"] == "allowed-registry.test"
+    assert blocks[0]["message"].startswith(f"registry access to allowed-registry.test is not allowed at {ALLOWED4} now "
+                                           "(allowlisted, but that address is not learned")

@@ -31,10 +31,10 @@ def test_a_block_is_one_json_object_with_its_event_and_fields(tmp_path):
     root, saved, handler = with_handler(tmp_path)
     try:
         blocks = BlockLog(audit=False)
-        blocks.record("registry access to evil.test is not allowed", "203.0.113.9", 443, host="evil.test")
-        blocks.record("registry access to evil.test is not allowed", "203.0.113.9", 443, host="evil.test")  # throttled
+        blocks.record("registry access to evil.test is not allowed", "203.0.113.9", 443, names=["evil.test"], reason="not_allowlisted")
+        blocks.record("registry access to evil.test is not allowed", "203.0.113.9", 443, names=["evil.test"], reason="not_allowlisted")  # throttled
         logging.getLogger("ramfw").info("something else")
-        BlockLog(audit=True).record("registry access to x.test is not allowed", "203.0.113.10", 5000, host="x.test")
+        BlockLog(audit=True).record("registry access to x.test is not allowed", "203.0.113.10", 5000, names=["x.test"])
     finally:
         restore(root, saved, handler)
     block, other, audited = lines_of(tmp_path / "ramfw.log")
@@ -42,6 +42,7 @@ def test_a_block_is_one_json_object_with_its_event_and_fields(tmp_path):
     assert (block["host"], block["address"], block["port"]) == ("evil.test", "203.0.113.9", 443)
     assert block["advice"] == "ask your administrators to add evil.test to your organization's allowed registries"
     assert block["message"] == "registry access to evil.test is not allowed (203.0.113.9 port 443)"
+    assert block["destination_names"] == ["evil.test"] and block["reason"] == "not_allowlisted"
     assert block["time"].endswith("Z") and isinstance(block["pid"], int)
     assert other["event"] == "message" and other["message"] == "something else"
     assert audited["verdict"] == "audited" and audited["message"].startswith("audit: would block: ")
@@ -92,7 +93,7 @@ def test_under_systemd_each_line_is_a_journal_entry_with_its_priority_and_messag
     handler = logs.setup("json", journal=str(tmp_path / "journal"))
     try:
         BlockLog(audit=False).record("registry access to evil.test is not allowed", "203.0.113.9", 443,
-                                     host="evil.test")
+                                     names=["evil.test"])
         logging.getLogger("ramfw").error("two\nlines")
     finally:
         restore(root, saved, handler)

@@ -308,6 +308,21 @@ def test_no_reply_is_kept_once_read_and_the_name_map_is_bounded_in_bytes(monkeyp
     s.on_packet(udp(reply("moved.other.test", "moved.other.test. 60 A 198.51.100.199")), 0)
     assert s.block_message("198.51.100.199") == "registry access to moved.other.test is not allowed"
     assert "no DNS name" in s.block_message("198.51.100.0")
+    assert s._names_bytes == sum(len(a) + len(n) + snooper_mod.ENTRY_BYTES for a, n in s.address_names.items())
+
+
+def test_an_address_keeps_the_last_three_names_it_was_given_and_a_block_says_why():
+    """A CDN edge answers for many names: a block names the latest few (Hubble's
+    destination_names), and its reason says whether the name was allowlisted at all."""
+    s = snooper("ghcr.io")
+    for name in ("a.other.test", "b.other.test", "a.other.test", "c.other.test", "d.other.test"):
+        s.on_packet(udp(reply(name, f"{name}. 60 A 198.51.100.7")), 0)
+    s.index_unread()
+    assert s.names_of("198.51.100.7") == ["d.other.test", "c.other.test", "a.other.test"]
+    assert s.names_of("198.51.100.8") == []
+    assert s.block_reason([]) == "no_name_seen"
+    assert s.block_reason(["d.other.test"]) == "not_allowlisted"
+    assert s.block_reason(["pkg.ghcr.io"]) == "address_not_learned"
 
 
 def test_a_udp_reply_teaches_only_if_it_answers_an_outstanding_query():
