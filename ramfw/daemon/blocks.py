@@ -119,9 +119,11 @@ class BlockLog:
                 continue
             snooper.counters["blocks_named"] += 1
             names = snooper.names_of(found.dst)
+            reason = snooper.block_reason(names)
+            snooper.counters[f"blocks_{reason}"] += 1
             client = self.clients.describe(found) if self.clients is not None else {}
             self.record(self.message(found.dst, snooper.block_message), found.dst, found.dport, names=names,
-                        reason=snooper.block_reason(names), client=client,
+                        reason=reason, client=client,
                         containers=self.clients.containers if self.clients is not None else None)
             host = names[0] if names else ""
             seen.refusal(host, found.dst, found.dport, found.src, self.verdict, time.time(), process_name(client))

@@ -24,6 +24,7 @@ HOLD_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
 REPLIES = ("held", "copied", "replies", "queries", "paired", "other_names", "untrusted", "unsolicited",
            "unmatched", "malformed", "errors", "program_failed")  # the DNS counters, as status names them
 REJECTS = ("blocked", "audited", "deferred")  # the table's verdict counters for what it did not allow
+BLOCK_REASONS = ("not_allowlisted", "address_not_learned", "no_name_seen")  # snoop.snooper.Snooper.block_reason
 QUEUE_STATS = Path("/proc/net/netfilter/nfnetlink_queue")
 log = logging.getLogger("ramfw")
 
@@ -97,6 +98,12 @@ def families(doc: dict, hold: HoldTimes, drops: dict[str, int], learned: dict[st
     for name in REJECTS:
         rejects.add_metric([name], counters.get(name, 0))
     out.append(rejects)
+    named = CounterMetricFamily("ramfw_named_blocks", "Blocked connections the daemon named (50 a second at most), "
+                                "by why: the name is not allowlisted, an allowlisted name's address is not learned "
+                                "now, no name was seen for the address", labels=["reason"])
+    for reason in BLOCK_REASONS:
+        named.add_metric([reason], counters.get(f"blocks_{reason}", 0))
+    out.append(named)
     sets = GaugeMetricFamily("ramfw_learned_addresses", "Addresses learned from allowlisted names, by set",
                              labels=["set"])
     for name, count in sorted(learned.items()):

@@ -38,7 +38,8 @@ def test_the_daemon_writes_and_serves_its_metrics(lab, write_config, write_polic
     deadline = time.monotonic() + 10
     while True:
         samples = parse(textfile.read_text()) if textfile.exists() else {}
-        if samples.get(("ramfw_rejects_total", (("verdict", "blocked"),)), 0) >= 1:
+        if samples.get(("ramfw_rejects_total", (("verdict", "blocked"),)), 0) >= 1 and samples.get(
+                ("ramfw_named_blocks_total", (("reason", "not_allowlisted"),)), 0) >= 1:  # the daemon read it too
             break
         assert time.monotonic() < deadline, f"no block counted in {textfile}: {samples}"
         time.sleep(0.2)
@@ -52,6 +53,8 @@ def test_the_daemon_writes_and_serves_its_metrics(lab, write_config, write_polic
     assert samples[("ramfw_policy_info", (("organization", "acme"), ("signer", ""), ("source", json.loads(
         lab.ramfw("status", "--json", "--config", config).stdout)["policy"]["source"]), ("version", "")))] == 1
     assert ("ramfw_queue_drops_total", (("why", "queue_full"),)) in samples
+    assert samples[("ramfw_named_blocks_total", (("reason", "not_allowlisted"),))] >= 1
+    assert samples[("ramfw_named_blocks_total", (("reason", "no_name_seen"),))] == 0
     connection = http.client.HTTPConnection("127.0.0.1", 9541, timeout=5)
     with lab.vm.inside():  # the socket is made by connect(): in the vm's namespace
         connection.connect()
