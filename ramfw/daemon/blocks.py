@@ -13,6 +13,7 @@ from .clients import Clients
 
 log = logging.getLogger("ramfw")
 LOG_INTERVAL = 10.0  # seconds between two log lines about one destination
+TRANSPORTS = {6: "tcp", 17: "udp", 33: "dccp", 132: "sctp", 136: "udplite", 1: "icmp", 58: "icmpv6"}
 
 
 class Throttle:
@@ -87,7 +88,7 @@ class BlockLog:
         return self._named[address][1]
 
     def record(self, message: str, address: str, port: int, names: list[str] = (), reason: str = "",
-               client: dict | None = None, containers=None) -> None:
+               client: dict | None = None, containers=None, transport: str = "tcp") -> None:
         """One log line per blocked destination and client per interval: a client retrying in a
         loop must not flood the log (status counts every one). A client in a container whose name
         the engine has not told yet is logged once ``containers`` (``clients.Containers``) knows."""
@@ -95,7 +96,8 @@ class BlockLog:
             message = f"audit: would block: {message}"
         client, host = client or {}, names[0] if names else ""
         line = f"{message} ({address} port {port})"
-        block = {"time": time.time(), "message": message, "address": address, "port": port, "host": host,
+        block = {"time": time.time(), "message": message, "address": address, "port": port, "transport": transport,
+                 "host": host,
                  "destination_names": list(names), "reason": reason, "client": client}
         fields = {"verdict": self.verdict, **{k: v for k, v in block.items() if k not in ("time", "message")},
                   **({"advice": advice(host)} if host else {})}
@@ -123,7 +125,7 @@ class BlockLog:
             snooper.counters[f"blocks_{reason}"] += 1
             client = self.clients.describe(found) if self.clients is not None else {}
             self.record(self.message(found.dst, snooper.block_message), found.dst, found.dport, names=names,
-                        reason=reason, client=client,
+                        reason=reason, client=client, transport=TRANSPORTS.get(found.proto, str(found.proto)),
                         containers=self.clients.containers if self.clients is not None else None)
             host = names[0] if names else ""
             seen.refusal(host, found.dst, found.dport, found.src, self.verdict, time.time(), process_name(client))

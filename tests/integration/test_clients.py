@@ -65,6 +65,7 @@ def test_a_blocked_curl_is_named_with_its_pid_and_executable(lab, daemon_log):
     event = blocks[0]
     assert event["host"] == "blocked-registry.test" and event["address"] == BLOCKED4 and event["port"] == 443
     assert event["destination_names"] == ["blocked-registry.test"] and event["reason"] == "not_allowlisted"
+    assert event["transport"] == "tcp"
     assert event["client"]["recorded"] is True
     assert event["client"]["comm"] == "curl" and event["client"]["uid"] == 0
     assert Path(event["client"]["exe"]).name == "curl"
@@ -126,6 +127,7 @@ def test_udp_is_said_unrecorded(lab, daemon_log):
         sock.sendto(b"quic?", (BLOCKED4, 443))
     blocks = daemon_log()
     assert blocks and blocks[0]["client"] == {"recorded": False, "why": "only TCP connections are recorded"}
+    assert blocks[0]["transport"] == "udp"
 
 
 def attached_recorders() -> set[int]:
