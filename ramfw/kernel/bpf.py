@@ -39,6 +39,7 @@ MOV_K, MOV_X, ADD_K, ADD_X, SUB_K, SUB_X, AND_K, OR_K, OR_X, LSH_K, RSH_K = (0xB
 MOV32_K, MUL32_K, ADD32_X = 0xB4, 0x24, 0x0C  # 32-bit ALU: the result is zero-extended
 ST_W, ST_DW, STX_W, STX_DW, LDX_W, LDX_DW, XADD_DW = 0x62, 0x7A, 0x63, 0x7B, 0x61, 0x79, 0xDB
 JA, JEQ_K, JNE_K, JGT_K, JGT_X, JGE_X = 0x05, 0x15, 0x55, 0x25, 0x2D, 0x3D
+JEQ32_K = 0x16  # compares the low 32 bits (the immediate is not sign-extended to 64)
 CALL, EXIT, LD_IMM64 = 0x85, 0x95, 0x18
 R0, R1, R2, R3, R4, R6, R7, R8, R9, R10 = 0, 1, 2, 3, 4, 6, 7, 8, 9, 10
 
@@ -197,7 +198,8 @@ def load_program(code: bytes, prog_type: int, expected_attach_type: int, name: b
         try:
             return attempt(1, log)
         except OSError:
-            lines = log.value.decode(errors="replace").strip().splitlines()
+            lines = [line for line in log.value.decode(errors="replace").strip().splitlines()  # the reason, not
+                     if not line.startswith(("processed ", "verification time", "stack depth"))]  # the tally
             raise OSError(err.errno, f"{err.strerror}: {lines[-1] if lines else 'no verifier log'}") from None
 
 

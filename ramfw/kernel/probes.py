@@ -108,6 +108,7 @@ COSTS = {
                    "each change as it is committed and puts the table back within a second",
     "bcc": "none: the engine-scope program is loaded without a compiler",
     "client_recording": "block events name the destination but not the process, cgroup or container that connected",
+    "btf": "where sock_ops has no helpers for the task (before about 6.16), the client recorder cannot run",
 }
 
 
@@ -342,10 +343,12 @@ def _bcc_probe() -> Capability:
 
 def probe_here() -> list[Capability]:
     """All probes, in the current network namespace (call only inside a throw-away one)."""
+    from .btf import VMLINUX as BTF
     from .clients import probe as client_probe
 
     return _table_probes() + [_nfnetlink_queue_probe(), _cgroup_bpf_probe(), _cgroup_paths_probe(), _bcc_probe(),
-                              Capability("client_recording", *client_probe(), COSTS["client_recording"])]
+                              Capability("client_recording", *client_probe(), COSTS["client_recording"]),
+                              Capability("btf", BTF.exists(), str(BTF) if BTF.exists() else f"no {BTF}", COSTS["btf"])]
 
 
 def _cache_key() -> dict:
@@ -363,7 +366,8 @@ def _cache_key() -> dict:
     return {"kernel": platform.release(), "boot_id": read("/proc/sys/kernel/random/boot_id"),
             "modules": hashlib.sha256(" ".join(modules).encode()).hexdigest(),
             "cgroup_ns": read("/proc/self/ns/cgroup"), "python": sys.executable, "ramfw": __version__,
-            "probes": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}  # a changed probe runs again
+            "probes": hashlib.sha256(b"".join(Path(__file__).with_name(f).read_bytes() for f in (  # a changed
+                "probes.py", "clients.py", "btf.py"))).hexdigest()}  # probe or program runs again
 
 
 def run(cache: Path | None = None, fresh: bool = False) -> Report:

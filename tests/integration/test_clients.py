@@ -10,6 +10,7 @@ import secrets
 import socket
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -182,3 +183,86 @@ def test_an_allowlisted_name_whose_address_expired_is_said_so(lab, write_config,
     assert blocks[0]["reason"] == "address_not_learned" and blocks[0]["host"] == "allowed-registry.test"
     assert blocks[0]["message"].startswith(f"registry access to allowed-registry.test is not allowed at {ALLOWED4} now "
                                            "(allowlisted, but that address is not learned")
+
+
+CONNECT_AND_WAIT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+print(s.getsockname()[0], s.getsockname()[1], flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("how", ["helpers", "task"])
+def test_each_recorder_names_the_process_its_user_and_cgroup(lab, how):
+    """Where sock_ops has no helpers for the task (kernels before about 6.16: WSL2's 6.6,
+    LinuxKit's 6.12), the recorder reads the task's fields at the offsets the kernel's BTF gives:
+    both ways must record the same process, thread, user, group, cgroup and name."""
+    lab.serve_tcp([ALLOWED4], [443])
+    cgroup = lab.cgroup("client")
+    try:
+        recorder = clients.ClientRecorder(bpf.cgroup2_mount(), only=how)
+    except OSError as err:
+        pytest.skip(f"this kernel does not take the {how} recorder: {err}")
+    try:
+        client = lab.vm.popen("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                              CONNECT_AND_WAIT, ALLOWED4, "443", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, preexec_fn=lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())))
+        try:
+            local, port = client.stdout.readline().split()
+            connect = recorder.lookup(local, int(port), ALLOWED4, 443)
+        finally:
+            client.communicate("", timeout=10)
+    finally:
+        recorder.close()
+    assert recorder.how == how and connect is not None
+    assert (connect.pid, connect.thread, connect.uid, connect.gid) == (client.pid, client.pid, 65534, 65534)
+    assert connect.cgroup_id == cgroup.stat().st_ino
+    assert connect.comm == Path(sys.executable).name[:15]
+    assert abs(time.clock_gettime_ns(time.CLOCK_BOOTTIME) - connect.boot_ns) < 30e9
+
+
+def test_connections_are_counted_on_the_ports_asked_and_taken_a_bounded_number_at_a_time(lab):
+    lab.vm.run("ip", "addr", "add", "127.0.0.2/8", "dev", "lo", check=False)
+    with lab.vm.inside():
+        servers = [socket.create_server((address, port)) for address in ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+                   for port in (443, 8443)]
+    recorder = clients.ClientRecorder(bpf.cgroup2_mount(), count_ports=(443,))
+    try:
+        for address, port in (("127.0.0.1", 443), ("127.0.0.1", 443), ("127.0.0.1", 8443), ("127.0.0.2", 443),
+                              ("127.0.0.3", 443)):
+            with lab.vm.inside():
+                socket.create_connection((address, port)).close()
+        first = recorder.connections(limit=2)
+        rest = recorder.connections()
+    finally:
+        recorder.close()
+        for server in servers:
+            server.close()
+    assert len(first) == 2 and len(rest) == 1
+    assert {**first, **rest} == {"127.0.0.1": 2, "127.0.0.2": 1, "127.0.0.3": 1}, "8443 is not counted"
+
+
+def test_a_kernel_that_refuses_the_helpers_gets_the_task_reader_and_one_that_refuses_both_is_told_why(monkeypatch):
+    """Older kernels refuse sock_ops the task helpers: here a helper sock_ops may not call stands
+    in for them (the verifier refuses it as an older kernel refuses bpf_get_current_uid_gid)."""
+    if bpf.cgroup2_mount() is None or os.geteuid() != 0:
+        pytest.skip("needs root and cgroup v2")
+    refused_helper = lambda a: a(bpf.CALL, imm=27)  # noqa: E731 - bpf_get_stackid: not for sock_ops
+    monkeypatch.setattr(clients, "_who_by_helpers", refused_helper)
+    maps = [bpf.map_create(bpf.BPF_MAP_TYPE_LRU_HASH, clients.KEY, clients.VALUE, 16),
+            bpf.map_create(bpf.BPF_MAP_TYPE_LRU_HASH, clients.DESTINATION, 8, 16)]
+    try:
+        fd, how = clients.load_recorder(*maps)
+        os.close(fd)
+        assert how == "task"
+        monkeypatch.setattr(clients.btf, "VMLINUX", Path("/nonexistent/vmlinux"))
+        with pytest.raises(OSError) as refused:
+            clients.load_recorder(*maps)
+        assert "helpers: Invalid argument: program of this type cannot use helper bpf_get_stackid#27" in str(refused.value)
+        assert "task: /nonexistent/vmlinux: No such file or directory" in str(refused.value)
+        ok, detail = clients.probe()
+        assert not ok and detail.startswith("the client recorder does not load (helpers: ")
+    finally:
+        for fd in maps:
+            os.close(fd)
