@@ -78,11 +78,11 @@ class Clients:
             return {"recorded": False, "why": "only TCP connections are recorded"}
         return self.client(self.recorder.lookup(found.src, found.sport, found.dst, found.dport))
 
-    def client(self, connect: Connect | None, now_ns: int | None = None) -> dict:
+    def client(self, connect: Connect | None) -> dict:
         """A record (from ``lookup``) as a ``client`` field: unrecorded if there is none, or it is
         older than ``RECORD_SECONDS`` on the boot clock."""
-        now_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME) if now_ns is None else now_ns
-        if connect is None or now_ns - connect.boot_ns > RECORD_SECONDS * 1_000_000_000:
+        age_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - connect.boot_ns if connect is not None else 0
+        if connect is None or age_ns > RECORD_SECONDS * 1_000_000_000:
             return {"recorded": False, "why": UNRECORDED}
         exe, note = executable(connect)
         client = {"recorded": True, "pid": connect.pid, "comm": printable(connect.comm), "uid": connect.uid,
@@ -193,7 +193,7 @@ def executable(connect: Connect) -> tuple[str, str]:
         started = int(stat.rsplit(")", 1)[1].split()[19]) * 1_000_000_000 // _TICKS
         if started > connect.boot_ns:
             return "", ""
-        if process_name(pid, connect.thread) != connect.comm:
+        if thread_name(pid, connect.thread) != connect.comm:
             return "", RENAMED
     except (OSError, ValueError, IndexError):
         return "", ""
@@ -206,7 +206,7 @@ def executable(connect: Connect) -> tuple[str, str]:
     return path, DELETED if running.st_nlink == 0 else OTHER_MOUNTS
 
 
-def process_name(pid: int, thread: int) -> str:
+def thread_name(pid: int, thread: int) -> str:
     """The name (comm) of the thread that connected, or where it has gone, of the process."""
     for where in (f"/proc/{pid}/task/{thread}/comm", f"/proc/{pid}/comm"):
         with contextlib.suppress(FileNotFoundError):
