@@ -21,7 +21,7 @@ import time
 from . import __version__, api, record
 from . import config as config_mod
 from .check import probe, verdict
-from .daemon.blocks import advice, client_text
+from .daemon.blocks import advice, client_text, listed
 from .errors import RamfwError
 from .policy import source as policy_source
 
@@ -140,7 +140,7 @@ def _report_text(result: dict) -> str:
     for host, seen in refused:
         lines.append(f"  {host:40} {seen['count']:6}x {seen.get('verdict', ''):8} "
                      f"ports {','.join(map(str, seen.get('ports', [])))}  "
-                     f"clients {','.join(seen.get('clients', []) + seen.get('processes', []))}  first {when(seen['first'])}  last {when(seen['last'])}")
+                     f"clients {','.join(map(listed, seen.get('clients', []) + seen.get('processes', [])))}  first {when(seen['first'])}  last {when(seen['last'])}")
     lines.append(f"use of {result['organization']}'s entries (lookups learned from, connections to what they taught):")
     for entry, use in sorted(result["usage"].items()):
         lines.append(f"  {entry:40} {use['lookups']:6} lookups {use.get('connections', 0):6} connections   "

@@ -3,13 +3,15 @@ throttled per destination), and the throttle its other repeated log lines go thr
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from collections import deque
 
 from ..snoop.packet import flow
 from . import logs
-from .clients import Clients
+from .clients import Clients, quote
 
 log = logging.getLogger("ramfw")
 LOG_INTERVAL = 10.0  # seconds between two log lines about one destination
@@ -51,7 +53,6 @@ class BlockLog:
         self.verdict = "audited" if audit else "blocked"  # what a block event says became of it
         self.recent: deque[dict] = deque(maxlen=50)
         self._throttle = Throttle()
-        self._named: dict[str, tuple[float, str]] = {}  # address -> (when, message): one lookup per interval
         self.clients = None  # a clients.Clients once ``name_clients``
 
     def name_clients(self, cgroup_mount: str | None, engine_socket: str) -> None:
@@ -74,18 +75,6 @@ class BlockLog:
     def close(self) -> None:
         if self.clients is not None:
             self.clients.close()
-
-    def message(self, address: str, lookup) -> str:
-        """The block message for ``address``; ``lookup(address)`` (a search of the kept replies)
-        runs at most once per destination per interval."""
-        now = time.monotonic()
-        known = self._named.get(address)
-        if known is not None and now - known[0] < LOG_INTERVAL:
-            return known[1]
-        if len(self._named) >= 4096:
-            self._named.clear()
-        self._named[address] = (now, lookup(address))
-        return self._named[address][1]
 
     def record(self, message: str, address: str, port: int, names: list[str] = (), reason: str = "",
                client: dict | None = None, containers=None, transport: str = "tcp") -> None:
@@ -115,6 +104,7 @@ class BlockLog:
         """Blocked packets (their headers, from the log group): each named by the replies the
         snooper kept and by its client (``clients.Clients``: what the kernel recorded at connect
         time), logged, and kept in ``seen`` (a ``seen.Seen``) for ``ramfw report``."""
+        snooper.index_unread()  # the replies kept since the verdicts: read before the names are
         for packet in packets:
             found = flow(packet)
             if found is None:
@@ -124,7 +114,7 @@ class BlockLog:
             reason = snooper.block_reason(names)
             snooper.counters[f"blocks_{reason}"] += 1
             client = self.clients.describe(found) if self.clients is not None else {}
-            self.record(self.message(found.dst, snooper.block_message), found.dst, found.dport, names=names,
+            self.record(snooper.message_for(found.dst, names, reason), found.dst, found.dport, names=names,
                         reason=reason, client=client, transport=TRANSPORTS.get(found.proto, str(found.proto)),
                         containers=self.clients.containers if self.clients is not None else None)
             host = names[0] if names else ""
@@ -132,25 +122,41 @@ class BlockLog:
 
 
 def client_text(client: dict) -> str:
-    """``dockerd (pid 812, /usr/sbin/dockerd, cgroup /system.slice/docker.service)``, or ``wget
-    (pid 91) in container builder (moby/buildkit, 1f2e3d4c5b6a)``."""
-    details = [f"pid {client['pid']}"] + [client[key] for key in ("exe",) if client.get(key)]
-    container = client.get("container")
+    """``dockerd (pid 812, uid 0, /usr/sbin/dockerd, cgroup /system.slice/docker.service)``, or
+    ``wget (pid 91, uid 0) in container builder (moby/buildkit, 1f2e3d4c5b6a)``. The names a
+    process or a container's maker chose are quoted unless plain (``clients.quote``)."""
+    details = [f"pid {client['pid']}", f"uid {client.get('uid', '?')}"]
+    if client.get("exe"):
+        details.append(quote(client["exe"]) + (f" {client['exe_note']}" if client.get("exe_note") else ""))
+    elif client.get("exe_note"):
+        details.append(f"executable {client['exe_note']}")
+    container, comm, cgroup = client.get("container"), quote(client["comm"]), quote(client.get("cgroup", ""))
     if container is None:
-        details += [f"cgroup {client['cgroup']}"] if client.get("cgroup") else []
-        return f"{client['comm']} ({', '.join(details)})"
+        details += [f"cgroup {cgroup}"] if client.get("cgroup") else []
+        return f"{comm} ({', '.join(details)})"
     if not container.get("name"):
-        return (f"{client['comm']} ({', '.join(details)}) in cgroup {client['cgroup']}, named for container "
+        return (f"{comm} ({', '.join(details)}) in cgroup {cgroup}, named for container "
                 f"{container['id'][:12]}, which the engine does not say runs there")
-    named = [container[key] for key in ("image",) if container.get(key)] + [container["id"][:12]]
-    return f"{client['comm']} ({', '.join(details)}) in container {container['name']} ({', '.join(named)})"
+    named = [quote(container[key]) for key in ("image",) if container.get(key)] + [container["id"][:12]]
+    return f"{comm} ({', '.join(details)}) in container {quote(container['name'])} ({', '.join(named)})"
 
 
 def process_name(client: dict) -> str:
-    """What ``ramfw report`` lists among a host's clients: the process, or its container."""
+    """What ``ramfw report`` lists among a host's clients: the process, or its container (each
+    name quoted unless plain: a name holding ", " cannot make entries of its own)."""
     if not client.get("recorded"):
         return ""
     container = client.get("container")
     if container is None or not container.get("name"):
-        return client["comm"]
-    return f"{client['comm']} in {container['name']}"
+        return quote(client["comm"])
+    return f"{quote(client['comm'])} in {quote(container['name'])}"
+
+
+_WORD = r'(?:[A-Za-z0-9_./@:+=-]+|"(?:[ !#-\[\]-~]|\\["\\/bfnrtu])*")'  # as ``clients.quote`` writes
+_LISTED = re.compile(rf"{_WORD}(?: in {_WORD})?")
+
+
+def listed(entry: str) -> str:
+    """An entry of ``ramfw report``'s clients as printed: as ``process_name`` wrote it, or quoted
+    whole where it is not in that form (a state file written by an older daemon, or by hand)."""
+    return entry if _LISTED.fullmatch(entry) else json.dumps(entry)

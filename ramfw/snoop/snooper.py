@@ -355,9 +355,14 @@ class Snooper:
     def block_message(self, address: str) -> str:
         self.index_unread()
         names = self.names_of(address)
+        return self.message_for(address, names, self.block_reason(names))
+
+    @staticmethod
+    def message_for(address: str, names: list[str], reason: str) -> str:
+        """The block message for ``address``, from the names and reason its event carries."""
         if not names:
             return f"registry access to {address} is not allowed (no DNS name was seen for it)"
-        if self.block_reason(names) == "address_not_learned":
+        if reason == "address_not_learned":
             return (f"registry access to {names[0]} is not allowed at {address} now (allowlisted, but that address "
                     "is not learned: its lookup expired, or no trusted resolver gave it)")
         return f"registry access to {names[0]} is not allowed"

@@ -128,7 +128,7 @@ def test_a_blocked_pull_is_named_with_dockerd_its_pid_and_executable(world):
     assert client["cgroup"] == "/" + str(world.registries.cgroup.relative_to(bpf.cgroup2_mount()))
     text = world.ramfw("status", "--config", world.config).stdout
     assert (f"registry access to blocked-registry.test is not allowed ({BLOCKED4} port 443) by dockerd "
-            f"(pid {dockerd}, {client['exe']}") in text
+            f"(pid {dockerd}, uid 0, {client['exe']}") in text
     assert "to allow:   ask your administrators to add blocked-registry.test" in text
 
 
