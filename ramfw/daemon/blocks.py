@@ -55,9 +55,10 @@ class BlockLog:
         self._throttle = Throttle()
         self.clients = None  # a clients.Clients once ``name_clients``
 
-    def name_clients(self, cgroup_mount: str | None, engine_socket: str) -> None:
-        """Record who connects (in the kernel), to name the client of each block."""
-        self.clients = Clients(cgroup_mount, engine_socket)
+    def name_clients(self, cgroup_mount: str | None, enforcement) -> None:
+        """Record who connects (in the kernel), to name the client of each block, and count the
+        connections to the registry ports (``config.EnforcementSettings``)."""
+        self.clients = Clients(cgroup_mount, enforcement.engine_socket, tuple(enforcement.registry_ports))
 
     def keep(self, snooper, seen, force: bool = False) -> None:
         """Housekeeping: the connections the kernel counted to learned addresses, per name (an

@@ -54,8 +54,9 @@ class Clients:
     """Names the clients of blocked packets; ``problem`` says why it cannot (then every event
     says the client was not recorded, and why)."""
 
-    def __init__(self, cgroup_mount: str | None, engine_socket: str):
-        """``cgroup_mount``: the engine scope's (a mount of its own where the namespace has none)."""
+    def __init__(self, cgroup_mount: str | None, engine_socket: str, count_ports: tuple[int, ...] | None = None):
+        """``cgroup_mount``: the engine scope's (a mount of its own where the namespace has none);
+        ``count_ports``: those whose connections are counted per destination (the registry ports)."""
         cgroup_mount = cgroup_mount or bpf.cgroup2_mount()
         self.recorder, self.problem, self.mount = None, "", cgroup_mount
         self.cgroups = CgroupPaths(cgroup_mount)
@@ -64,7 +65,7 @@ class Clients:
             self.problem = "no cgroup v2 hierarchy to attach the client recorder to"
             return
         try:
-            self.recorder = ClientRecorder(cgroup_mount)
+            self.recorder = ClientRecorder(cgroup_mount, count_ports)
         except OSError as err:
             self.problem = f"the kernel refused the client recorder: {err.strerror}"
         if self.problem:

@@ -106,7 +106,7 @@ class Daemon:
         self.engine = EngineScope(self.config, self.report)
         self.engine.start()  # before the ruleset: it must know whether engine scope can be trusted
         if self.blocks:  # before the ruleset too: who connects is recorded from the start
-            self.blocks_log.name_clients(self.engine.mount, self.config.enforcement.engine_socket)
+            self.blocks_log.name_clients(self.engine.mount, self.config.enforcement)
         self.own_traffic, self.applied_scope = "", ()
         self.apply()
         self.engine.say_scope()

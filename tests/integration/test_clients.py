@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ramfw.daemon import clients as naming
 from ramfw.kernel import bpf, clients
 from tests.integration.test_forged_replies import checksum, send_raw
 from tests.lab.sandbox import ALLOWED4, BLOCKED4, NET4, VM4
@@ -70,7 +71,7 @@ def test_a_blocked_curl_is_named_with_its_pid_and_executable(lab, daemon_log):
     assert event["client"]["recorded"] is True
     assert event["client"]["comm"] == "curl" and event["client"]["uid"] == 0
     assert Path(event["client"]["exe"]).name == "curl"
-    assert event["message"].endswith(f"by curl (pid {client.pid}, {event['client']['exe']}, "
+    assert event["message"].endswith(f"by curl (pid {client.pid}, uid 0, {event['client']['exe']}, "
                                      f"cgroup {event['client']['cgroup']})")
     assert "container" not in event["client"]
     status = json.loads(lab.ramfw("status", "--json", "--config", daemon_log.config).stdout)
@@ -116,8 +117,7 @@ def test_a_forged_syn_is_said_unrecorded_never_pinned_on_a_process(lab, daemon_l
         send_raw(lab.vm, forged_syn(VM4, BLOCKED4, 40123), BLOCKED4)
     blocks = daemon_log()
     assert blocks, "the forged SYN was blocked and named"
-    assert blocks[0]["client"] == {"recorded": False, "why": "no connect() recorded for it: a raw socket's or forged "
-                                                             "packet, or more than 16384 connections since"}
+    assert blocks[0]["client"] == {"recorded": False, "why": naming.UNRECORDED}
     assert " by " not in blocks[0]["message"]
 
 
@@ -150,11 +150,11 @@ def test_the_recorder_goes_with_its_daemon_even_when_killed(lab, write_config, w
     before = attached_recorders()
     write_policy(["allowed-registry.test"])
     daemon = lab.start_daemon(write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n'))
-    during = attached_recorders()
-    assert len(during - before) == 1, "the daemon attached one recorder"
+    ours = attached_recorders() - before  # (a recorder of an earlier test's daemon may still be going)
+    assert len(ours) == 1, "the daemon attached one recorder"
     daemon.kill()
     daemon.wait()
-    assert attached_recorders() == before, "the kernel detached it with the daemon's last file descriptor"
+    assert not ours & attached_recorders(), "the kernel detached it with the daemon's last file descriptor"
 
 
 def test_an_allowlisted_name_whose_address_expired_is_said_so(lab, write_config, write_policy, tmp_path):
