@@ -4,12 +4,10 @@ program since it connected is not named by that program, a path its own mount na
 its executable is said to be one, the uid is always in the text, and cgroups are named by
 their handle, not by a walk a user with many cgroups can exhaust."""
 
-import json
 import os
 import shutil
 import signal
 import socket
-import struct
 import sys
 import time
 from pathlib import Path
@@ -18,37 +16,11 @@ import pytest
 
 from ramfw.daemon import clients
 from ramfw.kernel import bpf
-from tests.integration.test_forged_replies import checksum, send_raw
-from tests.lab.sandbox import BLOCKED4, NET4, VM4
+from tests.integration.test_forged_replies import forged_syn, send_raw
+from tests.lab.sandbox import BLOCKED4, VM4
 
 CURL_ARGS = ("-s", "-o", "/dev/null", "--retry", "3", "--retry-connrefused", "--retry-delay", "1",
              "--resolve", f"blocked-registry.test:443:{BLOCKED4}", "https://blocked-registry.test/v2/")
-
-
-@pytest.fixture
-def daemon_log(lab, write_config, write_policy, tmp_path):
-    """A daemon in host scope with a JSON log; returns a reader of its block events."""
-    lab.serve_tcp([BLOCKED4], [443])
-    lab.start_dnsmasq(NET4, f"--host-record=blocked-registry.test,{BLOCKED4}")
-    write_policy(["allowed-registry.test"])
-    log_file = tmp_path / "ramfw.log"
-    config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n', scope=["host"],
-                          engine_socket=str(tmp_path / "no-engine.sock"))
-    text = Path(config).read_text()
-    Path(config).write_text(text.replace("[daemon]\n", f'[daemon]\nlog_file = "{log_file}"\n', 1))
-    daemon = lab.start_daemon(config, "--log-format", "json")
-    lab.resolve("blocked-registry.test")
-
-    def blocks(where=lambda block: True, wait: float = 5.0) -> list[dict]:
-        deadline = time.monotonic() + wait
-        while True:
-            events = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
-            found = [e for e in events if e["event"] == "block" and where(e)]
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
-    blocks.daemon = daemon
-    return blocks
 
 
 def ended(process) -> None:
@@ -56,12 +28,14 @@ def ended(process) -> None:
     process.wait()
 
 
-def forged_syn(src: str, dst: str, sport: int, dport: int = 443) -> bytes:
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, 20)
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
-    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0, socket.inet_aton(src),
-                       socket.inet_aton(dst)) + tcp
+def blocks_of(daemon_log, client) -> list[dict]:
+    """The block events that name ``client``'s pid (it is ended once they are read)."""
+    try:
+        blocks = daemon_log(lambda b: b["client"].get("pid") == client.pid)
+    finally:
+        ended(client)
+    assert blocks, daemon_log()
+    return blocks
 
 
 def test_a_record_of_an_old_connect_is_not_pinned_on_a_later_packet(lab, daemon_log):
@@ -100,11 +74,7 @@ def test_a_client_that_runs_another_program_since_it_connected_is_not_named_by_i
             time.sleep(0.02)
     finally:
         os.kill(daemon_log.daemon.pid, signal.SIGCONT)
-    try:
-        blocks = daemon_log(lambda b: b["client"].get("pid") == client.pid)
-    finally:
-        ended(client)
-    assert blocks, daemon_log()
+    blocks = blocks_of(daemon_log, client)
     named = blocks[0]["client"]
     assert named["comm"] != "sleep", "the name it connected with, from the kernel's record"
     assert named["exe"] == "" and named["exe_note"] == clients.RENAMED
@@ -118,11 +88,7 @@ def test_an_executable_path_its_own_mount_namespace_gives_is_said_to_be_one(lab,
     decoy.write_text("what ramfw's own mount namespace has at that path\n")
     client = lab.vm.popen("unshare", "--mount", "--propagation", "private", "sh", "-c",
                           f"mount --bind {shutil.which('curl')} {decoy} && exec {decoy} " + " ".join(CURL_ARGS))
-    try:
-        blocks = daemon_log(lambda b: b["client"].get("pid") == client.pid)
-    finally:
-        ended(client)
-    assert blocks, daemon_log()
+    blocks = blocks_of(daemon_log, client)
     named = blocks[0]["client"]
     assert named["comm"] == "dockerd" and named["exe"] == str(decoy)
     assert named["exe_note"] == clients.OTHER_MOUNTS

@@ -18,34 +18,8 @@ import pytest
 
 from ramfw.daemon import clients as naming
 from ramfw.kernel import bpf, clients
-from tests.integration.test_forged_replies import checksum, send_raw
+from tests.integration.test_forged_replies import forged_syn, send_raw
 from tests.lab.sandbox import ALLOWED4, BLOCKED4, NET4, VM4
-
-
-@pytest.fixture
-def daemon_log(lab, write_config, write_policy, tmp_path):
-    """A daemon in host scope with a JSON log; returns a reader of its block events."""
-    lab.serve_tcp([BLOCKED4], [443])
-    lab.start_dnsmasq(NET4, f"--host-record=blocked-registry.test,{BLOCKED4}")
-    write_policy(["allowed-registry.test"])
-    log_file = tmp_path / "ramfw.log"
-    config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n', scope=["host"],
-                          engine_socket=str(tmp_path / "no-engine.sock"))
-    text = Path(config).read_text()
-    Path(config).write_text(text.replace("[daemon]\n", f'[daemon]\nlog_file = "{log_file}"\n', 1))
-    daemon = lab.start_daemon(config, "--log-format", "json")
-    lab.resolve("blocked-registry.test")
-
-    def blocks(where=lambda block: True, wait: float = 5.0) -> list[dict]:
-        deadline = time.monotonic() + wait
-        while True:
-            events = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
-            found = [e for e in events if e["event"] == "block" and where(e)]
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
-    blocks.daemon, blocks.config = daemon, config
-    return blocks
 
 
 def curl(lab, *, cgroup: Path | None = None) -> subprocess.Popen:
@@ -102,14 +76,6 @@ def test_the_test_process_own_connection_is_named_with_its_own_pid(lab, daemon_l
     assert lab.connect(BLOCKED4)[0] == "refused"
     blocks = daemon_log(lambda b: b["client"].get("pid") == os.getpid())
     assert blocks and blocks[0]["client"]["comm"] == Path("/proc/self/comm").read_text().strip()
-
-
-def forged_syn(src: str, dst: str, sport: int, dport: int = 443) -> bytes:
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, 20)
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
-    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0, socket.inet_aton(src),
-                       socket.inet_aton(dst)) + tcp
 
 
 def test_a_forged_syn_is_said_unrecorded_never_pinned_on_a_process(lab, daemon_log):

@@ -46,6 +46,14 @@ def forged_udp(src: str, dst: str, payload: bytes, sport: int = 53, dport: int =
     return struct.pack("!IHBB", 6 << 28, length, 17, 64) + s + d + udp
 
 
+def forged_syn(src: str, dst: str, sport: int, dport: int = 443) -> bytes:
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, 20)
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0, socket.inet_aton(src),
+                       socket.inet_aton(dst)) + tcp
+
+
 def send_raw(ns, packet: bytes, dst: str) -> None:
     with ns.inside():
         if ":" in dst:
