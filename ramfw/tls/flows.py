@@ -1,0 +1,172 @@
+"""The flows whose first flight is being read: their segments held until it is whole, then one
+verdict for all of them. Pure: time is a parameter, packets are the queue's ids.
+
+A flow is known from its SYN (``syn``: its sequence number is where the stream begins). Each
+data segment (``segment``) is held, not released: no byte of a first flight reaches the server
+before the flight was read whole and judged. Then every held segment is accepted, or the flow
+is refused (all dropped but the last, which the kernel answers with a reset). Bounded: 64
+segments per flow, 2 s to complete a first flight, 8192 flows (the oldest go first, refused).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .hello import More, Name, Refused
+from .judge import Verdict
+from .stream import Flight
+
+HOLD_SECONDS = 2.0  # a first flight not whole this long after its first segment is refused
+SYN_SECONDS = 60.0  # a SYN whose flow sends nothing this long is forgotten
+LINGER_SECONDS = 5.0  # a decided flow is kept this long, for the segments queued before its mark changed
+MAX_FLOWS = 8192
+MAX_HELD = 64
+
+Key = tuple[str, int, str, int]  # source, source port, destination, destination port
+
+
+class Judge(Protocol):
+    def hello(self, name: str, address: str) -> Verdict: ...
+    def connect(self, name: str, address: str) -> Verdict: ...
+    def tunnel(self, name: str, connect: str, address: str) -> Verdict: ...
+    def unread(self, address: str, reason: str) -> Verdict: ...
+
+
+@dataclass
+class Step:
+    """What becomes of a flow's packets now: ``accept``, ``drop``, ``reject`` (the kernel resets
+    the flow); ``mark``: the flow's verdict for the kernel (``allow``, ``refuse``, or "" for no
+    change); ``verdict``: a decision made now; ``reason``: why a first flight was refused."""
+
+    key: Key
+    accept: list[int] = field(default_factory=list)
+    drop: list[int] = field(default_factory=list)
+    reject: list[int] = field(default_factory=list)
+    mark: str = ""
+    verdict: Verdict | None = None
+    reason: str = ""
+
+
+@dataclass
+class _Flow:
+    isn: int
+    flight: Flight
+    opened: float
+    held: list[int] = field(default_factory=list)
+    held_since: float = 0.0
+    state: str = "open"  # open, tunnel (a CONNECT allowed, its ClientHello to come), allowed, refused
+    decided: float = 0.0
+    connect: str = ""
+    conflict: bool = False
+
+
+class Flows:
+    def __init__(self, judge: Judge, audit: bool = False, max_flows: int = MAX_FLOWS):
+        self.judge = judge
+        self.audit = audit  # refusals are decided and said, and the flow passes
+        self.max_flows = max_flows
+        self._flows: OrderedDict[Key, _Flow] = OrderedDict()
+        self.later: list[Step] = []  # verdicts for flows evicted or timed out: the daemon takes them
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    @property
+    def held(self) -> int:
+        return sum(len(f.held) for f in self._flows.values())
+
+    def syn(self, key: Key, isn: int, now: float, proxy: bool = False) -> None:
+        """A SYN's copy: the flow's stream begins after ``isn``. The same SYN again (a
+        retransmission) changes nothing; another sequence number for a flow not yet decided
+        makes its stream ambiguous, and it is refused. A decided flow's tuple may be used again
+        by a new connection (conntrack made a new entry: only those SYNs are copied)."""
+        flow = self._flows.get(key)
+        if flow is not None and flow.isn == isn:
+            return
+        if flow is not None and flow.state in ("open", "tunnel") and now - flow.opened < SYN_SECONDS:
+            # Two SYNs of one tracked connection, each with its own sequence number: the server
+            # may have taken either, so ramfw cannot know where its stream begins.
+            flow.conflict = True
+            return
+        self._flows.pop(key, None)
+        self._flows[key] = _Flow(isn, Flight(isn, proxy), now)
+        while len(self._flows) > self.max_flows:
+            old_key, old = self._flows.popitem(last=False)
+            if old.held:
+                self.later.append(self._decide(old_key, old, self.judge.unread(old_key[2], "evicted: too many "
+                                                                                "flows waiting"), now))
+
+    def segment(self, key: Key, seq: int, payload: bytes, packet_id: int, now: float, reset: bool = False) -> Step:
+        """One data segment of the client's direction, held in the queue as ``packet_id``."""
+        flow = self._flows.get(key)
+        if flow is None:
+            flow = self._flows[key] = _Flow(-1, Flight(0), now)
+            flow.held.append(packet_id)
+            return self._decide(key, flow, self.judge.unread(key[2], "its SYN was not seen: the flow began "
+                                                                      "before the daemon, or the copy was lost"), now)
+        if flow.state == "refused":
+            return Step(key, reject=[packet_id])
+        if reset:  # a reset's data is not the stream's; the flow ends at the server, or is refused here
+            dropped, flow.held = flow.held, []
+            self._flows.pop(key, None)
+            return Step(key, accept=[packet_id], drop=dropped)
+        if flow.state == "allowed":
+            reason = flow.flight.stream.add(seq, payload)
+            if reason is None:
+                return Step(key, accept=[packet_id])
+            flow.held.append(packet_id)
+            return self._decide(key, flow, self.judge.unread(key[2], reason), now, reason=reason)
+        flow.held.append(packet_id)
+        if not flow.held_since or len(flow.held) == 1:
+            flow.held_since = now
+        if flow.conflict:
+            return self._decide(key, flow, self.judge.unread(key[2], "two SYNs with different sequence numbers"), now)
+        if len(flow.held) > MAX_HELD:
+            return self._decide(key, flow, self.judge.unread(key[2], f"more than {MAX_HELD} segments before the "
+                                                                      "first flight was whole"), now)
+        outcome = flow.flight.add(seq, payload)
+        if isinstance(outcome, More):
+            return Step(key)
+        if isinstance(outcome, Refused):
+            return self._decide(key, flow, self.judge.unread(key[2], outcome.reason), now, reason=outcome.reason)
+        assert isinstance(outcome, Name)
+        if flow.flight.proxy and flow.state == "open":
+            verdict = self.judge.connect(outcome.name, key[2])
+            if verdict.allow:  # the tunnel's ClientHello comes once the proxy answered
+                flow.state, flow.connect = "tunnel", outcome.name
+                accepted, flow.held, flow.held_since = flow.held, [], 0.0
+                return Step(key, accept=accepted, verdict=verdict)
+        elif flow.flight.proxy:
+            verdict = self.judge.tunnel(outcome.name, flow.connect, key[2])
+        else:
+            verdict = self.judge.hello(outcome.name, key[2])
+        return self._decide(key, flow, verdict, now)
+
+    def _decide(self, key: Key, flow: _Flow, verdict: Verdict, now: float, reason: str = "") -> Step:
+        held, flow.held = flow.held, []
+        flow.decided = now
+        if verdict.allow or self.audit:
+            flow.state = "allowed"
+            return Step(key, accept=held, mark="allow", verdict=verdict, reason=reason)
+        flow.state = "refused"
+        return Step(key, drop=held[:-1], reject=held[-1:], mark="refuse", verdict=verdict, reason=reason)
+
+    def expire(self, now: float) -> list[Step]:
+        """Refuse the flows whose first flight did not come whole in time; forget the decided
+        ones after a while, and SYNs that sent nothing. Returns the verdicts to give (with
+        those of evicted flows)."""
+        steps, self.later = self.later, []
+        for key, flow in list(self._flows.items()):
+            if flow.held and now - flow.held_since > HOLD_SECONDS:
+                steps.append(self._decide(key, flow, self.judge.unread(
+                    key[2], f"the first flight did not come whole within {HOLD_SECONDS:g} s"), now))
+            elif flow.state in ("allowed", "refused") and now - flow.decided > LINGER_SECONDS:
+                del self._flows[key]
+            elif flow.state in ("open", "tunnel") and not flow.held and now - flow.opened > SYN_SECONDS:
+                del self._flows[key]
+        return steps
+
+    def known(self, key: Key) -> bool:
+        return key in self._flows
