@@ -21,6 +21,7 @@ import time
 from . import __version__, api, record
 from . import config as config_mod
 from .check import probe, verdict
+from .daemon import sni
 from .daemon.blocks import advice
 from .errors import RamfwError
 from .policy import source as policy_source
@@ -210,6 +211,7 @@ def _run(args) -> int:
     if args.command == "doctor":
         report = api.doctor(config)
         _print_doctor(report, config.enforcement.table_owner)
+        print(sni.doctor_text(config.enforcement, report))
         for line in policy_source.describe(config.policy):
             print(line)
         for note in record.proxy_notes(config):

@@ -64,6 +64,8 @@ def document(daemon, full: bool = True) -> dict:
     table = probes.table_protection(daemon.table.kernel_view(), daemon.table.portid, daemon.table.owned)
     if table.get("warning"):
         notes.append(f"WARNING: {table['warning']}")
+    if daemon.tls.state != "active":
+        notes.append(f"TLS server names: {daemon.tls.state}")
     if "host" in daemon.scope:
         notes.append(f"ramfw's own connections (policy polls, `ramfw check`'s probes) are {daemon.own_traffic}")
     url = daemon.url_source
@@ -88,6 +90,7 @@ def document(daemon, full: bool = True) -> dict:
         "learned": {k: v for k, v in learned.items() if v},
         "counters": {**dict(snooper.counters), **counters, "learned_addresses": snooper.total,
                      **(daemon.prefilter.pairing_counters() if daemon.prefilter else {})},
+        "tls": daemon.tls.status(),
         "recent_blocks": list(daemon.blocks_log.recent),
         "repairs": daemon.guard.repairs,
         "table": table,
