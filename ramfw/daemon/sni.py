@@ -37,6 +37,7 @@ log = logging.getLogger("ramfw")
 NF_REPEAT = 4  # the packet goes through the hook again: the refused flow's mark has it reset
 BURST = 64
 SWEEP = 10.0
+REFUSED_SECONDS = 120  # a refused flow's conntrack entry, from its last packet
 
 
 class TlsCheck:
@@ -157,7 +158,6 @@ class TlsCheck:
                                                "to TCP)"), (source(data), 0, address, port))
 
     def _on_queue(self) -> None:
-        self._on_copies()  # a flow's SYN copy was made before its first segment could be
         for _ in range(BURST):
             try:
                 packets = self.queue.receive()
@@ -167,12 +167,15 @@ class TlsCheck:
                 return
             if not packets:
                 return
+            # after the segments were read: the copy of each one's SYN was made before it was queued
+            self._on_copies()
             for packet in packets:
                 self._read(packet)
 
     def _read(self, packet) -> None:
         """Every queued packet gets a verdict, whatever happens on the way."""
         start = time.perf_counter()
+        self.counters["segments"] += 1
         try:
             seg = segment(packet.payload)
             if seg is None:  # not TCP, cut, or a checksum the server's TCP would drop it for
@@ -195,7 +198,10 @@ class TlsCheck:
         reject = NF_REPEAT
         if step.mark:
             try:
-                self.marks.set(step.key, 0 if step.mark == "allow" else self.refused_mark, self.mask)
+                if step.mark == "allow":
+                    self.marks.set(step.key, 0, self.mask)
+                else:  # reset at every packet while it lasts; gone once nothing was seen of it for a while
+                    self.marks.set(step.key, self.refused_mark, self.mask, REFUSED_SECONDS)
             except OSError as err:  # the flow is gone (or conntrack refused): drop rather than loop
                 self.counters["mark_errors"] += 1
                 self.daemon._error(f"TLS check: setting a flow's mark: {err}")

@@ -24,7 +24,7 @@ from .netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERR
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET = 0, 1
-CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_MARK, CTA_MARK_MASK = 1, 2, 8, 21
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_TIMEOUT, CTA_MARK, CTA_MARK_MASK = 1, 2, 7, 8, 21
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
@@ -42,14 +42,17 @@ def _tuple(kind: int, src: str, sport: int, dst: str, dport: int) -> bytes:
     return nested(kind, ip, proto)
 
 
-def mark_message(flow: Flow, value: int, mask: int, seq: int) -> bytes:
+def mark_message(flow: Flow, value: int, mask: int, seq: int, timeout: int | None = None) -> bytes:
     """Set the ``mask`` bits of the conntrack entry of ``flow`` (as a packet of its client
-    direction shows it, after any DNAT) to ``value``. The entry is found by its reply tuple,
-    which is the packet's, reversed, whether or not a NAT rule changed its destination."""
+    direction shows it, after any DNAT) to ``value`` (and its timeout, in seconds). The entry is
+    found by its reply tuple, which is the packet's, reversed, whether or not a NAT rule changed
+    its destination."""
     src, sport, dst, dport = flow
     family = socket.AF_INET6 if ":" in src else socket.AF_INET
     attrs = (_tuple(CTA_TUPLE_REPLY, dst, dport, src, sport) + attr(CTA_MARK, struct.pack("!I", value))
              + attr(CTA_MARK_MASK, struct.pack("!I", mask)))
+    if timeout is not None:
+        attrs += attr(CTA_TIMEOUT, struct.pack("!I", timeout))
     return netlink.message((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW, NLM_F_REQUEST | NLM_F_ACK, seq, family, 0,
                            attrs)
 
@@ -62,11 +65,11 @@ class Marks:
         self.sock.setsockopt(netlink.SOL_NETLINK, netlink.NETLINK_CAP_ACK, 1)
         self._seq = 1
 
-    def set(self, flow: Flow, value: int, mask: int) -> None:
+    def set(self, flow: Flow, value: int, mask: int, timeout: int | None = None) -> None:
         """Synchronous: the kernel has changed the mark when this returns (the ack is read);
         OSError with its errno otherwise (ENOENT: the flow is gone)."""
         self._seq += 1
-        self.sock.send(mark_message(flow, value, mask, self._seq))
+        self.sock.send(mark_message(flow, value, mask, self._seq, timeout))
         while True:
             if not select.select([self.sock], [], [], 2)[0]:
                 raise OSError(errno.ETIMEDOUT, "conntrack: no answer from the kernel within 2 s")
@@ -80,8 +83,8 @@ class Marks:
                 return
 
     def marked(self, value: int, mask: int) -> list[Flow]:
-        """The TCP flows whose mark has ``value`` in its ``mask`` bits, as their client direction
-        shows them (the original tuple: source, destination, as the client sent them)."""
+        """The TCP flows whose mark has ``value`` in its ``mask`` bits, as a packet of their client
+        direction shows them (their reply tuple, reversed: after any DNAT)."""
         self._seq += 1
         seq = self._seq
         filt = attr(CTA_MARK, struct.pack("!I", value)) + attr(CTA_MARK_MASK, struct.pack("!I", mask))

@@ -229,7 +229,16 @@ def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
     quic = [_match(_meta("l4proto"), {"set": ["udp", "udplite"]}), _match(_payload("th", "dport"), ports)]
     registry = [quic + [{"limit": {"rate": LOG_RATE, "per": "second", "burst": LOG_BURST}}, log]]
     if settings.mode == "enforce":
-        registry.append(quic + [{"counter": "quic_refused"}, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}])
+        to_tls = [_match(_meta("l4proto"), "tcp"), _match(_payload("tcp", "dport"), ports)]
+        drop = [{"counter": "tls_refused"}, {"drop": None}]
+        registry += [
+            quic + [{"counter": "quic_refused"}, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}],
+            # Conntrack has no flow (or no longer one) for these: invalid (a reset the server would
+            # ignore can end a flow in conntrack alone), or new yet no SYN. They would pass unread.
+            to_tls + [_match({"ct": {"key": "state"}}, "invalid", "in")] + drop,
+            to_tls + [_match({"ct": {"key": "state"}}, "new", "in"), _match({"&": [_payload("tcp", "flags"), "syn"]}, 0)]
+            + drop,
+        ]
     registry.append(syn + [_match(_payload("tcp", "dport"), ports), {"jump": {"target": TLS_SYN}}])
     tls_syn = _with_payload([{"counter": "tls_refused"}, {"drop": None}])
     for version, proto in ((4, "ip"), (6, "ip6")):
