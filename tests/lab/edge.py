@@ -28,9 +28,12 @@ EDGE4, EDGE6 = "203.0.113.50", "2001:db8::50"
 class Authority:
     """A CA and the certificates it signs, written under ``directory``."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, cert=None, key=None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if cert is not None:  # an existing CA (the registry lab's: the engine already trusts it)
+            self.cert, self.key, self.ca = cert, key, None
+            return
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ramfw edge CA")])
         self.cert = (self._builder(name, name, self.key.public_key())
@@ -38,6 +41,12 @@ class Authority:
                      .sign(self.key, hashes.SHA256()))
         self.ca = self.dir / "edge-ca.crt"
         self.ca.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    @classmethod
+    def signed_by(cls, cert_file: Path, key_file: Path, directory: Path) -> "Authority":
+        cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+        key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
+        return cls(directory, cert, key)
 
     @staticmethod
     def _builder(subject, issuer, public_key):
