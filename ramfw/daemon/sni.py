@@ -198,9 +198,10 @@ class TlsCheck:
         reject = NF_REPEAT
         if step.mark:
             try:
-                if step.mark == "allow":
-                    self.marks.set(step.key, 0, self.mask)
-                else:  # reset at every packet while it lasts; gone once nothing was seen of it for a while
+                if step.mark == "allow":  # the hot path: the kernel answers only a refusal (read in housekeeping)
+                    self.marks.send(step.key, 0, self.mask)
+                else:  # waited for: a refused flow's segment must not come back to the queue. It is reset at
+                    # every packet while it lasts, and gone once nothing was seen of it for a while
                     self.marks.set(step.key, self.refused_mark, self.mask, REFUSED_SECONDS)
             except OSError as err:  # the flow is gone (or conntrack refused): drop rather than loop
                 self.counters["mark_errors"] += 1
@@ -241,6 +242,8 @@ class TlsCheck:
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP
             self.index.sweep(now)
+        if self.marks.refusals():  # allowed flows whose mark the kernel refused: their segments come back
+            self.counters["allow_mark_refused"] = self.marks.failed
 
     def status(self) -> dict:
         costs = sorted(self.costs)

@@ -42,19 +42,19 @@ def _tuple(kind: int, src: str, sport: int, dst: str, dport: int) -> bytes:
     return nested(kind, ip, proto)
 
 
-def mark_message(flow: Flow, value: int, mask: int, seq: int, timeout: int | None = None) -> bytes:
+def mark_message(flow: Flow, value: int, mask: int, seq: int, timeout: int | None = None, ack: bool = True) -> bytes:
     """Set the ``mask`` bits of the conntrack entry of ``flow`` (as a packet of its client
     direction shows it, after any DNAT) to ``value`` (and its timeout, in seconds). The entry is
     found by its reply tuple, which is the packet's, reversed, whether or not a NAT rule changed
-    its destination."""
+    its destination. Without ``ack`` the kernel answers only a refusal."""
     src, sport, dst, dport = flow
     family = socket.AF_INET6 if ":" in src else socket.AF_INET
     attrs = (_tuple(CTA_TUPLE_REPLY, dst, dport, src, sport) + attr(CTA_MARK, struct.pack("!I", value))
              + attr(CTA_MARK_MASK, struct.pack("!I", mask)))
     if timeout is not None:
         attrs += attr(CTA_TIMEOUT, struct.pack("!I", timeout))
-    return netlink.message((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW, NLM_F_REQUEST | NLM_F_ACK, seq, family, 0,
-                           attrs)
+    return netlink.message((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW, NLM_F_REQUEST | (NLM_F_ACK if ack else 0),
+                           seq, family, 0, attrs)
 
 
 class Marks:
@@ -64,23 +64,48 @@ class Marks:
         self.sock = netlink.open_socket(rcvbuf=1 << 20)
         self.sock.setsockopt(netlink.SOL_NETLINK, netlink.NETLINK_CAP_ACK, 1)
         self._seq = 1
+        self.failed = 0
 
     def set(self, flow: Flow, value: int, mask: int, timeout: int | None = None) -> None:
-        """Synchronous: the kernel has changed the mark when this returns (the ack is read);
+        """Synchronous: the kernel has changed the mark when this returns (its answer is read);
         OSError with its errno otherwise (ENOENT: the flow is gone)."""
         self._seq += 1
         self.sock.send(mark_message(flow, value, mask, self._seq, timeout))
         while True:
-            if not select.select([self.sock], [], [], 2)[0]:
-                raise OSError(errno.ETIMEDOUT, "conntrack: no answer from the kernel within 2 s")
-            data = self.sock.recv(1 << 16)
+            try:  # the kernel answers inside send: the ack waits already
+                data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if not select.select([self.sock], [], [], 2)[0]:
+                    raise OSError(errno.ETIMEDOUT, "conntrack: no answer from the kernel within 2 s") from None
+                continue
             for kind, start, _ in netlink.messages(data):
-                if kind != NLMSG_ERROR or netlink.HEADER.unpack_from(data, start - netlink.HEADER.size)[3] != self._seq:
+                if kind != NLMSG_ERROR:
                     continue
                 (code,) = struct.unpack_from("=i", data, start)
-                if code:
+                answered = netlink.HEADER.unpack_from(data, start - netlink.HEADER.size)[3]
+                if answered != self._seq:
+                    self.failed += bool(code)  # an unacknowledged change (``send``) the kernel refused
+                elif code:
                     raise OSError(-code, f"conntrack: setting a mark: {errno.errorcode.get(-code, code)}")
-                return
+                else:
+                    return
+
+    def send(self, flow: Flow, value: int, mask: int) -> None:
+        """Fire and forget: the kernel makes the change inside ``send`` and answers only a refusal,
+        counted in ``failed`` when read (``refusals``)."""
+        self._seq += 1
+        self.sock.send(mark_message(flow, value, mask, self._seq, ack=False))
+
+    def refusals(self) -> int:
+        """How many changes sent without waiting the kernel refused so far."""
+        while True:
+            try:
+                data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return self.failed
+            for kind, start, _ in netlink.messages(data):
+                if kind == NLMSG_ERROR and struct.unpack_from("=i", data, start)[0]:
+                    self.failed += 1
 
     def marked(self, value: int, mask: int) -> list[Flow]:
         """The TCP flows whose mark has ``value`` in its ``mask`` bits, as a packet of their client
