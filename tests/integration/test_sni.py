@@ -200,3 +200,49 @@ def test_check_off_by_setting(lab, write_config, write_policy, tmp_path):
     assert handshake(lab, OTHER) == f"hello from {OTHER}"
     assert "TLS server names: off" in " ".join(status(lab)["notes"])
     assert "jump tls" not in lab.vm.run("nft", "list", "chain", "inet", "ramfw", "output").stdout
+
+
+def test_through_a_proxy_the_connect_host_and_the_tunnels_server_name_are_checked(lab, write_config, write_policy,
+                                                                                 tmp_path):
+    from tests.lab.edge import PROXY4, ConnectProxy
+
+    add_addresses(lab, (EDGE4, PROXY4))
+    lab.vm.run("sysctl", "-qw", "net.ipv4.tcp_autocorking=0")
+    lab.servers += [Edge(lab.net, Authority(tmp_path / "edge"), [ALLOWED, OTHER], addresses=(EDGE4,)),
+                    ConnectProxy(lab.net, lambda host: EDGE4)]
+    lab.start_dnsmasq(NET4, f"--host-record={ALLOWED},{EDGE4}")
+    write_policy([ALLOWED])
+    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n', proxies=[f"{PROXY4}:3128"])
+    lab.daemon = lab.start_daemon(lab.config)
+
+    def through(connect_to, server_name, request=None):
+        with lab.vm.inside():
+            sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
+        sock.settimeout(3)
+        try:
+            sock.connect((PROXY4, 3128))
+            sock.sendall(request or f"CONNECT {connect_to}:443 HTTP/1.1\r\nHost: {connect_to}:443\r\n\r\n".encode())
+            answer = sock.recv(100)
+            if not answer.startswith(b"HTTP/1.1 200"):
+                return f"proxy said {answer!r}"
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            with context.wrap_socket(sock, server_hostname=server_name) as conn:
+                return conn.recv(100).decode().strip()
+        except ConnectionResetError:
+            return "reset"
+        except (OSError, ssl.SSLError) as err:
+            return f"error {err!r}"
+        finally:
+            sock.close()
+
+    assert through(ALLOWED, ALLOWED) == f"hello from {ALLOWED}", "no lookup needed: the proxy resolves"
+    assert through(OTHER, OTHER) == "reset"
+    assert through(ALLOWED, OTHER) == "reset", "the tunnel's server name must be under the CONNECT host's entry"
+    assert through("", "", request=f"GET http://{ALLOWED}/v2/ HTTP/1.1\r\nHost: {ALLOWED}\r\n\r\n".encode()) == "reset"
+    assert through("", "", request=b"CONNECT 203.0.113.50:443 HTTP/1.1\r\n\r\n") == "reset"
+    messages = [b["message"] for b in status(lab)["recent_blocks"]]
+    assert f"registry access to {OTHER} is not allowed (CONNECT through the proxy {PROXY4})" in messages
+    assert any("through a CONNECT tunnel" in m and OTHER in m for m in messages)
+    assert any("not an HTTP CONNECT request" in m for m in messages)

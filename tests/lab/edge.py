@@ -147,3 +147,76 @@ def add_addresses(lab, addresses=(EDGE4, EDGE6)) -> None:
     for address in addresses:
         prefix = 64 if ipaddress.ip_address(address).version == 6 else 24
         lab.net.run("ip", "addr", "add", f"{address}/{prefix}", "dev", link, *(["nodad"] if prefix == 64 else []))
+
+
+PROXY4 = "203.0.113.60"
+
+
+class ConnectProxy:
+    """An HTTP proxy that knows only CONNECT (as the engine uses one for https registries): it
+    resolves the host with ``resolve(name)`` (the lab's own map, not the VM's DNS), answers 200 and
+    relays both ways."""
+
+    def __init__(self, ns, resolve, address: str = PROXY4, port: int = 3128):
+        self.ns, self.resolve = ns, resolve
+        self._stop = False
+        with ns.inside():
+            self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((address, port))
+        self.listener.listen(64)
+        self.listener.settimeout(0.2)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        upstream = None
+        try:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                request += data
+            method, target, _ = request.split(b"\r\n")[0].split(b" ")
+            if method != b"CONNECT":
+                conn.sendall(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                return
+            host, _, port = target.decode().rpartition(":")
+            with self.ns.inside():
+                upstream = socket.create_connection((self.resolve(host), int(port)), timeout=10)
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            threading.Thread(target=_relay, args=(upstream, conn), daemon=True).start()
+            _relay(conn, upstream)
+        except (OSError, ValueError):
+            pass
+        finally:
+            for s in (conn, upstream):
+                if s is not None:
+                    with contextlib.suppress(OSError):
+                        s.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(timeout=2)
+        self.listener.close()
+
+
+def _relay(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
