@@ -112,3 +112,35 @@ def test_the_engines_first_flights_are_all_that_reach_the_daemon(edge):
     flows = after["allowed"] - before.get("allowed", 0)
     segments = after["segments"] - before.get("segments", 0)
     assert flows >= 1 and segments <= 3 * flows, (flows, segments)  # Go's ClientHello: one or two segments
+
+
+def test_a_proxied_pull_is_allowed_or_refused_by_its_connect_host(edge):
+    """dockerd with HTTPS_PROXY: its CONNECT request names the registry; the proxy resolves it."""
+    from tests.lab.edge import PROXY4, ConnectProxy, add_addresses
+
+    add_addresses(edge, (PROXY4,))
+    proxy = ConnectProxy(edge.net, lambda host: EDGE4)
+    edge.servers.append(proxy)
+    edge.daemon.terminate()
+    edge.daemon.wait(10)
+    registries = edge.registries
+    try:
+        write_config(edge, edge.tmp, proxies=[f"{PROXY4}:3128"])
+        edge.daemon = edge.start_daemon(edge.config)
+        registries.proxy = f"http://{PROXY4}:3128"
+        registries.restart_dockerd()
+        result, _ = pull(edge, f"{EDGE_ALLOWED}/{IMAGE}")
+        assert result.returncode == 0, result.stderr
+        assert f"{EDGE_ALLOWED}:443" in proxy.asked, "through the proxy"
+        result, _ = pull(edge, f"{EDGE_OTHER}/{IMAGE}")
+        assert result.returncode != 0
+        assert f"{EDGE_OTHER}:443" not in proxy.asked, "refused before the proxy read it"
+        blocks = [b["message"] for b in status(edge)["recent_blocks"]]
+        assert f"registry access to {EDGE_OTHER} is not allowed (CONNECT through the proxy {PROXY4})" in blocks
+    finally:
+        registries.proxy = ""
+        registries.restart_dockerd()
+        edge.daemon.terminate()
+        edge.daemon.wait(10)
+        write_config(edge, edge.tmp)
+        edge.daemon = edge.start_daemon(edge.config)

@@ -159,6 +159,7 @@ class ConnectProxy:
 
     def __init__(self, ns, resolve, address: str = PROXY4, port: int = 3128):
         self.ns, self.resolve = ns, resolve
+        self.asked: list[str] = []  # the CONNECT targets it was asked for
         self._stop = False
         with ns.inside():
             self.listener = socket.socket()
@@ -191,6 +192,7 @@ class ConnectProxy:
             if method != b"CONNECT":
                 conn.sendall(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
                 return
+            self.asked.append(target.decode())
             host, _, port = target.decode().rpartition(":")
             with self.ns.inside():
                 upstream = socket.create_connection((self.resolve(host), int(port)), timeout=10)

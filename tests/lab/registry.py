@@ -140,6 +140,7 @@ class RegistryLab:
         self.lab, self.dir = lab, Path(workdir)
         self.fronts: list[_Front] = []
         self.dockerd: subprocess.Popen | None = None
+        self.proxy = ""  # an HTTPS proxy dockerd is started with ("http://address:port"), none by default
         self.cgroup: Path | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
         lab.net.run("ip", "addr", "add", f"{REDIRECT4}/24", "dev", self._net_if())
@@ -291,6 +292,7 @@ class RegistryLab:
         if not Path("/etc/docker").is_dir():
             raise RuntimeError("/etc/docker is missing: reinstall docker.io")
         script = "; ".join(f"mount --bind {src} {dst}" for src, dst in mounts)
+        script += f"; export HTTPS_PROXY={self.proxy}" if self.proxy else ""
         script += (f"; exec nsenter --net={self.lab.vm.path} dockerd --data-root {root}/data "
                    f"--exec-root {root}/exec --pidfile {root}/docker.pid -H unix://{self.socket} "
                    f"--containerd {self.containerd_socket} --storage-driver=vfs --log-level=error "
