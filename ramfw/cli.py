@@ -67,6 +67,11 @@ def _print_status(result: dict) -> None:
         shown = ", ".join(f"{i['address']} ({i['expires_in']}s)" for i in items[:6])
         more = f" and {len(items) - 6} more" if len(items) > 6 else ""
         print(f"learned:    {name}: {shown}{more}")
+    tls = result.get("tls") or {}
+    if tls.get("state") == "active":
+        counts = tls.get("counters") or {}
+        print(f"TLS names:  checked on ports {', '.join(map(str, tls['ports']))}: {counts.get('allowed', 0)} "
+              f"allowed, {counts.get('refused', 0)} refused, {tls['flows_waiting']} flows kept")
     for note in result.get("notes") or []:
         print(f"note:       {note}")
     seen: dict[str, int] = {}

@@ -246,3 +246,28 @@ def test_through_a_proxy_the_connect_host_and_the_tunnels_server_name_are_checke
     assert f"registry access to {OTHER} is not allowed (CONNECT through the proxy {PROXY4})" in messages
     assert any("through a CONNECT tunnel" in m and OTHER in m for m in messages)
     assert any("not an HTTP CONNECT request" in m for m in messages)
+
+
+def test_a_connection_made_while_no_daemon_ran_keeps_working_when_one_starts(edge_lab):
+    """It passed on its address (the bypass); a new daemon never saw its SYN, so it clears its
+    mark rather than reset it at its next segment."""
+    lab = edge_lab
+
+    def echo(conn, name):
+        conn.sendall(f"{name}\n".encode())
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    lab.edge.handler = echo
+    lab.daemon.terminate()
+    lab.daemon.wait(10)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with context.wrap_socket(client(lab), server_hostname=OTHER) as conn:
+        assert conn.recv(100) == f"{OTHER}\n".encode()
+        lab.daemon = lab.start_daemon(lab.config)
+        conn.sendall(b"ping")
+        assert conn.recv(4) == b"ping"
+    assert status(lab)["tls"]["counters"]["unchecked_at_start"] >= 1
+    lab.edge.handler = lambda conn, name: conn.sendall(b"hello\n")
+    assert handshake(lab, OTHER) == "reset", "new connections are checked again"
