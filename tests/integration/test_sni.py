@@ -271,3 +271,67 @@ def test_a_connection_made_while_no_daemon_ran_keeps_working_when_one_starts(edg
     assert status(lab)["tls"]["counters"]["unchecked_at_start"] >= 1
     lab.edge.handler = lambda conn, name: conn.sendall(b"hello\n")
     assert handshake(lab, OTHER) == "reset", "new connections are checked again"
+
+
+def raw_flow(lab):
+    from tests.lab.rawtcp import RawFlow
+    from tests.lab.sandbox import VM4
+
+    flow = RawFlow(lab.vm, VM4, EDGE4, mark=MARK)
+    flow.handshake()
+    return flow
+
+
+def forget_flow(lab, flow):
+    """Take the flow out of conntrack (as its expiry or a full table would): its next segment is
+    picked up mid-stream as a new flow, without a SYN."""
+    from ramfw.kernel import conntrack, netlink
+
+    message = netlink.message((conntrack.NFNL_SUBSYS_CTNETLINK << 8) | 2, netlink.NLM_F_REQUEST | netlink.NLM_F_ACK,
+                              1, socket.AF_INET, 0, conntrack._tuple(conntrack.CTA_TUPLE_REPLY, EDGE4, 443, flow.src,
+                                                                     flow.sport))
+    with lab.vm.inside():
+        sock = netlink.open_socket()
+    with sock:
+        sock.send(message)
+        netlink.wait_acks(sock, 1, "deleting a conntrack entry")
+
+
+def test_a_hostile_client_of_raw_segments_cannot_show_one_name_and_send_another(edge_lab):
+    """Segments out of order pass; overlaps that disagree, a cover copy with a bad checksum (the
+    server's TCP drops it), a segment after conntrack lost the flow, and a reset not at the next
+    byte (the server ignores it; this kernel's conntrack does too, older ones did not) do not let
+    the other name reach the edge."""
+    lab = edge_lab
+    allowed, other = tls.client_hello(ALLOWED), tls.client_hello(OTHER)
+    flow = raw_flow(lab)
+    for start, end in ((300, len(allowed)), (0, 120), (120, 300)):
+        flow.send(start, allowed[start:end])
+    assert flow.outcome() == "answered" and lab.edge.asked == [ALLOWED], "out of order, read whole"
+    flow.close()
+    flow = raw_flow(lab)  # the real name sent over a cover that disagrees with it
+    flow.send(5, allowed[5:200])
+    flow.send(0, other)
+    assert flow.outcome() == "reset"
+    flow.close()
+    flow = raw_flow(lab)  # a cover the server's TCP would drop for its checksum, then the real one once judged
+    flow.send(0, allowed, good=False)
+    time.sleep(0.2)
+    flow.send(0, other)
+    assert flow.outcome() in ("nothing", "reset")
+    flow.close()
+    flow = raw_flow(lab)  # conntrack loses the flow: its next segment would be a new flow without a SYN
+    forget_flow(lab, flow)
+    flow.send(0, other)
+    assert flow.outcome() == "nothing"
+    flow.close()
+    flow = raw_flow(lab)  # a reset conntrack takes, the server not (not at its next byte), then the name
+    flow.reset(100)
+    time.sleep(0.05)
+    flow.send(0, other)
+    assert flow.outcome() in ("nothing", "reset")
+    flow.close()
+    time.sleep(0.5)
+    assert OTHER not in lab.edge.asked, lab.edge.asked
+    messages = [b["message"] for b in status(lab)["recent_blocks"]]
+    assert any("overlapping segments disagree" in m for m in messages)

@@ -69,9 +69,10 @@ class Authority:
         return cert_path, key_path
 
 
-def contexts(authority: Authority, hosts: list[str]) -> ssl.SSLContext:
+def contexts(authority: Authority, hosts: list[str], asked: list | None = None) -> ssl.SSLContext:
     """A server context whose SNI callback picks each host's own certificate; a ClientHello
-    naming none of them (or nothing) gets the first host's."""
+    naming none of them (or nothing) gets the first host's. ``asked``: every name a ClientHello
+    that reached the server named ("" for none)."""
     by_name = {}
     for host in hosts:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -82,6 +83,8 @@ def contexts(authority: Authority, hosts: list[str]) -> ssl.SSLContext:
 
     def pick(conn: ssl.SSLSocket, name: str | None, _context) -> None:
         conn.requested_name = name or ""  # what the handler is told
+        if asked is not None:
+            asked.append(name or "")
         conn.context = by_name.get(name or "", front)
 
     front.sni_callback = pick
@@ -97,7 +100,8 @@ class Edge:
 
     def __init__(self, ns, authority: Authority, hosts: list[str], addresses=(EDGE4, EDGE6), port: int = 443,
                  handler=greet):
-        self.context = contexts(authority, hosts)
+        self.asked: list[str] = []  # the server names of the ClientHellos that reached it
+        self.context = contexts(authority, hosts, self.asked)
         self.handler = handler
         self.sockets: list[socket.socket] = []
         self._stop = False
