@@ -31,7 +31,7 @@ from ..kernel.queue import NF_ACCEPT, NF_DROP, Queue
 from ..snoop.packet import TCP, TCP_RST, TCP_SYN, UDP, destination, parse_packet, source
 from ..tls.flows import Flows, Step
 from ..tls.judge import Addresses, Verdict, judge, judge_connect, judge_tunnel, refused_unread
-from ..tls.packet import segment
+from ..tls.packet import marks, segment
 
 log = logging.getLogger("ramfw")
 NF_REPEAT = 4  # the packet goes through the hook again: the refused flow's mark has it reset
@@ -145,8 +145,9 @@ class TlsCheck:
         seg, now = parse_packet(data), time.time()
         if seg is not None and seg.proto == TCP and seg.flags & TCP_SYN:
             self.counters["syns"] += 1
+            found = marks(data)
             self.flows.syn((seg.src, seg.sport, seg.dst, seg.dport), seg.seq, now, proxy=(seg.dst, seg.dport)
-                           in self.proxies)
+                           in self.proxies, tsval=found.tsval if found else None)
             return
         found = destination(data)
         if found is not None and _protocol(data) == UDP:
@@ -177,13 +178,14 @@ class TlsCheck:
         start = time.perf_counter()
         self.counters["segments"] += 1
         try:
-            seg = segment(packet.payload)
-            if seg is None:  # not TCP, cut, or a checksum the server's TCP would drop it for
+            seg, found = segment(packet.payload), marks(packet.payload)
+            if seg is None or found is None:  # not TCP, cut, or a checksum the server's TCP would drop it for
                 self.counters["unreadable"] += 1
                 self._verdict(packet.packet_id, NF_DROP)
                 return
             step = self.flows.segment((seg.src, seg.sport, seg.dst, seg.dport), seg.seq, seg.payload,
-                                      packet.packet_id, time.time(), reset=bool(seg.flags & TCP_RST))
+                                      packet.packet_id, time.time(), reset=bool(seg.flags & TCP_RST),
+                                      marks=found)
         except Exception as err:  # noqa: BLE001 - the packet still gets its verdict
             self.counters["errors"] += 1
             self.daemon._error(f"TLS check: reading a segment: {err!r}")

@@ -16,7 +16,8 @@ from typing import Protocol
 
 from .hello import More, Name, Refused
 from .judge import Verdict
-from .stream import Flight
+from .packet import Marks
+from .stream import MASK, Flight
 
 HOLD_SECONDS = 2.0  # a first flight not whole this long after its first segment is refused
 SYN_SECONDS = 60.0  # a SYN whose flow sends nothing this long is forgotten
@@ -60,6 +61,8 @@ class _Flow:
     decided: float = 0.0
     connect: str = ""
     conflict: bool = False
+    syn_tsval: int | None = None  # the SYN's timestamp: the server takes none older (PAWS)
+    marks: Marks | None = None  # the first segment's: every other one of the flight must match
 
 
 class Flows:
@@ -77,7 +80,7 @@ class Flows:
     def held(self) -> int:
         return sum(len(f.held) for f in self._flows.values())
 
-    def syn(self, key: Key, isn: int, now: float, proxy: bool = False) -> None:
+    def syn(self, key: Key, isn: int, now: float, proxy: bool = False, tsval: int | None = None) -> None:
         """A SYN's copy: the flow's stream begins after ``isn``. The same SYN again (a
         retransmission) changes nothing; another sequence number for a flow not yet decided
         makes its stream ambiguous, and it is refused. A decided flow's tuple may be used again
@@ -91,15 +94,17 @@ class Flows:
             flow.conflict = True
             return
         self._flows.pop(key, None)
-        self._flows[key] = _Flow(isn, Flight(isn, proxy), now)
+        self._flows[key] = _Flow(isn, Flight(isn, proxy), now, syn_tsval=tsval)
         while len(self._flows) > self.max_flows:
             old_key, old = self._flows.popitem(last=False)
             if old.held:
                 self.later.append(self._decide(old_key, old, self.judge.unread(old_key[2], "evicted: too many "
                                                                                 "flows waiting"), now))
 
-    def segment(self, key: Key, seq: int, payload: bytes, packet_id: int, now: float, reset: bool = False) -> Step:
-        """One data segment of the client's direction, held in the queue as ``packet_id``."""
+    def segment(self, key: Key, seq: int, payload: bytes, packet_id: int, now: float, reset: bool = False,
+                marks: Marks | None = None) -> Step:
+        """One data segment of the client's direction, held in the queue as ``packet_id``;
+        ``marks``: its header fields (``packet.marks``; None: not compared)."""
         flow = self._flows.get(key)
         if flow is None:
             flow = self._flows[key] = _Flow(-1, Flight(0), now)
@@ -123,6 +128,9 @@ class Flows:
             flow.held_since = now
         if flow.conflict:
             return self._decide(key, flow, self.judge.unread(key[2], "two SYNs with different sequence numbers"), now)
+        odd = _odd(flow, marks)
+        if odd:
+            return self._decide(key, flow, self.judge.unread(key[2], odd), now, reason=odd)
         if len(flow.held) > MAX_HELD:
             return self._decide(key, flow, self.judge.unread(key[2], f"more than {MAX_HELD} segments before the "
                                                                       "first flight was whole"), now)
@@ -135,7 +143,7 @@ class Flows:
         if flow.flight.proxy and flow.state == "open":
             verdict = self.judge.connect(outcome.name, key[2])
             if verdict.allow:  # the tunnel's ClientHello comes once the proxy answered
-                flow.state, flow.connect = "tunnel", outcome.name
+                flow.state, flow.connect, flow.marks = "tunnel", outcome.name, None  # the proxy's answer is acked
                 accepted, flow.held, flow.held_since = flow.held, [], 0.0
                 return Step(key, accept=accepted, verdict=verdict)
         elif flow.flight.proxy:
@@ -170,3 +178,19 @@ class Flows:
 
     def known(self, key: Key) -> bool:
         return key in self._flows
+
+
+def _odd(flow: _Flow, marks: Marks | None) -> str:
+    """Why a segment may not reach the server's TCP as it reaches ramfw ("" when nothing says
+    so, or no ``marks`` were given): urgent data, another TTL, acknowledgment or timestamp
+    presence than the flight's first segment, a timestamp older than the SYN's."""
+    if marks is None:
+        return ""
+    if marks.urgent:
+        return "urgent data (the server would take it out of the stream)"
+    if flow.syn_tsval is not None and marks.tsval is not None and (marks.tsval - flow.syn_tsval) & MASK >= 1 << 31:
+        return "a timestamp older than the SYN's (the server would drop it)"
+    first = flow.marks = flow.marks or marks
+    if (first.ttl, first.ack, first.tsval is None) != (marks.ttl, marks.ack, marks.tsval is None):
+        return "segments that differ in TTL, acknowledgment or timestamps (the server may not take them all)"
+    return ""

@@ -1,16 +1,63 @@
-"""A queued TCP segment, read and its checksum verified.
+"""A queued TCP segment, read and its checksum verified, and the header fields that decide
+whether the server's TCP takes it (``Marks``).
 
-A segment whose checksum is wrong never reaches the server's TCP (it drops it), so its bytes must
-not be read as the stream's either: a client could send a cover ClientHello with a bad checksum
-and the real one after. The queue hands up a locally made segment with its checksum filled in
-(the kernel computes what offload would have: nfnetlink_queue without NFQA_CFG_F_GSO).
+A segment the server's TCP drops must not be read as the stream's either: a client could send a
+cover ClientHello that never arrives, then the real one (the insertion attacks of Ptacek and
+Newsham). A wrong checksum is checked here (the queue hands up a locally made segment with its
+checksum filled in: nfnetlink_queue without NFQA_CFG_F_GSO computes what offload would have);
+the rest by comparing the segments of one first flight (``flows``): a cover that dies on the way
+(a small TTL), is dropped by the server (an ACK of data it never sent, a timestamp older than the
+last it took: PAWS) or is read otherwise (urgent data leaves the stream) must differ from the
+real segments in one of these fields.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from ..snoop.packet import TCP, Segment, parse_packet
+
+URG = 0x20
+
+
+@dataclass(frozen=True)
+class Marks:
+    """What a segment's headers say beside its data."""
+
+    ttl: int  # IPv4 TTL, IPv6 hop limit
+    ack: int
+    urgent: bool
+    tsval: int | None  # the timestamp option's value, None without one
+
+
+def marks(data: bytes) -> Marks | None:
+    """The header fields of a TCP packet (IPv4/IPv6) the first flight's segments must share."""
+    try:
+        if data[0] >> 4 == 4:
+            ttl, start = data[8], (data[0] & 0x0F) * 4
+        else:
+            ttl, proto, start = data[7], data[6], 40
+            while proto in (0, 43, 60):
+                proto, start = data[start], start + (data[start + 1] + 1) * 8
+        ack, flags = struct.unpack_from("!I", data, start + 8)[0], data[start + 13]
+        end, at, tsval = start + (data[start + 12] >> 4) * 4, start + 20, None
+        while at < end:
+            kind = data[at]
+            if kind == 0:
+                break
+            if kind == 1:
+                at += 1
+                continue
+            length = data[at + 1]
+            if length < 2:
+                return None
+            if kind == 8 and length == 10:
+                tsval = struct.unpack_from("!I", data, at + 2)[0]
+            at += length
+    except (IndexError, struct.error):
+        return None
+    return Marks(ttl, ack, bool(flags & URG), tsval)
 
 
 def segment(data: bytes) -> Segment | None:

@@ -325,6 +325,12 @@ def test_a_hostile_client_of_raw_segments_cannot_show_one_name_and_send_another(
     flow.send(0, other)
     assert flow.outcome() == "nothing"
     flow.close()
+    for cover in ({"urgent": True},):
+        flow = raw_flow(lab)  # a cover the server never takes as the stream (it dies on the way, is dropped,
+        flow.send(0, allowed, **cover)  # or read otherwise), then the real name: the two differ, refused
+        flow.send(0, other)
+        assert flow.outcome() == "reset", cover
+        flow.close()
     flow = raw_flow(lab)  # a reset conntrack takes, the server not (not at its next byte), then the name
     flow.reset(100)
     time.sleep(0.05)

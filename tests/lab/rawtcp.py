@@ -14,7 +14,7 @@ import socket
 import struct
 import time
 
-SYN, RST, PSH, ACK = 0x02, 0x04, 0x08, 0x10
+SYN, RST, PSH, ACK, URG = 0x02, 0x04, 0x08, 0x10, 0x20
 
 
 def _sum(data: bytes) -> int:
@@ -40,8 +40,11 @@ class RawFlow:
             self.inp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
         self.out.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)  # the kernel's resets have none
 
-    def packet(self, seq: int, flags: int, payload: bytes = b"", ack: int | None = None, good: bool = True) -> bytes:
+    def packet(self, seq: int, flags: int, payload: bytes = b"", ack: int | None = None, good: bool = True,
+               ttl: int = 64, tsval: int | None = None) -> bytes:
         options = struct.pack("!BBH", 2, 4, 1460) if flags & SYN else b""
+        if tsval is not None:
+            options += struct.pack("!BBBBII", 1, 1, 8, 10, tsval, 0)
         offset = (20 + len(options)) // 4
         header = struct.pack("!HHIIBBHHH", self.sport, self.dport, seq & 0xFFFFFFFF,
                              (self.ack if ack is None else ack) & 0xFFFFFFFF, offset << 4, flags, 64240, 0, 0)
@@ -49,7 +52,7 @@ class RawFlow:
         pseudo = socket.inet_aton(self.src) + socket.inet_aton(self.dst) + struct.pack("!BBH", 0, 6, len(segment))
         checksum = _sum(pseudo + segment) ^ (0 if good else 0x5A5A)
         segment = segment[:16] + struct.pack("!H", checksum) + segment[18:]
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(segment), random.randrange(65536), 0x4000, 64, 6, 0,
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(segment), random.randrange(65536), 0x4000, ttl, 6, 0,
                          socket.inet_aton(self.src), socket.inet_aton(self.dst))
         return ip + segment
 
@@ -81,9 +84,12 @@ class RawFlow:
                 return
         raise RuntimeError("no SYN-ACK")
 
-    def send(self, offset: int, payload: bytes, good: bool = True) -> None:
-        """A data segment at ``offset`` in the stream (0: the byte after the SYN)."""
-        self._send(self.packet(self.isn + 1 + offset, PSH | ACK, payload, good=good))
+    def send(self, offset: int, payload: bytes, good: bool = True, ttl: int = 64, ack: int | None = None,
+             urgent: bool = False, tsval: int | None = None) -> None:
+        """A data segment at ``offset`` in the stream (0: the byte after the SYN); ``ack``: an
+        acknowledgment other than the right one, ``urgent``: with URG set."""
+        flags = PSH | ACK | (URG if urgent else 0)
+        self._send(self.packet(self.isn + 1 + offset, flags, payload, ack=ack, good=good, ttl=ttl, tsval=tsval))
 
     def reset(self, offset: int) -> None:
         self._send(self.packet(self.isn + 1 + offset, RST | ACK))

@@ -324,3 +324,35 @@ def test_flows_through_a_proxy(hello):
     flows.syn(KEY, ISN + 7, now=1, proxy=True)
     refused = flows.segment(KEY, ISN + 8, b"CONNECT evil.test:443 HTTP/1.1\r\n\r\n", 3, now=1)
     assert refused.mark == "refuse" and refused.verdict.name == "evil.test"
+
+
+def test_the_segments_of_one_flight_must_share_what_decides_whether_the_server_takes_them(hello):
+    from ramfw.tls.packet import Marks
+
+    base = Marks(ttl=64, ack=1000, urgent=False, tsval=500)
+    for odd, why in ((Marks(2, 1000, False, 500), "differ in TTL"), (Marks(64, 999, False, 500), "differ in TTL"),
+                     (Marks(64, 1000, False, None), "timestamps"), (Marks(64, 1000, True, 500), "urgent data"),
+                     (Marks(64, 1000, False, 100), "older than the SYN")):
+        for first, second in ((base, odd), (odd, base)):
+            flows = Flows(Judge())
+            flows.syn(KEY, ISN, now=0, tsval=400)
+            steps = [flows.segment(KEY, ISN + 1, hello[:100], 1, now=0, marks=first),
+                     flows.segment(KEY, ISN + 101, hello[100:], 2, now=0, marks=second)]
+            refused = [step for step in steps if step.mark == "refuse"]
+            assert refused and why in refused[0].verdict.message and not any(s.accept for s in steps), (first, second)
+    flows = Flows(Judge())
+    flows.syn(KEY, ISN, now=0, tsval=0xFFFFFFF0)  # timestamps wrap as sequence numbers do
+    newer = Marks(64, 1000, False, 5)
+    flows.segment(KEY, ISN + 1, hello[:100], 1, now=0, marks=newer)
+    assert flows.segment(KEY, ISN + 101, hello[100:], 2, now=0, marks=newer).mark == "allow"
+
+
+def test_header_marks_are_read_from_real_packets():
+    from ramfw.tls.packet import marks
+    from tests.lab.rawtcp import URG, RawFlow
+
+    flow = RawFlow.__new__(RawFlow)
+    flow.src, flow.dst, flow.sport, flow.dport, flow.isn, flow.ack = "192.0.2.1", "203.0.113.50", 40000, 443, 7, 99
+    found = marks(flow.packet(8, URG | 0x18, b"x", ttl=9, tsval=1234))
+    assert found.ttl == 9 and found.ack == 99 and found.urgent and found.tsval == 1234
+    assert marks(flow.packet(8, 0x18, b"x")).tsval is None and marks(b"\x45") is None
