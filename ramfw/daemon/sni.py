@@ -28,12 +28,13 @@ from ..kernel import netlink, nft
 from ..kernel.conntrack import Marks
 from ..kernel.nflog import Log
 from ..kernel.queue import NF_ACCEPT, NF_DROP, Queue
-from ..snoop.packet import TCP, TCP_RST, TCP_SYN, UDP, destination, parse_packet, source
+from ..snoop.packet import TCP_RST, TCP_SYN, UDP, destination, source
 from ..tls.flows import Flows, Step
 from ..tls.judge import Addresses, Verdict, judge, judge_connect, judge_tunnel, refused_unread
-from ..tls.packet import marks, segment
+from ..tls.packet import head, marks, segment
 
 log = logging.getLogger("ramfw")
+TCP_ACK = 0x10
 NF_REPEAT = 4  # the packet goes through the hook again: the refused flow's mark has it reset
 BURST = 64
 SWEEP = 10.0
@@ -142,12 +143,16 @@ class TlsCheck:
                 self._copy(packet)
 
     def _copy(self, data: bytes) -> None:
-        seg, now = parse_packet(data), time.time()
-        if seg is not None and seg.proto == TCP and seg.flags & TCP_SYN:
+        seg, now = head(data), time.time()  # a copy is cut at its snap length: headers only
+        if seg is not None and seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
             self.counters["syns"] += 1
-            found = marks(data)
             self.flows.syn((seg.src, seg.sport, seg.dst, seg.dport), seg.seq, now, proxy=(seg.dst, seg.dport)
-                           in self.proxies, tsval=found.tsval if found else None)
+                           in self.proxies, tsval=seg.marks.tsval)
+            return
+        if seg is not None and seg.flags & TCP_ACK:  # the server's: has it taken the first flight?
+            step = self.flows.server_ack((seg.dst, seg.dport, seg.src, seg.sport), seg.marks.ack, now)
+            if step is not None:
+                self._apply(step)
             return
         found = destination(data)
         if found is not None and _protocol(data) == UDP:

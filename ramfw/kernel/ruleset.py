@@ -17,8 +17,9 @@ Layout::
     registry                 DNS to trusted resolvers, @allow4/@allow6 -> accept;
                              otherwise log to NFLOG, count, reject (enforce) or accept (audit)
     tls, tls_syn, tls_queue  the TLS server name check (``tls_rules``): SYNs to TLS ports of learned
-                             addresses copied and their flows marked; their first data segments
-                             queued (the queue rule is raw netlink, swapped in like the DNS chains')
+    tls_input (hook input)   addresses copied and their flows marked; their first data segments
+                             queued (the queue rule is raw netlink, swapped in like the DNS chains'),
+                             the server's packets copied until the daemon clears the mark
     dns_input, dns_forward,  (hooks input, forward, output, priority -150) the DNS hold rules and
     dns_output               the query copies, which ``nft`` builds and ``table.Table`` swaps in
                              a netlink transaction per chain
@@ -186,7 +187,7 @@ def _verdict_rules(settings: EnforcementSettings, hold: Hold) -> list[list[dict]
 
 
 DNS_CHAINS = {"dns_input": "input", "dns_forward": "forward", "dns_output": "output"}
-TLS_CHAIN, TLS_SYN, TLS_QUEUE = "tls", "tls_syn", "tls_queue"
+TLS_CHAIN, TLS_SYN, TLS_QUEUE, TLS_INPUT = "tls", "tls_syn", "tls_queue", "tls_input"
 RAW_CHAINS = (*DNS_CHAINS, TLS_QUEUE)  # their rules are raw netlink (``nft``), swapped in by ``table``
 OWN_CHAIN = "own_traffic"
 DNS_PRIORITY = -150  # mangle: before anything that could accept the reply
@@ -240,7 +241,10 @@ def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
             + drop,
         ]
     registry.append(syn + [_match(_payload("tcp", "dport"), ports), {"jump": {"target": TLS_SYN}}])
-    tls_syn = _with_payload([{"counter": "tls_refused"}, {"drop": None}])
+    # a simultaneous open (our SYN in the flow's reply direction): no registry client makes one, and
+    # its client would be in the direction the check takes for the server's
+    tls_syn = [[_match({"ct": {"key": "direction"}}, "reply"), {"counter": "tls_refused"}, {"drop": None}]]
+    tls_syn += _with_payload([{"counter": "tls_refused"}, {"drop": None}])
     for version, proto in ((4, "ip"), (6, "ip6")):
         tls_syn.append([_match(_payload(proto, "daddr"), "@" + ALLOW[version]), log, mark])
         tls_syn.append([_match({"ct": {"key": "status"}}, "dnat", "in"),  # redirected: where the client was going
@@ -252,14 +256,18 @@ def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
         registry.append(syn + to_proxy + [{"jump": {"target": TLS_SYN}}])
         tls_syn.append(to_proxy + [log, mark])
     is_refused = _match({"&": [_ct_mark(), mask]}, refused)
+    # the server's packets of a flow being read: copied (not held), for the daemon to see it
+    # acknowledge the first flight it let through
+    server = [_match({"ct": {"key": "direction"}}, "reply"), _match(_meta("l4proto"), "tcp"), log]
     return {
+        "input": [[_match({"&": [_ct_mark(), mask]}, pending)] + server],
         "guard": [[_match({"&": [_ct_mark(), mask]}, 0, "!="), {"jump": {"target": TLS_CHAIN}}]],
         "registry": registry,
         TLS_SYN: tls_syn,
         # a reset passes (the one the refusal sends back among them); refused flows get one for each packet
         TLS_CHAIN: [[_match(_payload("tcp", "flags"), "rst", "in"), {"return": None}],
                     [is_refused, {"counter": "tls_refused"}, _match(_meta("l4proto"), "tcp"),
-                     {"reject": {"type": "tcp reset"}}], [is_refused, {"drop": None}]]
+                     {"reject": {"type": "tcp reset"}}], [is_refused, {"drop": None}], server + [{"return": None}]]
         + _with_payload([{"jump": {"target": TLS_QUEUE}}]),
     }
 
@@ -295,6 +303,8 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
     cmds.append({"add": {"chain": {**t, "name": OWN_CHAIN}}})
     for chain in (TLS_CHAIN, TLS_SYN, TLS_QUEUE):
         cmds.append({"add": {"chain": {**t, "name": chain}}})
+    cmds.append({"add": {"chain": {**t, "name": TLS_INPUT, "type": "filter", "hook": "input", "prio": 0,
+                                   "policy": "accept"}}})
     checks = tls_rules(settings)
     for chain, hook in DNS_CHAINS.items():
         cmds.append({"add": {"chain": {**t, "name": chain, "type": "filter", "hook": hook,
@@ -320,6 +330,7 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         ] + _proxy_rules(settings.proxies) + _verdict_rules(settings, hold),
         TLS_CHAIN: checks.get(TLS_CHAIN, []),
         TLS_SYN: checks.get(TLS_SYN, []),
+        TLS_INPUT: checks.get("input", []),
     }
     for chain, chain_rules in rules.items():
         cmds.append({"flush": {"chain": {**t, "name": chain}}})

@@ -6,6 +6,13 @@ data segment (``segment``) is held, not released: no byte of a first flight reac
 before the flight was read whole and judged. Then every held segment is accepted, or the flow
 is refused (all dropped but the last, which the kernel answers with a reset). Bounded: 64
 segments per flow, 2 s to complete a first flight, 8192 flows (the oldest go first, refused).
+
+An accepted flight is not the end: the server's TCP may not take what ramfw read (a segment
+that dies on the way, or that it drops: an ACK of data it never sent, an old timestamp), and the
+client could then send other bytes for the same place. So the flow stays marked, every segment
+of its client still read and compared, until the server acknowledges the whole flight
+(``server_ack``, from copies of its packets); only then is it ``allowed`` for the kernel. A
+server that does not within 3 s has not taken it: the flow is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from .stream import MASK, Flight
 HOLD_SECONDS = 2.0  # a first flight not whole this long after its first segment is refused
 SYN_SECONDS = 60.0  # a SYN whose flow sends nothing this long is forgotten
 LINGER_SECONDS = 5.0  # a decided flow is kept this long, for the segments queued before its mark changed
+VERIFY_SECONDS = 3.0  # the server acknowledges an accepted first flight within this, or the flow is refused
 MAX_FLOWS = 8192
 MAX_HELD = 64
 
@@ -57,7 +65,10 @@ class _Flow:
     opened: float
     held: list[int] = field(default_factory=list)
     held_since: float = 0.0
-    state: str = "open"  # open, tunnel (a CONNECT allowed, its ClientHello to come), allowed, refused
+    # open, tunnel (a CONNECT allowed, its ClientHello to come), verifying (accepted, the server's
+    # acknowledgment to come), allowed, refused
+    state: str = "open"
+    end: int = 0  # where the accepted first flight ends in the stream
     decided: float = 0.0
     connect: str = ""
     conflict: bool = False
@@ -117,7 +128,7 @@ class Flows:
             dropped, flow.held = flow.held, []
             self._flows.pop(key, None)
             return Step(key, accept=[packet_id], drop=dropped)
-        if flow.state == "allowed":
+        if flow.state in ("verifying", "allowed"):
             reason = flow.flight.stream.add(seq, payload)
             if reason is None:
                 return Step(key, accept=[packet_id])
@@ -150,11 +161,16 @@ class Flows:
             verdict = self.judge.tunnel(outcome.name, flow.connect, key[2])
         else:
             verdict = self.judge.hello(outcome.name, key[2])
-        return self._decide(key, flow, verdict, now)
+        return self._decide(key, flow, verdict, now, end=outcome.end)
 
-    def _decide(self, key: Key, flow: _Flow, verdict: Verdict, now: float, reason: str = "") -> Step:
+    def _decide(self, key: Key, flow: _Flow, verdict: Verdict, now: float, reason: str = "",
+                end: int | None = None) -> Step:
+        """``end``: where the flight just read ends (its verdict waits for the server's acknowledgment)."""
         held, flow.held = flow.held, []
         flow.decided = now
+        if verdict.allow and end is not None and not self.audit:
+            flow.state, flow.end = "verifying", end
+            return Step(key, accept=held, verdict=verdict)
         if verdict.allow or self.audit:
             flow.state = "allowed"
             return Step(key, accept=held, mark="allow", verdict=verdict, reason=reason)
@@ -167,7 +183,10 @@ class Flows:
         those of evicted flows)."""
         steps, self.later = self.later, []
         for key, flow in list(self._flows.items()):
-            if flow.held and now - flow.held_since > HOLD_SECONDS:
+            if flow.state == "verifying" and now - flow.decided > VERIFY_SECONDS:
+                steps.append(self._decide(key, flow, self.judge.unread(
+                    key[2], f"the server did not take the first flight within {VERIFY_SECONDS:g} s"), now))
+            elif flow.held and now - flow.held_since > HOLD_SECONDS:
                 steps.append(self._decide(key, flow, self.judge.unread(
                     key[2], f"the first flight did not come whole within {HOLD_SECONDS:g} s"), now))
             elif flow.state in ("allowed", "refused") and now - flow.decided > LINGER_SECONDS:
@@ -178,6 +197,18 @@ class Flows:
 
     def known(self, key: Key) -> bool:
         return key in self._flows
+
+    def server_ack(self, key: Key, ack: int, now: float) -> Step | None:
+        """A copy of a server's packet to the flow ``key`` (the client's tuple), acknowledging up
+        to ``ack``: once that covers the accepted flight, the flow is allowed for the kernel."""
+        flow = self._flows.get(key)
+        if flow is None or flow.state != "verifying":
+            return None
+        taken = (ack - flow.flight.stream.base) & MASK
+        if taken < flow.end or taken >= 1 << 31:
+            return None
+        flow.state, flow.decided = "allowed", now
+        return Step(key, mark="allow")
 
 
 def _odd(flow: _Flow, marks: Marks | None) -> str:

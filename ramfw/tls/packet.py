@@ -13,6 +13,7 @@ real segments in one of these fields.
 
 from __future__ import annotations
 
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -31,15 +32,52 @@ class Marks:
     tsval: int | None  # the timestamp option's value, None without one
 
 
-def marks(data: bytes) -> Marks | None:
-    """The header fields of a TCP packet (IPv4/IPv6) the first flight's segments must share."""
+@dataclass(frozen=True)
+class Head:
+    """A TCP packet's headers alone (a copy cut at its snap length has no more)."""
+
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    seq: int
+    flags: int
+    marks: Marks
+
+
+def head(data: bytes) -> Head | None:
+    found, at = marks(data), _tcp(data)
+    if found is None or at is None:
+        return None
+    family = socket.AF_INET if data[0] >> 4 == 4 else socket.AF_INET6
+    addresses = (data[12:16], data[16:20]) if family == socket.AF_INET else (data[8:24], data[24:40])
+    sport, dport, seq = struct.unpack_from("!HHI", data, at)
+    return Head(socket.inet_ntop(family, addresses[0]), sport, socket.inet_ntop(family, addresses[1]), dport, seq,
+                data[at + 13], found)
+
+
+def _tcp(data: bytes) -> int | None:
+    """Where the TCP header begins, or None when the packet is not TCP."""
     try:
         if data[0] >> 4 == 4:
-            ttl, start = data[8], (data[0] & 0x0F) * 4
-        else:
-            ttl, proto, start = data[7], data[6], 40
-            while proto in (0, 43, 60):
-                proto, start = data[start], start + (data[start + 1] + 1) * 8
+            return (data[0] & 0x0F) * 4 if data[9] == TCP else None
+        if data[0] >> 4 != 6:
+            return None
+        proto, start = data[6], 40
+        while proto in (0, 43, 60):
+            proto, start = data[start], start + (data[start + 1] + 1) * 8
+        return start if proto == TCP else None
+    except IndexError:
+        return None
+
+
+def marks(data: bytes) -> Marks | None:
+    """The header fields of a TCP packet (IPv4/IPv6) the first flight's segments must share."""
+    start = _tcp(data)
+    if start is None:
+        return None
+    try:
+        ttl = data[8] if data[0] >> 4 == 4 else data[7]
         ack, flags = struct.unpack_from("!I", data, start + 8)[0], data[start + 13]
         end, at, tsval = start + (data[start + 12] >> 4) * 4, start + 20, None
         while at < end:

@@ -325,12 +325,20 @@ def test_a_hostile_client_of_raw_segments_cannot_show_one_name_and_send_another(
     flow.send(0, other)
     assert flow.outcome() == "nothing"
     flow.close()
-    for cover in ({"urgent": True},):
-        flow = raw_flow(lab)  # a cover the server never takes as the stream (it dies on the way, is dropped,
-        flow.send(0, allowed, **cover)  # or read otherwise), then the real name: the two differ, refused
+    for kind in ("ack", "urgent"):
+        flow = raw_flow(lab)  # a cover the server does not take as the stream (it acknowledges data never
+        cover = {"ack": flow.ack + 100_000} if kind == "ack" else {"urgent": True}  # sent, or is urgent),
+        flow.send(0, allowed, **cover)  # then the real name
+        time.sleep(0.3)
         flow.send(0, other)
         assert flow.outcome() == "reset", cover
         flow.close()
+    flow = raw_flow(lab)  # a cover alone, which the server never acknowledges: refused after 3 s
+    flow.send(0, allowed, ack=flow.ack + 100_000)
+    time.sleep(4.5)
+    flow.send(0, other)
+    assert flow.outcome() == "reset"
+    flow.close()
     flow = raw_flow(lab)  # a reset conntrack takes, the server not (not at its next byte), then the name
     flow.reset(100)
     time.sleep(0.05)

@@ -254,10 +254,13 @@ def test_flows_hold_every_segment_until_the_hello_is_whole(hello):
     assert flows.segment(KEY, *pieces[2], 1, now=0.1).accept == []
     assert flows.segment(KEY, *pieces[0], 2, now=0.1).accept == []
     step = flows.segment(KEY, *pieces[1], 3, now=0.1)
-    assert step.accept == [1, 2, 3] and step.mark == "allow" and step.verdict.allow
-    assert flows.segment(KEY, *pieces[1], 4, now=0.2).accept == [4], "a retransmission queued before the mark changed"
+    assert step.accept == [1, 2, 3] and step.mark == "" and step.verdict.allow, "read, not yet taken by the server"
+    assert flows.segment(KEY, *pieces[1], 4, now=0.2).accept == [4], "a retransmission, still read"
+    base = (ISN + 1) & 0xFFFFFFFF
+    assert flows.server_ack(KEY, base + 300, now=0.2) is None, "the server has not taken all of it"
+    assert flows.server_ack(KEY, base + len(hello), now=0.2).mark == "allow"
     changed = flows.segment(KEY, pieces[0][0], b"\x16" + bytes(50), 5, now=0.2)
-    assert changed.reject == [5] and changed.mark == "refuse"
+    assert changed.reject == [5] and changed.mark == "refuse", "queued before the mark changed: still compared"
 
 
 def test_flows_refuse_with_a_reset_and_say_which_name(hello):
@@ -283,13 +286,13 @@ def test_flows_without_a_syn_or_with_two_are_refused(hello):
     flows = Flows(Judge())
     flows.syn(KEY, ISN, now=0)
     flows.syn(KEY, ISN, now=0.5)  # a retransmission
-    assert flows.segment(KEY, ISN + 1, hello, 1, now=1).mark == "allow"
+    assert flows.segment(KEY, ISN + 1, hello, 1, now=1).verdict.allow
     flows = Flows(Judge())
     flows.syn(KEY, ISN, now=0)
     flows.syn(KEY, ISN + 5000, now=0.5)
     assert "two SYNs" in flows.segment(KEY, ISN + 1, hello, 1, now=1).verdict.message
     flows.syn(KEY, ISN + 9000, now=2)  # decided: a new connection may use the tuple again
-    assert flows.segment(KEY, ISN + 9001, hello, 2, now=2).mark == "allow"
+    assert flows.segment(KEY, ISN + 9001, hello, 2, now=2).verdict.allow
 
 
 def test_flows_bound_what_they_hold(hello):
@@ -320,7 +323,8 @@ def test_flows_through_a_proxy(hello):
     step = flows.segment(KEY, ISN + 1, request, 1, now=0)
     assert step.accept == [1] and step.mark == "" and step.verdict.allow
     inner = tls.client_hello("other.test")
-    assert flows.segment(KEY, ISN + 1 + len(request), inner, 2, now=0).mark == "allow"
+    assert flows.segment(KEY, ISN + 1 + len(request), inner, 2, now=0).verdict.allow
+    assert flows.server_ack(KEY, ISN + 1 + len(request) + len(inner), now=0).mark == "allow"
     flows.syn(KEY, ISN + 7, now=1, proxy=True)
     refused = flows.segment(KEY, ISN + 8, b"CONNECT evil.test:443 HTTP/1.1\r\n\r\n", 3, now=1)
     assert refused.mark == "refuse" and refused.verdict.name == "evil.test"
@@ -344,7 +348,7 @@ def test_the_segments_of_one_flight_must_share_what_decides_whether_the_server_t
     flows.syn(KEY, ISN, now=0, tsval=0xFFFFFFF0)  # timestamps wrap as sequence numbers do
     newer = Marks(64, 1000, False, 5)
     flows.segment(KEY, ISN + 1, hello[:100], 1, now=0, marks=newer)
-    assert flows.segment(KEY, ISN + 101, hello[100:], 2, now=0, marks=newer).mark == "allow"
+    assert flows.segment(KEY, ISN + 101, hello[100:], 2, now=0, marks=newer).verdict.allow
 
 
 def test_header_marks_are_read_from_real_packets():
@@ -356,3 +360,22 @@ def test_header_marks_are_read_from_real_packets():
     found = marks(flow.packet(8, URG | 0x18, b"x", ttl=9, tsval=1234))
     assert found.ttl == 9 and found.ack == 99 and found.urgent and found.tsval == 1234
     assert marks(flow.packet(8, 0x18, b"x")).tsval is None and marks(b"\x45") is None
+
+
+def test_an_accepted_flight_the_server_never_takes_is_refused_and_what_comes_instead_is_read(hello):
+    """The cover: a ClientHello the server drops (it dies on the way, or acks data never sent),
+    then the real one at the same place. The flow stays read until the server acknowledges."""
+    from ramfw.tls.flows import VERIFY_SECONDS
+
+    flows = Flows(Judge())
+    flows.syn(KEY, ISN, now=0)
+    assert flows.segment(KEY, ISN + 1, hello, 1, now=0).accept == [1]
+    real = flows.segment(KEY, ISN + 1, tls.client_hello("evil.test"), 2, now=0.5)
+    assert real.reject == [2] and real.mark == "refuse" and "disagree" in real.verdict.message
+    flows = Flows(Judge())
+    flows.syn(KEY, ISN, now=0)
+    flows.segment(KEY, ISN + 1, hello, 1, now=0)
+    assert flows.expire(now=VERIFY_SECONDS / 2) == []
+    (late,) = flows.expire(now=VERIFY_SECONDS + 0.1)
+    assert late.mark == "refuse" and "did not take the first flight" in late.verdict.message
+    assert flows.server_ack(KEY, ISN + 1 + len(hello), now=VERIFY_SECONDS + 0.2) is None, "too late"
