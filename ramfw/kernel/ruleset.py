@@ -258,7 +258,9 @@ def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
     is_refused = _match({"&": [_ct_mark(), mask]}, refused)
     # the server's packets of a flow being read: copied (not held), for the daemon to see it
     # acknowledge the first flight it let through
-    server = [_match({"ct": {"key": "direction"}}, "reply"), _match(_meta("l4proto"), "tcp"), log]
+    # (not its SYN-ACK: the copy would wake the daemon just as the ClientHello comes)
+    server = [_match({"ct": {"key": "direction"}}, "reply"), _match(_meta("l4proto"), "tcp"),
+              _match({"&": [_payload("tcp", "flags"), "syn"]}, 0), log]
     return {
         "input": [[_match({"&": [_ct_mark(), mask]}, pending)] + server],
         "guard": [[_match({"&": [_ct_mark(), mask]}, 0, "!="), {"jump": {"target": TLS_CHAIN}}]],

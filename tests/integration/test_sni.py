@@ -175,7 +175,9 @@ def test_established_flows_never_reach_the_daemon(edge_lab):
             got = b""
             while len(got) < 3000:
                 got += conn.recv(3000 - len(got))
-    assert status(lab)["tls"]["counters"]["segments"] - before == 1  # its ClientHello: one segment here
+    # its ClientHello (one segment here), and at times the client's next flight: it can overtake the
+    # copy of the server's acknowledgment, which ends the check
+    assert status(lab)["tls"]["counters"]["segments"] - before in (1, 2)
 
 
 def test_without_a_daemon_flows_pass_on_their_address_and_status_says_so(edge_lab):
