@@ -351,3 +351,43 @@ def test_a_hostile_client_of_raw_segments_cannot_show_one_name_and_send_another(
     assert OTHER not in lab.edge.asked, lab.edge.asked
     messages = [b["message"] for b in status(lab)["recent_blocks"]]
     assert any("overlapping segments disagree" in m for m in messages)
+
+
+def test_containers_scope_checks_forwarded_flows_too(lab, write_config, write_policy, tmp_path):
+    """A container's connection is judged in the forward hook, where the server's packets pass
+    too: they are copied (its acknowledgment ends the check), never queued."""
+    add_addresses(lab, (EDGE4,))
+    container = lab.add_container()
+    lab.servers.append(Edge(lab.net, Authority(tmp_path / "edge"), [ALLOWED, OTHER], addresses=(EDGE4,),
+                            handler=lambda conn, name: (conn.sendall(f"{name}\n".encode()), conn.recv(10),
+                                                        conn.sendall(b"x" * 20000))))
+    lab.start_dnsmasq(NET4, f"--host-record={ALLOWED},{EDGE4}", f"--host-record={OTHER},{EDGE4}")
+    write_policy([ALLOWED])
+    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n', scope=["containers"], registry_ports=[443])
+    lab.daemon = lab.start_daemon(lab.config)
+    lab.resolve(ALLOWED, source=container)
+
+    def from_container(name):
+        with container.inside():
+            sock = socket.create_connection((EDGE4, 443), timeout=3)
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        try:
+            with context.wrap_socket(sock, server_hostname=name) as conn:
+                first = conn.recv(100).decode().strip()
+                conn.sendall(b"more")
+                got = 0
+                while got < 20000 and (data := conn.recv(65536)):
+                    got += len(data)
+                return first, got
+        except ConnectionResetError:
+            return "reset", 0
+        finally:
+            sock.close()
+
+    before = status(lab)["tls"]["counters"]
+    assert from_container(ALLOWED) == (ALLOWED, 20000)
+    assert from_container(OTHER) == ("reset", 0)
+    after = status(lab)["tls"]["counters"]
+    assert after["allowed"] - before.get("allowed", 0) == 1 and after["refused"] - before.get("refused", 0) == 1
+    assert after["segments"] - before.get("segments", 0) <= 4, "the server's 20 kB were not queued"
