@@ -98,6 +98,9 @@ def test_the_allowed_name_passes_and_the_other_name_at_the_same_address_is_reset
     assert blocks[0]["message"] == (f"registry access to {OTHER} is not allowed (its TLS server name, at {EDGE4})")
     assert result["tls"]["state"] == "active" and result["tls"]["counters"]["refused"] == 2
     assert result["counters"]["tls_refused"] >= 2
+    time.sleep(3.5)  # the allowed flows were acknowledged by the server (IPv4 and IPv6), not timed out
+    result = status(lab)
+    assert result["tls"]["counters"]["refused"] == 2 and result["tls"]["flows_waiting"] <= 4
 
 
 def test_client_hellos_in_two_and_three_segments(edge_lab):
