@@ -120,6 +120,10 @@ def status(config: Config) -> dict:
     result["daemon"], result["schema"] = {"running": False}, STATUS_SCHEMA
     result["version"] = __version__  # this command's: no daemon answered with its own
     result["message"] += "; the daemon is not running, so nothing new is learned"
+    if config.enforcement.tls_check:
+        result.setdefault("notes", []).append("TLS server names are NOT checked: no daemon reads first flights, so "
+                                              "flows to learned addresses pass on their address alone (QUIC to the "
+                                              "TLS ports is still refused)")
     return result
 
 

@@ -21,6 +21,7 @@ import time
 from . import __version__, api, record
 from . import config as config_mod
 from .check import probe, verdict
+from .daemon import sni
 from .daemon.blocks import advice, client_text, listed
 from .errors import RamfwError
 from .policy import source as policy_source
@@ -66,6 +67,11 @@ def _print_status(result: dict) -> None:
         shown = ", ".join(f"{i['address']} ({i['expires_in']}s)" for i in items[:6])
         more = f" and {len(items) - 6} more" if len(items) > 6 else ""
         print(f"learned:    {name}: {shown}{more}")
+    tls = result.get("tls") or {}
+    if tls.get("state") == "active":
+        counts = tls.get("counters") or {}
+        print(f"TLS names:  checked on ports {', '.join(map(str, tls['ports']))}: {counts.get('allowed', 0)} "
+              f"allowed, {counts.get('refused', 0)} refused, {tls['flows_waiting']} flows kept")
     for note in result.get("notes") or []:
         print(f"note:       {note}")
     seen: dict[str, int] = {}
@@ -212,6 +218,7 @@ def _run(args) -> int:
     if args.command == "doctor":
         report = api.doctor(config)
         _print_doctor(report, config.enforcement.table_owner)
+        print(sni.doctor_text(config.enforcement, report))
         for line in policy_source.describe(config.policy):
             print(line)
         for note in record.proxy_notes(config):

@@ -53,9 +53,20 @@ class EnforcementSettings:
     engine_cgroup: str = ""  # one such path (older configurations)
     dedicated_cgroup: bool = False  # move an engine found in the root cgroup into its own
     bpffs: str = "/sys/fs/bpf"
+    # The TLS server name check (issue #13): a flow's ClientHello to a learned address (through a
+    # proxy, its CONNECT request) is read and its name matched against the allowlist too.
+    tls_check: bool = True  # false: flows to learned addresses pass on their address alone
+    tls_ports: tuple[int, ...] = (443,)  # TCP ports whose first flight is read; UDP to them (QUIC) is refused
+    tls_queue_num: int = 5243  # the netfilter queue first flights wait in
+    tls_syn_group: int = 5244  # the NFLOG group SYNs (where a stream begins) and refused QUIC are copied to
+    tls_ct_mark: int = 0x00000100  # the conntrack mark bit of a flow waiting to be read; the next bit up: refused
     proxies: tuple[str, ...] = ()  # the engine's explicit HTTP(S) proxies, "address:port": reachable in scope
     table_owner: bool = True  # own the table (owner + persist) where the kernel can: others cannot change it
     engine_socket: str = "/var/run/docker.sock"  # the engine's API: names the containers block events name
+
+    @property
+    def tls_mark_mask(self) -> int:
+        return self.tls_ct_mark | self.tls_ct_mark << 1
 
     @property
     def configured_cgroups(self) -> tuple[str, ...]:
@@ -208,7 +219,21 @@ def _validate(config: Config) -> Config:
         raise ConfigError(f"{where}: metrics.listen {m.listen!r} is not address:port (an IP address)") from None
     if m.interval < 1:
         raise ConfigError(f"{where}: metrics.interval must be positive")
+    _validate_tls(config, where)
     return config
+
+
+def _validate_tls(config: Config, where: str) -> None:
+    e = config.enforcement
+    if not e.tls_ports or not all(1 <= port <= 65535 for port in e.tls_ports):
+        raise ConfigError(f"{where}: enforcement.tls_ports must list ports from 1 to 65535")
+    if not (0 <= e.tls_queue_num <= 65535 and 0 <= e.tls_syn_group <= 65535) or e.tls_queue_num == config.dns.queue_num \
+            or e.tls_syn_group in (config.dns.snoop_group, e.nflog_group):
+        raise ConfigError(f"{where}: enforcement.tls_queue_num and tls_syn_group are 16-bit numbers of their own (not "
+                          "dns.queue_num, dns.snoop_group or enforcement.nflog_group)")
+    if e.tls_ct_mark <= 0 or e.tls_ct_mark & (e.tls_ct_mark - 1) or e.tls_ct_mark >= 1 << 31:
+        raise ConfigError(f"{where}: enforcement.tls_ct_mark is one bit of the conntrack mark, below 0x80000000 (the "
+                          "next bit up is taken too)")
 
 
 def _validate_policy_source(p: PolicySettings, where: str) -> None:

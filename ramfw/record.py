@@ -14,6 +14,11 @@ from .policy import Policy
 
 def proxy_notes(config: Config) -> list[str]:
     """What an explicit proxy changes: ramfw sees the proxy, not the registries behind it."""
+    if config.enforcement.tls_check:
+        return [f"the engine's proxy {proxy} is reachable in scope: while a daemon runs, the host of each CONNECT "
+                "request to it (and the server name of the TLS tunnelled through it) must be allowed, and any other "
+                "request is refused; without one, filtering behind it depends on the proxy"
+                for proxy in config.enforcement.proxies]
     return [f"the engine's proxy {proxy} is reachable in scope: registry filtering behind it depends on the "
             "proxy, which must enforce the allowlist itself (ramfw sees the proxy's address, not the registries "
             "the engine asks it for)" for proxy in config.enforcement.proxies]

@@ -8,6 +8,8 @@
 5. ``fuzz`` (only when named): a million generated and mutated packets through the pure core.
 7. ``fleet`` and ``fleet_daemons`` (only when named; scripts/fleet.py): 1,000 simulated VMs
    polling a signed policy from nginx over TLS, and ten real daemons polling one origin.
+9. ``tls_ttfb`` and ``tls_pull`` (only when named; scripts/bench_tls.py): the TLS server name
+   check's added time to a new connection's first byte, packets to the daemon, CPU; docker pull on/off.
 8. ``restart`` (only when named): rolling restarts (SIGTERM, then a new daemon, as systemd
    and a package upgrade do) under a steady stream of lookups of new names: how long nothing
    is learned, whether DNS kept flowing, whether a learned address stayed reachable.
@@ -399,16 +401,16 @@ def connect_cost(lab, tmp, rounds=10, connects=1000):
 def main():
     results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{subprocess.getoutput('nproc')} cores"}
     only = sys.argv[1:] or ["dns_latency", "race", "programming", "memory", "docker_pull"]
-    from scripts import fleet, load
+    from scripts import bench_tls, fleet, load
 
     steps = {"dns_latency": dns_latency, "race": race, "programming": None, "memory": memory,
              "docker_pull": docker_pull, "fuzz": fuzz_core, "flood": load.flood, "soak": load.soak,
              "fleet": fleet.fleet, "fleet_daemons": fleet.fleet_daemons, "restart": restart,
-             "connect": connect_cost}
+             "connect": connect_cost, "tls_ttfb": bench_tls.tls_ttfb, "tls_pull": bench_tls.tls_pull}
     for name, fn in ((n, steps[n]) for n in only):
         lab = Lab()
         try:
-            if name not in ("docker_pull", "flood", "soak", "fleet_daemons"):  # those bring their own DNS
+            if name not in ("docker_pull", "flood", "soak", "fleet_daemons", "tls_ttfb", "tls_pull"):  # own DNS
                 lab.start_dnsmasq(NET4, f"--host-record=allowed-registry.test,{ALLOWED4}",
                                   "--host-record=other-name.test,203.0.113.99")
                 lab.serve_tcp([ALLOWED4], [443])

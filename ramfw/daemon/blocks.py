@@ -78,13 +78,15 @@ class BlockLog:
             self.clients.close()
 
     def record(self, message: str, address: str, port: int, names: list[str] = (), reason: str = "",
-               client: dict | None = None, containers=None, transport: str = "tcp") -> None:
+               client: dict | None = None, containers=None, transport: str = "tcp", host: str | None = None) -> None:
         """One log line per blocked destination and client per interval: a client retrying in a
         loop must not flood the log (status counts every one). A client in a container whose name
-        the engine has not told yet is logged once ``containers`` (``clients.Containers``) knows."""
+        the engine has not told yet is logged once ``containers`` (``clients.Containers``) knows.
+        ``names``: those this VM resolved to ``address``; ``host``: the name refused, if not the first."""
         if self.audit:
             message = f"audit: would block: {message}"
-        client, host = client or {}, names[0] if names else ""
+        client = client or {}
+        host = host if host is not None else names[0] if names else ""
         line = f"{message} ({address} port {port})"
         block = {"time": time.time(), "message": message, "address": address, "port": port, "transport": transport,
                  "host": host,

@@ -1,13 +1,11 @@
 """The daemon's loop: holds DNS replies, programs the allowed sets, names what it blocks.
 
-One thread, one ``selectors`` loop: the queue socket, the NFLOG sockets (blocked
-connections; copies of replies not held), the control sockets and a wake-up socket for
-signals. Every socket is non-blocking and every handler reads what waits, then returns. A held
-reply is read, decided (``snoop``), its addresses programmed, and only then released. Where
-the kernel allows, an eBPF prefilter holds only the replies that may be for allowlisted names;
-the others reach the daemon as copies, for counters and block messages. SIGHUP or
-``ramfw reload`` re-reads the policy; SIGTERM exits and leaves enforcement in place. Only
-``ramfw down`` removes it.
+One thread, one ``selectors`` loop: the queue socket, the NFLOG sockets (blocked connections; copies of replies
+not held), the control sockets and a wake-up socket for signals. Every socket is non-blocking and every handler
+reads what waits, then returns. A held reply is read, decided (``snoop``), its addresses programmed, and only then
+released. Where the kernel allows, an eBPF prefilter holds only the replies that may be for allowlisted names; the
+others reach the daemon as copies, for counters and block messages. TLS first flights wait in a queue of their own
+(``sni``). SIGHUP or ``ramfw reload`` re-reads the policy; SIGTERM exits and leaves enforcement in place.
 
 The path of a held reply: ``kernel.queue.Queue.receive`` -> ``Daemon._read`` ->
 ``snoop.snooper.Snooper.on_packet`` -> ``kernel.table.Table.add_elements`` -> the verdict.
@@ -46,6 +44,7 @@ from .guard import Guard
 from .metrics import Metrics
 from .poller import Poller, describe, fetch_at_start, refused
 from .seen import Seen, seen_path
+from .sni import TlsCheck
 
 log = logging.getLogger("ramfw")
 HOUSEKEEPING = 1.0
@@ -64,8 +63,7 @@ class Daemon:
         self.seen = Seen()  # what start() loads: refusals and lookups, for ramfw report
         self._error_log = Throttle()
         self.queue: Queue | None = None
-        self.snoop = self.blocks = None  # each a Log once bound
-        self.prefilter = self.metrics = None
+        self.snoop = self.blocks = self.prefilter = self.metrics = None  # snoop, blocks: a Log once bound
         self.control = ControlServer(config, self.handle)
         self.started, self._next_sweep = time.time(), 0.0
         self.poller: Poller | None = None
@@ -77,8 +75,7 @@ class Daemon:
         self.url_source = policy_source.url_source(self.config) if self.policy_path is None else None
         if self.url_source is not None and self.url_source.due(time.time()):
             fetch_at_start(self.url_source, log)
-        self.policy, self.source = policy_source.load(self.config, self.policy_path, fallback=True,
-                                                      polled=self.url_source)
+        self.policy, self.source = policy_source.load(self.config, self.policy_path, fallback=True, polled=self.url_source)
         self.policy_loaded = time.time()
         self.seen = Seen.load(seen_path(self.config))
         self.report = probes.run(Path(self.config.daemon.run_dir) / probes.CACHE)
@@ -88,8 +85,7 @@ class Daemon:
         self.resolv_conf = resolvers.Follower(self.config.dns.trusted_resolvers)
         self.trusted = resolvers.trusted(self.config.dns.trusted_resolvers)
         self.snooper = Snooper(self.policy, set(self.trusted), self.config.dns)
-        # The queue is bound before the hold rules exist: a held reply never meets an unbound
-        # queue (whose bypass would let it pass unread).
+        # bound before the hold rules exist: a held reply never meets an unbound queue, whose bypass passes it unread
         if self.hold.holds:
             self.queue = netlink.bind_group(Queue, self.config.dns.queue_num, "netfilter queue", "dns.queue_num")
             if self.config.dns.prefilter and self.report.has("dns_prefilter"):
@@ -97,6 +93,7 @@ class Daemon:
                 pairing = self.config.dns.pair_queries and self.report.has("dns_pairing")
                 self.prefilter = Prefilter(self.policy.patterns(), pairing)
                 self.snooper.kernel_pairs = pairing
+        self.tls = TlsCheck(self)  # the TLS server name check's queue and SYN copies: bound before its rules exist
         if self.hold is not Hold.NONE:  # copies: the queries replies are paired with, replies not held
             self.snoop = netlink.bind_group(Log, self.config.dns.snoop_group, "NFLOG group", "dns.snoop_group")
         if self.report.has("nflog"):
@@ -137,7 +134,7 @@ class Daemon:
             self.applied_scope = ()
         else:
             f = self.prefilter
-            dns_rules = nft.dns_chain_rules(self.hold, d.queue_num, f.reply_program if f else None, d.snoop_group,
+            dns_rules = self.tls.rules() | nft.dns_chain_rules(self.hold, d.queue_num, f.reply_program if f else None, d.snoop_group,
                                             d.pair_queries, f.query_fd if f else None)
             scope = self.engine.scope_in_force
             settings = dataclasses.replace(e, scope=scope)
@@ -192,6 +189,7 @@ class Daemon:
         if self.blocks:
             sel.register(self.blocks.sock, selectors.EVENT_READ, self._on_block)
         sel.register(self.links.sock, selectors.EVENT_READ, self._on_links)
+        self.tls.register(sel)
         sel.register(self.guard.watch.sock, selectors.EVENT_READ, self.guard.on_notifications)
         if self.engine.watch is not None:
             sel.register(self.engine.watch.fd, selectors.EVENT_READ, self._on_cgroups)
@@ -308,6 +306,7 @@ class Daemon:
         if decision.elements:
             self._program(decision.elements)
             self.seen.learned(decision.elements, time.time())
+            self.tls.learned(decision.elements)
         return decision
 
     def _program(self, elements) -> None:
@@ -383,6 +382,7 @@ class Daemon:
             self.snooper.counters["program_failed"] += 1
             self._error(f"programming the allowed sets failed: {refusal}")
         self._check_engine()
+        self._guarded(self.tls.housekeeping)
         self.guard.verify()
         self.blocks_log.keep(self.snooper, self.seen)  # connections counted, then saved
         if self.metrics is not None:
@@ -412,7 +412,7 @@ class Daemon:
                 self._guarded(self._on_snoop)
             self.queue.close(release=self._release)
         self.blocks_log.keep(self.snooper, self.seen, force=True)
-        for thing in (self.snoop, self.blocks, self.prefilter, self.poller, self.metrics, *(
+        for thing in (self.snoop, self.blocks, self.prefilter, self.poller, self.metrics, getattr(self, "tls", None), *(
                       getattr(self, name, None) for name in ("engine", "blocks_log", "links", "guard", "table"))):
             if thing is not None:
                 thing.close()

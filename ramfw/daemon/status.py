@@ -67,6 +67,8 @@ def document(daemon, full: bool = True) -> dict:
     clients = daemon.blocks_log.clients
     if clients is not None and clients.problem:
         notes.append(f"block events cannot name their clients: {clients.problem}")
+    if daemon.tls.state != "active":
+        notes.append(f"TLS server names: {daemon.tls.state}")
     if "host" in daemon.scope:
         notes.append(f"ramfw's own connections (policy polls, `ramfw check`'s probes) are {daemon.own_traffic}")
     url = daemon.url_source
@@ -91,6 +93,7 @@ def document(daemon, full: bool = True) -> dict:
         "learned": {k: v for k, v in learned.items() if v},
         "counters": {**dict(snooper.counters), **counters, "learned_addresses": snooper.total,
                      **(daemon.prefilter.pairing_counters() if daemon.prefilter else {})},
+        "tls": daemon.tls.status(),
         "recent_blocks": list(daemon.blocks_log.recent),
         "repairs": daemon.guard.repairs,
         "table": table,

@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 from ..snoop.snooper import Element
 from . import netlink as nl
 from .netlink import attr, nested, string, u32
-from .ruleset import ALLOW, PENDING, RESOLVERS, UNSOLICITED, Hold, Learned
+from .ruleset import ALLOW, PENDING, RESOLVERS, TLS_QUEUE, UNSOLICITED, Hold, Learned
 
 XT_BPF_MODE_FD_ELF = 2
 XT_BPF_INFO_V1_SIZE = 528  # mode, count, fd, a 512-byte union, the kernel's pointer
@@ -157,6 +157,15 @@ def dns_chain_rules(hold: Hold, queue_num: int, prefilter_fd: int | None, snoop_
     else:
         queries = query_rules(prefilter_fd, snoop_group) if pair_queries else []
     return {"dns_input": replies, "dns_forward": queries + replies, "dns_output": queries}
+
+
+def tls_queue_rules(hold: Hold, queue_num: int) -> dict[str, list[bytes]]:
+    """The ``tls_queue`` chain's one rule: to the queue the TLS check reads, with bypass (no
+    daemon bound: the flow passes on its address, as before the check existed), never failing
+    open when the queue is full (the kernel drops; the client sends the segment again)."""
+    if not hold.holds:
+        return {}
+    return {TLS_QUEUE: [_queue(queue_num, native=hold is Hold.NFT_QUEUE)]}
 
 
 def own_traffic_rules(cgroup_id: int, level: int) -> list[bytes]:

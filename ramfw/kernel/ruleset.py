@@ -16,6 +16,10 @@ Layout::
                              established/related -> accept; in scope -> registry
     registry                 DNS to trusted resolvers, @allow4/@allow6 -> accept;
                              otherwise log to NFLOG, count, reject (enforce) or accept (audit)
+    tls, tls_syn, tls_queue  the TLS server name check (``tls_rules``): SYNs to TLS ports of learned
+    tls_input (hook input)   addresses copied and their flows marked; their first data segments
+                             queued (the queue rule is raw netlink, swapped in like the DNS chains'),
+                             the server's packets copied until the daemon clears the mark
     dns_input, dns_forward,  (hooks input, forward, output, priority -150) the DNS hold rules and
     dns_output               the query copies, which ``nft`` builds and ``table.Table`` swaps in
                              a netlink transaction per chain
@@ -37,7 +41,7 @@ PENDING_TIMEOUT = 3  # seconds: covers one SYN retransmission (1 s) with room to
 RESOLVERS = {4: "resolvers4", 6: "resolvers6"}
 CONTAINER_BRIDGES = "container_bridges"  # bridges whose ports are all veths or taps (``links``)
 UNSOLICITED = "unsolicited"  # DNS replies that answer no query of ours: counted, never read
-COUNTERS = ("blocked", "audited", "accepted", "deferred", UNSOLICITED)
+COUNTERS = ("blocked", "audited", "accepted", "deferred", UNSOLICITED, "tls_refused", "quic_refused")
 LOG_PREFIX = "ramfw "
 SET_TYPES = {4: "ipv4_addr", 6: "ipv6_addr"}
 
@@ -183,8 +187,91 @@ def _verdict_rules(settings: EnforcementSettings, hold: Hold) -> list[list[dict]
 
 
 DNS_CHAINS = {"dns_input": "input", "dns_forward": "forward", "dns_output": "output"}
+TLS_CHAIN, TLS_SYN, TLS_QUEUE, TLS_INPUT = "tls", "tls_syn", "tls_queue", "tls_input"
+RAW_CHAINS = (*DNS_CHAINS, TLS_QUEUE)  # their rules are raw netlink (``nft``), swapped in by ``table``
 OWN_CHAIN = "own_traffic"
 DNS_PRIORITY = -150  # mangle: before anything that could accept the reply
+
+
+def _ct_mark() -> dict:
+    return {"ct": {"key": "mark"}}
+
+
+def _with_payload(then: list[dict]) -> list[list[dict]]:
+    """Rules applying ``then`` to TCP segments that carry data. nftables cannot subtract the
+    headers' lengths from the packet's: one rule per TCP header length (IPv4 with options, and
+    IPv6 extension headers, always count as data: they only cost a look)."""
+    doff = _payload("tcp", "doff")
+    ipv4, ipv6 = _match(_meta("nfproto"), "ipv4"), _match(_meta("nfproto"), "ipv6")
+    rules = [[ipv4, _match(_payload("ip", "hdrlength"), 5, "!=")] + then]
+    for words in range(5, 16):
+        rules.append([ipv4, _match(_payload("ip", "hdrlength"), 5), _match(doff, words),
+                      _match(_payload("ip", "length"), 20 + 4 * words, ">")] + then)
+        rules.append([ipv6, _match(doff, words), _match(_payload("ip6", "length"), 4 * words, ">")] + then)
+    return rules
+
+
+def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
+    """The TLS server name check's rules: ``guard`` (first in output and forward), ``registry``
+    (before its accepts), and the chains ``tls`` and ``tls_syn``. A SYN to a TLS port of a learned
+    address (or to a configured proxy) is copied to ``tls_syn_group`` (its sequence number is
+    where the stream begins) and its flow marked ``tls_ct_mark``; a SYN that carries data (TCP Fast
+    Open) is dropped (the client sends it again without). The flow's segments that carry data go
+    to the queue until the daemon sets the mark: cleared (allowed: nothing of it is looked at
+    again but the guard's one comparison) or the next bit up (refused: every packet reset).
+    UDP to the TLS ports (QUIC) is refused, copied (at a bounded rate) to be named."""
+    if not settings.tls_check:
+        return {}
+    mask, pending, refused = settings.tls_mark_mask, settings.tls_ct_mark, settings.tls_ct_mark << 1
+    ports = {"set": sorted(settings.tls_ports)}
+    log = {"log": {"group": settings.tls_syn_group, "snaplen": LOG_SNAPLEN}}
+    mark = {"mangle": {"key": _ct_mark(), "value": {"|": [{"&": [_ct_mark(), ~mask & 0xFFFFFFFF]}, pending]}}}
+    syn = [_match(_meta("l4proto"), "tcp"), _SYN_ONLY]
+    quic = [_match(_meta("l4proto"), {"set": ["udp", "udplite"]}), _match(_payload("th", "dport"), ports)]
+    registry = [quic + [{"limit": {"rate": LOG_RATE, "per": "second", "burst": LOG_BURST}}, log]]
+    if settings.mode == "enforce":
+        to_tls = [_match(_meta("l4proto"), "tcp"), _match(_payload("tcp", "dport"), ports)]
+        drop = [{"counter": "tls_refused"}, {"drop": None}]
+        registry += [
+            quic + [{"counter": "quic_refused"}, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}],
+            # Conntrack has no flow (or no longer one) for these: invalid (a reset the server would
+            # ignore can end a flow in conntrack alone), or new yet no SYN. They would pass unread.
+            to_tls + [_match({"ct": {"key": "state"}}, "invalid", "in")] + drop,
+            to_tls + [_match({"ct": {"key": "state"}}, "new", "in"), _match({"&": [_payload("tcp", "flags"), "syn"]}, 0)]
+            + drop,
+        ]
+    registry.append(syn + [_match(_payload("tcp", "dport"), ports), {"jump": {"target": TLS_SYN}}])
+    # a simultaneous open (our SYN in the flow's reply direction): no registry client makes one, and
+    # its client would be in the direction the check takes for the server's
+    tls_syn = [[_match({"ct": {"key": "direction"}}, "reply"), {"counter": "tls_refused"}, {"drop": None}]]
+    tls_syn += _with_payload([{"counter": "tls_refused"}, {"drop": None}])
+    for version, proto in ((4, "ip"), (6, "ip6")):
+        tls_syn.append([_match(_payload(proto, "daddr"), "@" + ALLOW[version]), log, mark])
+        tls_syn.append([_match({"ct": {"key": "status"}}, "dnat", "in"),  # redirected: where the client was going
+                        _match({"ct": {"key": f"{proto} daddr", "dir": "original"}}, "@" + ALLOW[version]), log, mark])
+    for entry in settings.proxies:
+        address, port = split_proxy(entry)
+        to_proxy = [_match(_payload("ip" if address.version == 4 else "ip6", "daddr"), str(address)),
+                    _match(_payload("tcp", "dport"), port)]
+        registry.append(syn + to_proxy + [{"jump": {"target": TLS_SYN}}])
+        tls_syn.append(to_proxy + [log, mark])
+    is_refused = _match({"&": [_ct_mark(), mask]}, refused)
+    # the server's packets of a flow being read: copied (not held), for the daemon to see it
+    # acknowledge the first flight it let through
+    # (not its SYN-ACK: the copy would wake the daemon just as the ClientHello comes)
+    server = [_match({"ct": {"key": "direction"}}, "reply"), _match(_meta("l4proto"), "tcp"),
+              _match({"&": [_payload("tcp", "flags"), "syn"]}, 0), log]
+    return {
+        "input": [[_match({"&": [_ct_mark(), mask]}, pending)] + server],
+        "guard": [[_match({"&": [_ct_mark(), mask]}, 0, "!="), {"jump": {"target": TLS_CHAIN}}]],
+        "registry": registry,
+        TLS_SYN: tls_syn,
+        # a reset passes (the one the refusal sends back among them); refused flows get one for each packet
+        TLS_CHAIN: [[_match(_payload("tcp", "flags"), "rst", "in"), {"return": None}],
+                    [is_refused, {"counter": "tls_refused"}, _match(_meta("l4proto"), "tcp"),
+                     {"reject": {"type": "tcp reset"}}], [is_refused, {"drop": None}], server + [{"return": None}]]
+        + _with_payload([{"jump": {"target": TLS_QUEUE}}]),
+    }
 
 
 def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_addresses: int,
@@ -195,7 +282,8 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
     flushed and refilled so the rules are exactly these, whatever was there before. The DNS
     chains are created here and left as they are: their rules (``nft.hold_rules``) are swapped
     in a netlink transaction of their own (flush and add together), so no reply passes unheld
-    in between. ``hold`` matters here only for the passive grace rules.
+    in between. ``hold`` matters here only for the passive grace rules. The TLS check's chains
+    exist whether or not it is on (``tls_rules``).
     """
     t = {"family": FAMILY, "table": settings.table}
     cmds: list[dict] = [{"add": {"table": {"family": FAMILY, "name": settings.table}}}]
@@ -215,20 +303,26 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
                                        "prio": 0, "policy": "accept"}}})
     cmds.append({"add": {"chain": {**t, "name": "registry"}}})
     cmds.append({"add": {"chain": {**t, "name": OWN_CHAIN}}})
+    for chain in (TLS_CHAIN, TLS_SYN, TLS_QUEUE):
+        cmds.append({"add": {"chain": {**t, "name": chain}}})
+    cmds.append({"add": {"chain": {**t, "name": TLS_INPUT, "type": "filter", "hook": "input", "prio": 0,
+                                   "policy": "accept"}}})
+    checks = tls_rules(settings)
     for chain, hook in DNS_CHAINS.items():
         cmds.append({"add": {"chain": {**t, "name": chain, "type": "filter", "hook": hook,
                                        "prio": DNS_PRIORITY, "policy": "accept"}}})
     rules: dict[str, list[list[dict]]] = {
-        "output": [[_match(_meta("oif"), "lo"), _NOT_REDIRECTED, _ACCEPT], _TO_CONTAINERS]
+        "output": checks.get("guard", []) + [[_match(_meta("oif"), "lo"), _NOT_REDIRECTED, _ACCEPT], _TO_CONTAINERS]
         + _peer_first_rules(settings, "output") + [[_ESTABLISHED, _ACCEPT], [{"jump": {"target": OWN_CHAIN}}]]
         + _in_scope_rules(settings, "output"),
-        "forward": [_TO_CONTAINERS] + _peer_first_rules(settings, "forward") + [[_ESTABLISHED, _ACCEPT]]
+        "forward": checks.get("guard", []) + [_TO_CONTAINERS] + _peer_first_rules(settings, "forward") + [[_ESTABLISHED, _ACCEPT]]
         + _in_scope_rules(settings, "forward"),
         "registry": [
             [_TCP_UDP, _match(_payload("th", "dport"), 53),
              _match(_payload("ip", "daddr"), "@" + RESOLVERS[4]), _ACCEPT],
             [_TCP_UDP, _match(_payload("th", "dport"), 53),
              _match(_payload("ip6", "daddr"), "@" + RESOLVERS[6]), _ACCEPT],
+            *checks.get("registry", []),
             [_match(_payload("ip", "daddr"), "@" + ALLOW[4]), {"counter": "accepted"}, _ACCEPT],
             [_match(_payload("ip6", "daddr"), "@" + ALLOW[6]), {"counter": "accepted"}, _ACCEPT],
             # redirected (DNAT) to a local or other address: judged by where the client was going
@@ -236,6 +330,9 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
             [_match({"ct": {"key": "ip6 daddr", "dir": "original"}}, "@" + ALLOW[6]), {"counter": "accepted"},
              _ACCEPT],
         ] + _proxy_rules(settings.proxies) + _verdict_rules(settings, hold),
+        TLS_CHAIN: checks.get(TLS_CHAIN, []),
+        TLS_SYN: checks.get(TLS_SYN, []),
+        TLS_INPUT: checks.get("input", []),
     }
     for chain, chain_rules in rules.items():
         cmds.append({"flush": {"chain": {**t, "name": chain}}})

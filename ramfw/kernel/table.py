@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 from ..errors import NftablesError
 from ..snoop.snooper import Element
 from . import netlink, nft, replay
-from .ruleset import (ALLOW, CONTAINER_BRIDGES, DNS_CHAINS, FAMILY, OWN_CHAIN, PENDING, RESOLVERS, Learned,
+from .ruleset import (ALLOW, CONTAINER_BRIDGES, FAMILY, OWN_CHAIN, PENDING, RAW_CHAINS, RESOLVERS, Learned,
                       TableState, parse_state)
 
 CACHE_BYTES = 16 << 20  # the element batches kept for replies seen again
@@ -109,7 +109,7 @@ class Table:
         return output or {}
 
     def apply(self, ruleset: dict, dns_rules: dict[str, list[bytes]], rebuild: bool = False) -> None:
-        """The table, then each DNS chain's rules (``nft.dns_chain_rules``) swapped (a chain is
+        """The table, then each raw chain's rules (``nft.dns_chain_rules``, the TLS queue's) swapped (a chain is
         never empty between its old rules and its new ones). With ``rebuild``, the old table is deleted in the same
         transaction (what someone else made of it, a set redefined, a chain added, is gone);
         its learned elements too where it is unowned (the guard puts back what it learned)."""
@@ -123,7 +123,7 @@ class Table:
             # add-then-delete: safe whether or not it exists; but `add table` on a persist table is refused
             drop = [{"delete": ref}] if view.persist else [{"add": ref}, {"delete": ref}] if rebuild else []
             self.run({"nftables": drop + ruleset["nftables"]})
-            for chain in DNS_CHAINS:
+            for chain in RAW_CHAINS:
                 self._swap(chain, dns_rules.get(chain, []), "cannot add the DNS hold rules")
         self.remember()
 
@@ -150,7 +150,7 @@ class Table:
             head.append((netlink.NFT_MSG_NEWTABLE, netlink.NLM_F_CREATE, INET, me + netlink.u32(
                 netlink.NFTA_TABLE_FLAGS, netlink.NFT_TABLE_F_OWNER | netlink.NFT_TABLE_F_PERSIST)))
             body = replay.steps(snapshot, self.name, chains, sets)
-            for chain in DNS_CHAINS:
+            for chain in RAW_CHAINS:
                 body += nft.rules_steps(FAMILY, self.name, chain, dns_rules.get(chain, []), replace=True)
             tail = [(netlink.NFT_MSG_DELTABLE, 0, INET, ref)]
             try:

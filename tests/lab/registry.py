@@ -48,6 +48,9 @@ HOSTS = {
 }
 HOSTS_FILE_ONLY = "hosts-file-registry.test"  # reachable only through /etc/hosts (-> blocked)
 IMAGE = "test/image:1"
+EDGE4 = "203.0.113.50"  # the shared edge (tests.lab.edge): both names below, one address
+EDGE_ALLOWED, EDGE_OTHER = "edge-allowed.test", "edge-other.test"
+EDGE_HOSTS = {EDGE_ALLOWED: 5000, EDGE_OTHER: 5001}  # name -> the registry behind it (net namespace)
 _BLOB = re.compile(r"/v2/.+/blobs/sha256:[0-9a-f]{64}")
 
 
@@ -105,8 +108,9 @@ class _FrontHandler(http.server.BaseHTTPRequestHandler):
             return self._reply(200, {"Content-Type": "text/plain"}, text.encode())
         if self.server.redirect_to and self.command == "GET" and _BLOB.fullmatch(self.path.split("?")[0]):
             return self._reply(307, {"Location": f"https://{self.server.redirect_to}{self.path}"}, b"")
+        port = getattr(self.server, "upstreams", {}).get(getattr(self.request, "requested_name", ""), 5000)
         with self.server.lab.net.inside():
-            upstream = http.client.HTTPConnection("127.0.0.1", 5000, timeout=30)
+            upstream = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             upstream.connect()
         try:
             upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
@@ -131,10 +135,12 @@ class _FrontHandler(http.server.BaseHTTPRequestHandler):
 class RegistryLab:
     """Registries, DNS and dockerd for end-to-end runs; ``close`` undoes everything."""
 
-    def __init__(self, lab: Lab, workdir: Path, layers: int = 3, layer_bytes: int = 256 * 1024):
+    def __init__(self, lab: Lab, workdir: Path, layers: int = 3, layer_bytes: int = 256 * 1024,
+                 shared_edge: bool = False):
         self.lab, self.dir = lab, Path(workdir)
         self.fronts: list[_Front] = []
         self.dockerd: subprocess.Popen | None = None
+        self.proxy = ""  # an HTTPS proxy dockerd is started with ("http://address:port"), none by default
         self.cgroup: Path | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
         lab.net.run("ip", "addr", "add", f"{REDIRECT4}/24", "dev", self._net_if())
@@ -143,8 +149,14 @@ class RegistryLab:
         for name, address in HOSTS.items():
             self._front(address, "blobs.redirect-cdn.test" if name == "redirect-registry.test" else None)
         names = [f"--host-record={n},{a}" for n, a in HOSTS.items()]
+        if shared_edge:  # issue #13: two registries behind one TLS edge address
+            names += [f"--host-record={n},{EDGE4}" for n in EDGE_HOSTS]
+            self._registry(EDGE_HOSTS[EDGE_OTHER], "registry-other")
         lab.start_dnsmasq(NET4, *names)
         self._push_image(layers, layer_bytes)
+        if shared_edge:
+            self._push_image(layers, layer_bytes, EDGE_HOSTS[EDGE_OTHER])
+            self._shared_edge()
 
     def _net_if(self) -> str:
         out = self.lab.net.run("ip", "-o", "link", "show", "type", "veth").stdout
@@ -167,17 +179,34 @@ class RegistryLab:
             subprocess.run(["openssl", *step], cwd=d, check=True, capture_output=True)
         self.ca = d / "ca.crt"
 
-    def _registry(self) -> None:
-        (self.dir / "registry").mkdir(exist_ok=True)
-        config = self.dir / "registry.yml"
+    def _registry(self, port: int = 5000, name: str = "registry") -> None:
+        (self.dir / name).mkdir(exist_ok=True)
+        config = self.dir / f"{name}.yml"
         config.write_text(
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-            f"    rootdirectory: {self.dir / 'registry'}\n  delete:\n    enabled: true\n"
-            "http:\n  addr: 127.0.0.1:5000\n")
+            f"    rootdirectory: {self.dir / name}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n")
         proc = self.lab.net.popen("docker-registry", "serve", str(config),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.lab.processes.append(proc)
-        _wait(lambda: "127.0.0.1:5000 " in self.lab.net.run("ss", "-tlnH").stdout + " ", "docker-registry")
+        _wait(lambda: f"127.0.0.1:{port} " in self.lab.net.run("ss", "-tlnH").stdout + " ", "docker-registry")
+
+    def _shared_edge(self) -> None:
+        """One address (EDGE4), two names, two certificates chosen by the ClientHello's server
+        name, each in front of its own docker-registry: a CDN edge serving two tenants."""
+        from .edge import Authority, contexts
+
+        link = self._net_if()
+        self.lab.net.run("ip", "addr", "add", f"{EDGE4}/24", "dev", link)
+        authority = Authority.signed_by(self.dir / "ca.crt", self.dir / "ca.key", self.dir / "edge")
+        server = _Front(self.lab, EDGE4, None)
+        server.upstreams = EDGE_HOSTS
+        # the handshake in the request's thread: a refused ClientHello never reaches the edge, whose
+        # handshake would otherwise hold the accepting thread
+        server.socket = contexts(authority, list(EDGE_HOSTS)).wrap_socket(server.socket, server_side=True,
+                                                                          do_handshake_on_connect=False)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.fronts.append(server)
 
     def _front(self, address: str, redirect_to: str | None) -> None:
         server = _Front(self.lab, address, redirect_to)
@@ -187,9 +216,9 @@ class RegistryLab:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         self.fronts.append(server)
 
-    def _push_image(self, layers: int, layer_bytes: int) -> None:
+    def _push_image(self, layers: int, layer_bytes: int, port: int = 5000) -> None:
         """Build an OCI image by hand (no engine needed) and push it with skopeo."""
-        layout = self.dir / "oci"
+        layout = self.dir / f"oci-{port}"
         blobs = layout / "blobs" / "sha256"
         blobs.mkdir(parents=True, exist_ok=True)
 
@@ -219,7 +248,7 @@ class RegistryLab:
             {"mediaType": "application/vnd.oci.image.manifest.v1+json", **manifest,
              "annotations": {"org.opencontainers.image.ref.name": "1"}}]}))
         self.lab.net.run("skopeo", "copy", "--quiet", "--format", "v2s2", "--dest-tls-verify=false", f"oci:{layout}:1",
-                         f"docker://127.0.0.1:5000/{IMAGE}")
+                         f"docker://127.0.0.1:{port}/{IMAGE}")
 
     # -- the VM: containerd and dockerd, two services in two cgroups ------------------------
     def start_engine(self) -> tuple[Path, Path]:
@@ -263,6 +292,7 @@ class RegistryLab:
         if not Path("/etc/docker").is_dir():
             raise RuntimeError("/etc/docker is missing: reinstall docker.io")
         script = "; ".join(f"mount --bind {src} {dst}" for src, dst in mounts)
+        script += f"; export HTTPS_PROXY={self.proxy}" if self.proxy else ""
         script += (f"; exec nsenter --net={self.lab.vm.path} dockerd --data-root {root}/data "
                    f"--exec-root {root}/exec --pidfile {root}/docker.pid -H unix://{self.socket} "
                    f"--containerd {self.containerd_socket} --storage-driver=vfs --log-level=error "

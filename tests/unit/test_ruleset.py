@@ -35,7 +35,8 @@ def test_allowed_sets_have_timeouts_and_a_size():
 
 
 def test_output_chain_order_loopback_containers_peer_first_established_own_traffic_then_scope():
-    out = rules(ruleset.build_ruleset(BASE, [], 10), "output")
+    guard, *out = rules(ruleset.build_ruleset(BASE, [], 10), "output")
+    assert guard[-1] == {"jump": {"target": ruleset.TLS_CHAIN}}  # first: flows whose first flight is to be read
     marked = [{"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, BASE.mark_mask]}, "right": BASE.mark}},
               {"jump": {"target": "registry"}}]
     reply = {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "reply"}}
@@ -139,9 +140,9 @@ def test_the_dns_chains_exist_and_their_rules_are_left_to_the_hold_transaction()
         doc = ruleset.build_ruleset(BASE, [], 10, hold)
         chains = {c["name"] for c in commands(doc, "add", "chain")}
         flushed = {c["name"] for c in commands(doc, "flush", "chain")}
-        assert set(ruleset.DNS_CHAINS) <= chains
-        assert flushed == {"output", "forward", "registry"}
-        assert all(rules(doc, chain) == [] for chain in ruleset.DNS_CHAINS)
+        assert set(ruleset.RAW_CHAINS) <= chains
+        assert flushed == {"output", "forward", "registry", "tls", "tls_syn", "tls_input"}  # tls_queue: raw, swapped
+        assert all(rules(doc, chain) == [] for chain in ruleset.RAW_CHAINS)
 
 
 def test_container_bridges_are_bridges_whose_ports_are_all_veths_or_taps():

@@ -1,0 +1,297 @@
+"""The TLS server name check in the daemon (issue #13): an address learned for an allowlisted
+name is open only to the names under that entry.
+
+The kernel (``ruleset.tls_rules``) copies each in-scope SYN to a TLS port of a learned address
+(or to a configured proxy) to an NFLOG group, and marks its flow in conntrack; the flow's first
+data segments then wait in a netfilter queue of their own. Here each is read (``tls.flows``): the
+ClientHello's server name (through a proxy: the CONNECT request's host, then the tunnel's
+ClientHello) is matched against the allowlist, and the destination must have been learned for a
+name under the same entry. The verdict goes into the flow's conntrack mark (``kernel.conntrack``)
+before the held segments are released: allowed, the mark is cleared and nothing of the flow
+reaches userspace again; refused, the segments are dropped but the last, which the kernel answers
+with a reset, as it answers every later packet of the flow, and a block event names the host the
+client asked for at that address. QUIC to the TLS ports is refused by the kernel and named here.
+
+No daemon bound: the queue's bypass lets the segments pass (the address check alone, as before);
+the queue never fails open when full (the kernel drops; the client sends again).
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import time
+from collections import Counter, deque
+
+from ..config import split_proxy
+from ..kernel import netlink, nft
+from ..kernel.conntrack import Marks
+from ..kernel.nflog import Log
+from ..kernel.queue import NF_ACCEPT, NF_DROP, Queue
+from ..snoop.packet import TCP, TCP_RST, TCP_SYN, UDP, Flow, destination, source
+from ..tls.flows import Flows, Step
+from ..tls.judge import Addresses, Verdict, judge, judge_connect, judge_tunnel, refused_unread
+from ..tls.packet import head, marks, segment
+from .blocks import TRANSPORTS, process_name
+
+log = logging.getLogger("ramfw")
+TCP_ACK = 0x10
+NF_REPEAT = 4  # the packet goes through the hook again: the refused flow's mark has it reset
+BURST = 64
+SWEEP = 10.0
+REFUSED_SECONDS = 120  # a refused flow's conntrack entry, from its last packet
+
+
+class TlsCheck:
+    """Binds the SYN copies' group and the first flights' queue (where the kernel can queue and
+    the check is on); ``state`` says what is in force, for status."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        e = self.settings = daemon.config.enforcement
+        self.mask, self.refused_mark = e.tls_mark_mask, e.tls_ct_mark << 1
+        self.proxies = {(str(address), port) for address, port in map(split_proxy, e.proxies)}
+        self.index = Addresses(cap=2 * daemon.config.dns.max_addresses)
+        self.flows = Flows(self, audit=e.mode == "audit")
+        self.counters: Counter[str] = Counter()
+        self.costs: deque[float] = deque(maxlen=1024)  # seconds from a first flight's last segment to its verdict
+        self.queue = self.copies = self.marks = None
+        self._next_sweep = 0.0
+        if not e.tls_check:
+            self.state = "off (enforcement.tls_check = false): flows to learned addresses pass on their address alone"
+        elif not daemon.report.hold.holds:
+            self.state = ("NOT checked: this kernel cannot queue packets; flows to learned addresses pass on their "
+                          "address alone (QUIC to the TLS ports is still refused)")
+        else:
+            self.copies = netlink.bind_group(Log, e.tls_syn_group, "NFLOG group", "enforcement.tls_syn_group")
+            self.queue = netlink.bind_group(Queue, e.tls_queue_num, "netfilter queue", "enforcement.tls_queue_num")
+            self.marks = Marks()
+            self.state = "active"
+
+    @property
+    def active(self) -> bool:
+        return self.queue is not None
+
+    def rules(self) -> dict[str, list[bytes]]:
+        """The queue rule (raw netlink), once this daemon reads the queue."""
+        return nft.tls_queue_rules(self.daemon.report.hold, self.settings.tls_queue_num) if self.active else {}
+
+    def register(self, sel: selectors.BaseSelector) -> None:
+        """Into the loop; first, what the allowed sets hold (from before a restart), and the
+        flows marked while no daemon read them (``_sweep``)."""
+        if not self.active:
+            return
+        now = time.time()
+        for name, addresses in self.daemon.snooper.learned.items():
+            for address, expiry in addresses.items():
+                self.index.add(address, name, expiry, now)
+        self._on_copies()
+        self._sweep()
+        sel.register(self.copies.sock, selectors.EVENT_READ, self._on_copies)
+        sel.register(self.queue.sock, selectors.EVENT_READ, self._on_queue)
+
+    def _sweep(self) -> None:
+        """Flows marked to be read whose SYN no daemon saw (they began while none ran, and
+        passed on their address) keep passing on it: their marks are cleared, so their next
+        segments do not reach the queue to be refused for a SYN it never saw."""
+        try:
+            stale = [flow for flow in self.marks.marked(self.settings.tls_ct_mark, self.mask)
+                     if not self.flows.known(flow)]
+        except OSError as err:
+            self.daemon._error(f"TLS check: reading conntrack: {err}")
+            return
+        for flow in stale:
+            try:
+                self.marks.set(flow, 0, self.mask)
+            except OSError:
+                continue
+        if stale:
+            self.counters["unchecked_at_start"] += len(stale)
+            log.info("TLS check: %d connections to learned addresses began while no daemon read their first flight: "
+                     "they keep passing on their address", len(stale))
+
+    def learned(self, elements) -> None:
+        """The addresses a reply just taught, with the name they were learned for."""
+        now = time.time()
+        for element in elements:
+            self.index.add(element.address, element.name, now + element.timeout, now)
+
+    # -- the judge (tls.flows.Judge) --------------------------------------------------------
+    def hello(self, name: str, address: str) -> Verdict:
+        return judge(name, address, self.daemon.policy.allows, self.index.names(address, time.time()))
+
+    def connect(self, name: str, address: str) -> Verdict:
+        return judge_connect(name, address, self.daemon.policy.allows)
+
+    def tunnel(self, name: str, connect: str, address: str) -> Verdict:
+        return judge_tunnel(name, connect, address, self.daemon.policy.allows)
+
+    def unread(self, address: str, reason: str) -> Verdict:
+        return refused_unread(address, reason)
+
+    # -- handlers ------------------------------------------------------------------------------
+    def _on_copies(self) -> None:
+        for _ in range(BURST):
+            try:
+                packets = self.copies.receive()
+            except OSError as err:  # ENOBUFS: copies were lost; their flows will be refused (fail closed)
+                self.counters["copy_errors"] += 1
+                self.daemon._error(f"TLS check: SYN copies: {err}")
+                return
+            if not packets:
+                return
+            for packet in packets:
+                self._copy(packet)
+
+    def _copy(self, data: bytes) -> None:
+        seg, now = head(data), time.time()  # a copy is cut at its snap length: headers only
+        if seg is not None and seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+            self.counters["syns"] += 1
+            self.flows.syn((seg.src, seg.sport, seg.dst, seg.dport), seg.seq, now, proxy=(seg.dst, seg.dport)
+                           in self.proxies, tsval=seg.marks.tsval)
+            return
+        if seg is not None and seg.flags & TCP_ACK:  # the server's: has it taken the first flight?
+            step = self.flows.server_ack((seg.dst, seg.dport, seg.src, seg.sport), seg.marks.ack, now)
+            if step is not None:
+                self._apply(step)
+            return
+        found = destination(data)
+        if found is not None and _protocol(data) == UDP:
+            self.counters["quic_refused"] += 1
+            address, port = found
+            names = self.index.names(address, now) or self.daemon.snooper.names_of(address)[:1] or [""]
+            self._say(Verdict(False, names[0], f"registry access to {names[0] or address} over QUIC (UDP port {port}) "
+                                               "is not allowed: its server name cannot be read (clients fall back "
+                                               "to TCP)", "quic"), (source(data), 0, address, port), UDP)
+
+    def _on_queue(self) -> None:
+        for _ in range(BURST):
+            try:
+                packets = self.queue.receive()
+            except OSError as err:
+                self.counters["queue_errors"] += 1
+                self.daemon._error(f"TLS check: queue: {err}")
+                return
+            if not packets:
+                return
+            # after the segments were read: the copy of each one's SYN was made before it was queued
+            self._on_copies()
+            for packet in packets:
+                self._read(packet)
+
+    def _read(self, packet) -> None:
+        """Every queued packet gets a verdict, whatever happens on the way."""
+        start = time.perf_counter()
+        self.counters["segments"] += 1
+        try:
+            seg, found = segment(packet.payload), marks(packet.payload)
+            if seg is None or found is None:  # not TCP, cut, or a checksum the server's TCP would drop it for
+                self.counters["unreadable"] += 1
+                self._verdict(packet.packet_id, NF_DROP)
+                return
+            step = self.flows.segment((seg.src, seg.sport, seg.dst, seg.dport), seg.seq, seg.payload,
+                                      packet.packet_id, time.time(), reset=bool(seg.flags & TCP_RST),
+                                      marks=found)
+        except Exception as err:  # noqa: BLE001 - the packet still gets its verdict
+            self.counters["errors"] += 1
+            self.daemon._error(f"TLS check: reading a segment: {err!r}")
+            self._verdict(packet.packet_id, NF_DROP)
+            return
+        self._apply(step)
+        if step.verdict is not None:
+            self.costs.append(time.perf_counter() - start)
+
+    def _apply(self, step: Step) -> None:
+        """The mark first (so no later packet of the flow is queued again), then the verdicts."""
+        reject = NF_REPEAT
+        if step.mark:
+            try:
+                if step.mark == "allow":  # the hot path: the kernel answers only a refusal (read in housekeeping)
+                    self.marks.send(step.key, 0, self.mask)
+                else:  # waited for: a refused flow's segment must not come back to the queue. It is reset at
+                    # every packet while it lasts, and gone once nothing was seen of it for a while
+                    self.marks.set(step.key, self.refused_mark, self.mask, REFUSED_SECONDS)
+            except OSError as err:  # the flow is gone (or conntrack refused): drop rather than loop
+                self.counters["mark_errors"] += 1
+                self.daemon._error(f"TLS check: setting a flow's mark: {err}")
+                reject = NF_DROP
+        for packet_id in step.accept:
+            self._verdict(packet_id, NF_ACCEPT)
+        for packet_id in step.drop:
+            self._verdict(packet_id, NF_DROP)
+        for packet_id in step.reject:
+            self._verdict(packet_id, reject)
+        if step.verdict is None:
+            return
+        self.counters["allowed" if step.verdict.allow else "refused"] += 1
+        if not step.verdict.allow:
+            self._say(step.verdict, step.key)
+
+    def _verdict(self, packet_id: int, verdict: int) -> None:
+        try:
+            self.queue.verdict(packet_id, verdict)
+        except OSError as err:
+            self.counters["queue_errors"] += 1
+            self.daemon._error(f"TLS check: queue verdict: {err}")
+
+    def _say(self, verdict: Verdict, key, transport: int = TCP) -> None:
+        """A block event through the daemon's block log (its host: the name asked for; its
+        client: who connected, as the kernel recorded it), and the refusal kept for ``ramfw report``."""
+        client, client_port, address, port = key
+        blocks, names = self.daemon.blocks_log, self.daemon.snooper.names_of(address)
+        named = blocks.clients.describe(Flow(transport, client, client_port, address, port)) if blocks.clients else {}
+        blocks.record(verdict.message, address, port, names=names, host=verdict.name, reason=verdict.reason,
+                      client=named, containers=blocks.clients.containers if blocks.clients else None,
+                      transport=TRANSPORTS.get(transport, str(transport)))
+        self.daemon.seen.refusal(verdict.name, address, port, client, blocks.verdict, time.time(), process_name(named))
+
+    def housekeeping(self) -> None:
+        if not self.active:
+            return
+        now = time.time()
+        for step in self.flows.expire(now):
+            self._apply(step)
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP
+            self.index.sweep(now)
+        if self.marks.refusals():  # allowed flows whose mark the kernel refused: their segments come back
+            self.counters["allow_mark_refused"] = self.marks.failed
+
+    def status(self) -> dict:
+        costs = sorted(self.costs)
+        return {"state": self.state, "ports": list(self.settings.tls_ports),
+                "proxies": sorted(f"{a}:{p}" for a, p in self.proxies), "flows_waiting": len(self.flows),
+                "segments_held": self.flows.held, "addresses_indexed": len(self.index),
+                "verdict_us_p50": round(costs[len(costs) // 2] * 1e6, 1) if costs else None,
+                "counters": dict(self.counters)}
+
+    def close(self) -> None:
+        """What the queue still holds is dropped by the kernel when it is unbound: the clients
+        send it again, and the bypass lets it pass on its address (no daemon)."""
+        for thing in (self.queue, self.copies, self.marks):
+            if thing is not None:
+                thing.close()
+
+
+def _protocol(data: bytes) -> int:
+    try:
+        return data[9] if data[0] >> 4 == 4 else data[6]
+    except IndexError:
+        return 0
+
+
+
+def doctor_text(settings, report) -> str:
+    """What ``ramfw doctor`` says of the check: whether it can be active here, and its cost."""
+    ports = ", ".join(map(str, settings.tls_ports))
+    if not settings.tls_check:
+        return ("TLS server names: NOT checked (enforcement.tls_check = false): an address learned for an allowed "
+                "name is open to every name served there")
+    if not report.hold.holds:
+        return ("TLS server names: NOT checkable here (no netfilter queue): flows to learned addresses pass on their "
+                "address alone; QUIC to the TLS ports is still refused")
+    return (f"TLS server names: checked by a running daemon on TCP ports {ports} (queue "
+            f"{settings.tls_queue_num}): each new connection to a learned address has its SYN copied and its first "
+            "data segments (the ClientHello, 1 to 3 of them) held until read, about 0.1 ms more to its first byte "
+            "(docs/benchmarks.md); once judged, none of its packets reach userspace; QUIC to those ports is refused; "
+            "with no daemon running, such flows pass on their address alone")

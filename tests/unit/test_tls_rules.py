@@ -1,0 +1,106 @@
+"""The TLS server name check's rules (ruleset.tls_rules), its conntrack messages and its settings:
+pure, on rendered data."""
+
+import socket
+import struct
+
+import pytest
+
+from ramfw import config as config_mod
+from ramfw.config import EnforcementSettings
+from ramfw.errors import ConfigError
+from ramfw.kernel import conntrack, netlink, nft, ruleset
+from ramfw.kernel.ruleset import Hold
+
+BASE = EnforcementSettings()
+
+
+def rules(doc, chain):
+    return [c["add"]["rule"]["expr"] for c in doc["nftables"] if "rule" in c.get("add", {})
+            and c["add"]["rule"]["chain"] == chain]
+
+
+def text(expr) -> str:
+    return repr(expr)
+
+
+def test_flows_to_be_read_are_sent_to_the_tls_chain_first_in_output_and_forward():
+    doc = ruleset.build_ruleset(BASE, [], 10)
+    mask = BASE.tls_mark_mask
+    for hook in ("output", "forward"):
+        first = rules(doc, hook)[0]
+        assert first == [{"match": {"op": "!=", "left": {"&": [{"ct": {"key": "mark"}}, mask]}, "right": 0}},
+                         {"jump": {"target": "tls"}}]
+    tls = rules(doc, "tls")
+    assert "rst" in text(tls[0]) and tls[0][-1] == {"return": None}, "the refusal's own reset passes"
+    assert {"reject": {"type": "tcp reset"}} in tls[1] and "'right': 512" in text(tls[1])
+    queued = [r for r in tls if r[-1] == {"jump": {"target": "tls_queue"}}]
+    assert len(queued) == 1 + 2 * 11, "IPv4 with options, then IPv4 and IPv6 for each TCP header length"
+    four = [r for r in queued if "'doff'}}, 'right': 8" in text(r) and "'ip', 'field': 'length'" in text(r)]
+    assert "'right': 52" in text(four), "a 32-byte TCP header: data only past 52 bytes"
+
+
+def test_syns_to_tls_ports_of_learned_addresses_are_copied_and_marked_and_quic_refused():
+    doc = ruleset.build_ruleset(EnforcementSettings(tls_ports=(443, 8443), proxies=("192.0.2.8:3128",)), [], 10)
+    registry = rules(doc, "registry")
+    accept = next(i for i, r in enumerate(registry) if "@allow4" in text(r))
+    before = [text(r) for r in registry[:accept]]
+    assert any("udplite" in r and "admin-prohibited" in r and "[443, 8443]" in r for r in before)
+    assert any("'invalid'" in r and "'drop'" in r for r in before)
+    assert any("'new'" in r and "'syn'" in r and "'drop'" in r for r in before)
+    assert any("tls_syn" in r and "3128" in r for r in before), "the proxy's SYNs too"
+    tls_syn = rules(doc, "tls_syn")
+    copies = [r for r in tls_syn if {"log": {"group": 5244, "snaplen": ruleset.LOG_SNAPLEN}} in r]
+    assert len(copies) == 5  # allow4, allow6, each also as the original destination of a DNAT; the proxy
+    mark = copies[0][-1]["mangle"]
+    assert mark["key"] == {"ct": {"key": "mark"}} and mark["value"]["|"][1] == 0x100
+    assert all(r[-1] == {"drop": None} for r in tls_syn[:23]), "a SYN with data (TCP Fast Open) is dropped"
+
+
+def test_audit_refuses_nothing_and_off_adds_nothing():
+    audit = ruleset.build_ruleset(EnforcementSettings(mode="audit"), [], 10)
+    assert not any("admin-prohibited" in text(r) and "udplite" in text(r) for r in rules(audit, "registry"))
+    assert not any("'invalid'" in text(r) for r in rules(audit, "registry"))
+    off = ruleset.build_ruleset(EnforcementSettings(tls_check=False), [], 10)
+    assert rules(off, "tls") == rules(off, "tls_syn") == []
+    assert not any("tls" in text(r) for r in rules(off, "output") + rules(off, "registry"))
+    assert {c["add"]["chain"]["name"] for c in off["nftables"] if "chain" in c.get("add", {})} >= {
+        "tls", "tls_syn", "tls_queue"}, "the chains exist either way"
+
+
+def test_the_queue_rule_is_raw_with_bypass_and_only_where_a_queue_holds():
+    found = nft.tls_queue_rules(Hold.XT_NFQUEUE, 5243)
+    assert list(found) == ["tls_queue"] and b"NFQUEUE" in found["tls_queue"][0]
+    info = struct.pack("=HHH", 5243, 1, netlink.NFQ_FLAG_BYPASS)
+    assert info in found["tls_queue"][0]
+    assert nft.tls_queue_rules(Hold.PASSIVE, 5243) == {} and nft.tls_queue_rules(Hold.NONE, 5243) == {}
+
+
+def _attrs(data):
+    return netlink.parse_attrs(data, netlink.HEADER.size + netlink.NFGEN.size)
+
+
+def test_a_mark_message_finds_the_entry_by_its_reply_tuple_and_changes_only_the_masked_bits():
+    flow = ("192.0.2.1", 40000, "203.0.113.50", 443)
+    message = conntrack.mark_message(flow, 0x200, 0x300, 7, timeout=120)
+    length, kind, flags, seq, _ = netlink.HEADER.unpack_from(message)
+    assert length == len(message) and kind == (1 << 8) and flags & netlink.NLM_F_ACK and seq == 7
+    attrs = _attrs(message)
+    assert struct.unpack("!I", attrs[conntrack.CTA_MARK])[0] == 0x200
+    assert struct.unpack("!I", attrs[conntrack.CTA_MARK_MASK])[0] == 0x300
+    assert struct.unpack("!I", attrs[conntrack.CTA_TIMEOUT])[0] == 120
+    assert conntrack._reply_flow(attrs) == flow, "read back as the client's packet shows it"
+    six = ("2001:db8::1", 40000, "2001:db8::50", 443)
+    assert conntrack._reply_flow(_attrs(conntrack.mark_message(six, 0, 0x300, 8))) == six
+    quiet = conntrack.mark_message(flow, 0, 0x300, 9, ack=False)
+    assert not netlink.HEADER.unpack_from(quiet)[2] & netlink.NLM_F_ACK
+    assert socket.inet_pton(socket.AF_INET, "203.0.113.50") in message
+
+
+def test_settings_are_checked():
+    good = config_mod.from_text("[enforcement]\ntls_ports = [443, 8443]\ntls_ct_mark = 0x400\n")
+    assert good.enforcement.tls_mark_mask == 0xC00
+    for bad in ("tls_ports = []", "tls_ports = [0]", "tls_ct_mark = 3", "tls_ct_mark = 0x80000000",
+                "tls_queue_num = 5241", "tls_syn_group = 5241", "tls_syn_group = 5242", "tls_check = 1"):
+        with pytest.raises(ConfigError):
+            config_mod.from_text(f"[enforcement]\n{bad}\n")
