@@ -2,8 +2,8 @@
 TLS edge address answering for two names with two certificates, both resolving to it; a client
 of the tests' own that sends its ClientHello in two and three segments; real TLS handshakes."""
 
-import os
 import json
+import os
 import socket
 import ssl
 import time
