@@ -9,50 +9,27 @@ from pathlib import Path
 import pytest
 
 from ramfw.kernel import bpf
-from tests.lab.registry import HOSTS_FILE_ONLY, IMAGE, RegistryLab, tools_missing
-from tests.lab.sandbox import ALLOWED4, BLOCKED4, NET4, Lab, skip_reason
+from tests.lab.registry import HOSTS_FILE_ONLY, IMAGE
+from tests.lab.sandbox import ALLOWED4, BLOCKED4
+from tests.lab.world import config_text, engine_world, missing, write_policy
 
 POLICY = ["allowed-registry.test", "redirect-registry.test"]
 
 
-def write_policy(path: Path, registries):
-    path.write_text(json.dumps({"organizations": [{"name": "acme", "registryAccess": {
-        "registries": [{"address": r} for r in registries]}}]}))
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    reason = skip_reason() or tools_missing()
-    if reason is None and bpf.cgroup2_mount() is None:
-        reason = "no cgroup v2 hierarchy is mounted"
+    reason = missing()
     if reason:
         pytest.skip(reason)
     tmp = tmp_path_factory.mktemp("e2e")
-    bpffs = tmp / "bpffs"
-    lab = Lab()
-    registries = None
-    try:
-        registries = RegistryLab(lab, tmp / "registries")
-        registries.start_engine()  # containerd and dockerd in two cgroups, found by ramfw itself
-        registries.import_images()
+    with engine_world(tmp) as lab:
+        lab.registries.import_images()
         lab.policy = tmp / "policy.json"
         write_policy(lab.policy, POLICY)
         lab.config = str(tmp / "ramfw.toml")
-        Path(lab.config).write_text(
-            f'[policy]\nsource = "{lab.policy}"\ncache = "{tmp}/cache.json"\n'
-            f'[enforcement]\nbpffs = "{bpffs}"\nengine_socket = "{registries.socket}"\n'
-            f'[dns]\ntrusted_resolvers = ["{NET4}"]\n[daemon]\nrun_dir = "{tmp}/run"\n')
+        Path(lab.config).write_text(config_text(tmp, lab.policy, f'engine_socket = "{lab.registries.socket}"\n'))
         lab.daemon = lab.start_daemon(lab.config)
-        lab.registries = registries
         yield lab
-    finally:
-        try:
-            lab.ramfw("down", "--config", lab.config) if hasattr(lab, "config") else None
-        finally:
-            if registries is not None:
-                registries.close()
-            lab.close()
-            subprocess.run(["umount", str(bpffs)], capture_output=True)
 
 
 def status(world):

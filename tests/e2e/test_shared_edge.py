@@ -3,57 +3,32 @@ two registries, each with its own certificate, chosen by the ClientHello's serve
 edge with two tenants). DNS gives both names that one address; the policy allows one of them."""
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from ramfw.kernel import bpf
-from tests.lab.registry import EDGE4, EDGE_ALLOWED, EDGE_OTHER, IMAGE, RegistryLab, tools_missing
-from tests.lab.sandbox import NET4, Lab, skip_reason
-
-
-def write_policy(path: Path, registries):
-    path.write_text(json.dumps({"organizations": [{"name": "acme", "registryAccess": {
-        "registries": [{"address": r} for r in registries]}}]}))
+from tests.lab.registry import EDGE4, EDGE_ALLOWED, EDGE_OTHER, IMAGE
+from tests.lab.world import config_text, engine_world, missing, write_policy
 
 
 def write_config(lab, tmp, **enforcement):
     extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in enforcement.items())
-    Path(lab.config).write_text(
-        f'[policy]\nsource = "{lab.policy}"\ncache = "{tmp}/cache.json"\n'
-        f'[enforcement]\nbpffs = "{tmp / "bpffs"}"\n{extra}'
-        f'[dns]\ntrusted_resolvers = ["{NET4}"]\n[daemon]\nrun_dir = "{tmp}/run"\n')
+    Path(lab.config).write_text(config_text(tmp, lab.policy, extra))
 
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory):
-    reason = skip_reason() or tools_missing()
-    if reason is None and bpf.cgroup2_mount() is None:
-        reason = "no cgroup v2 hierarchy is mounted"
+    reason = missing()
     if reason:
         pytest.skip(reason)
     tmp = tmp_path_factory.mktemp("edge")
-    lab = Lab()
-    registries = None
-    try:
-        registries = RegistryLab(lab, tmp / "registries", shared_edge=True)
-        registries.start_engine()
+    with engine_world(tmp, shared_edge=True) as lab:
         lab.policy, lab.config, lab.tmp = tmp / "policy.json", str(tmp / "ramfw.toml"), tmp
         write_policy(lab.policy, [EDGE_ALLOWED])
         write_config(lab, tmp)
         lab.daemon = lab.start_daemon(lab.config)
-        lab.registries = registries
         yield lab
-    finally:
-        try:
-            lab.ramfw("down", "--config", lab.config) if hasattr(lab, "config") else None
-        finally:
-            if registries is not None:
-                registries.close()
-            lab.close()
-            subprocess.run(["umount", str(tmp / "bpffs")], capture_output=True)
 
 
 def status(lab):

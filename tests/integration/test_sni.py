@@ -72,10 +72,18 @@ def send_in_pieces(lab, record, cuts, address=EDGE4):
 
 def handshake(lab, name, address=EDGE4):
     """A real TLS client (Python's ssl) asking for ``name``: the edge's greeting, or the error."""
-    sock = client(lab, address)
+    return greeting(client(lab, address), name)
+
+
+def greeting(sock, name, before=lambda: None):
+    """The server's first line over TLS asking for ``name`` on ``sock`` (after ``before()``,
+    which may return what to say instead), "reset", or the error; the socket is closed."""
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     try:
+        said = before()
+        if said is not None:
+            return said
         with context.wrap_socket(sock, server_hostname=name) as conn:
             return conn.recv(100).decode().strip()
     except ConnectionResetError:
@@ -228,22 +236,13 @@ def test_through_a_proxy_the_connect_host_and_the_tunnels_server_name_are_checke
             sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
         sock.settimeout(3)
-        try:
+
+        def connect():
             sock.connect((PROXY4, 3128))
             sock.sendall(request or f"CONNECT {connect_to}:443 HTTP/1.1\r\nHost: {connect_to}:443\r\n\r\n".encode())
             answer = sock.recv(100)
-            if not answer.startswith(b"HTTP/1.1 200"):
-                return f"proxy said {answer!r}"
-            context = ssl.create_default_context()
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-            with context.wrap_socket(sock, server_hostname=server_name) as conn:
-                return conn.recv(100).decode().strip()
-        except ConnectionResetError:
-            return "reset"
-        except (OSError, ssl.SSLError) as err:
-            return f"error {err!r}"
-        finally:
-            sock.close()
+            return None if answer.startswith(b"HTTP/1.1 200") else f"proxy said {answer!r}"
+        return greeting(sock, server_name, connect)
 
     assert through(ALLOWED, ALLOWED) == f"hello from {ALLOWED}", "no lookup needed: the proxy resolves"
     assert through(OTHER, OTHER) == "reset"
