@@ -109,6 +109,7 @@ def _ports(ports: Iterable[int]) -> list[dict]:
 
 
 _REPLY = _match({"ct": {"key": "direction"}}, "reply")
+_ORIGINAL = _match({"ct": {"key": "direction"}}, "original")
 _SYN_ONLY = _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "syn")
 
 
@@ -126,6 +127,11 @@ def _peer_first_rules(settings: EnforcementSettings, hook: str) -> list[list[dic
     for scope_rule in _in_scope_rules(settings, hook):
         rules.append([_REPLY, _match(_meta("l4proto"), "tcp"), _SYN_ONLY] + scope_rule)
         rules.append([_REPLY] + udp_to_registry + scope_rule)
+        # A bare SYN on an entry conntrack calls established: the tuple used again after the server
+        # reset its last connection (conntrack keeps the entry, and its mark). It is a new
+        # connection: judged as one (its address, and the TLS check from its first byte).
+        rules.append([_ORIGINAL, _match({"ct": {"key": "state"}}, "established", "in"), _match(_meta("l4proto"), "tcp"),
+                      _SYN_ONLY] + scope_rule)
     return rules
 
 

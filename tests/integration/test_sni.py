@@ -2,15 +2,17 @@
 TLS edge address answering for two names with two certificates, both resolving to it; a client
 of the tests' own that sends its ClientHello in two and three segments; real TLS handshakes."""
 
+import contextlib
 import json
 import os
 import socket
 import ssl
+import struct
 import time
 
 import pytest
 
-from tests.lab.edge import EDGE4, EDGE6, Authority, Edge, add_addresses
+from tests.lab.edge import EDGE4, EDGE6, Authority, Edge, add_addresses, greet
 from tests.lab.sandbox import NET4
 from tests.support import tls
 
@@ -396,3 +398,51 @@ def test_containers_scope_checks_forwarded_flows_too(lab, write_config, write_po
     after = status(lab)["tls"]["counters"]
     assert after["allowed"] - before.get("allowed", 0) == 1 and after["refused"] - before.get("refused", 0) == 1
     assert after["segments"] - before.get("segments", 0) <= 4, "the server's 20 kB were not queued"
+
+
+def reset_by_the_server(conn, name):
+    """The edge's handler for the allowed name: read the client's request, then close with a
+    reset (unread data and a zero linger); conntrack keeps the entry, established, its mark cleared."""
+    if name != ALLOWED:
+        greet(conn, name)
+        return
+    conn.recv(10)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_a_tuple_used_again_after_the_server_reset_it_is_checked_anew(lab, write_config, write_policy, tmp_path):
+    """Review: the server's reset leaves conntrack's entry established with the mark the allowed
+    flight cleared; a new connection from the same port asking for the other name was tracked as
+    established and never read. A bare SYN on such an entry is now judged as a new connection."""
+    add_addresses(lab)
+    lab.servers.append(Edge(lab.net, Authority(tmp_path / "edge"), [ALLOWED, OTHER], handler=reset_by_the_server))
+    lab.start_dnsmasq(NET4, f"--host-record={ALLOWED},{EDGE4}", f"--host-record={OTHER},{EDGE4}")
+    write_policy([ALLOWED])
+    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n')
+    lab.daemon = lab.start_daemon(lab.config)
+    lab.resolve(ALLOWED)
+
+    def from_port(name):
+        with lab.vm.inside():
+            sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.settimeout(3)
+        sock.bind(("0.0.0.0", 41000))
+        sock.connect((EDGE4, 443))
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        return context.wrap_socket(sock, server_hostname=name)
+
+    first = from_port(ALLOWED)
+    time.sleep(0.3)  # the server's acknowledgment seen: the mark cleared
+    first.send(b"GET\n")
+    with contextlib.suppress(OSError):
+        first.recv(100)  # reset by the server
+    first.close()
+    time.sleep(0.2)
+    with pytest.raises((ConnectionResetError, ssl.SSLError, OSError)):
+        second = from_port(OTHER)
+        second.recv(100)
+    assert status(lab)["tls"]["counters"]["syns"] == 2, "the second SYN was copied: its flow read from its first byte"
+    assert status(lab)["tls"]["counters"]["refused"] == 1

@@ -45,10 +45,13 @@ def test_output_chain_order_loopback_containers_peer_first_established_own_traff
                       {"accept": None}]
     assert out[2][0] == reply and out[2][-2:] == marked  # a bare SYN in the reply direction
     assert out[3][0] == reply and out[3][-2:] == marked  # UDP to a registry port in the reply direction
-    assert out[4][0]["match"]["left"] == {"ct": {"key": "state"}} and out[4][-1] == {"accept": None}
-    assert out[5] == [{"jump": {"target": ruleset.OWN_CHAIN}}]
-    assert out[6] == marked
-    assert len(out) == 7
+    original = {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "original"}}
+    established = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "established"}}
+    assert out[4][:2] == [original, established] and out[4][-2:] == marked  # a bare SYN on a reused tuple
+    assert out[5][0]["match"]["left"] == {"ct": {"key": "state"}} and out[5][-1] == {"accept": None}
+    assert out[6] == [{"jump": {"target": ruleset.OWN_CHAIN}}]
+    assert out[7] == marked
+    assert len(out) == 8
 
 
 def test_the_own_traffic_chain_is_made_but_never_flushed_by_the_json_transaction():
@@ -68,7 +71,7 @@ def test_host_and_containers_scopes_filter_registry_ports():
     doc = ruleset.build_ruleset(s, [], 10)
     for chain in ("output", "forward"):
         jumps = [r for r in rules(doc, chain) if {"jump": {"target": "registry"}} in r]
-        assert len(jumps) == 3  # two for flows the peer opened, then new ones
+        assert len(jumps) == 4  # two for flows the peer opened, one for a tuple used again, then new ones
         assert all({"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}},
                               "right": {"set": [443, 5000]}}} in jump for jump in jumps)
 
