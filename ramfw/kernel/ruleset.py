@@ -262,20 +262,27 @@ def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
         registry.append(syn + to_proxy + [{"jump": {"target": TLS_SYN}}])
         tls_syn.append(to_proxy + [log, mark])
     is_refused = _match({"&": [_ct_mark(), mask]}, refused)
-    # the server's packets of a flow being read: copied (not held), for the daemon to see it
-    # acknowledge the first flight it let through
-    # (not its SYN-ACK: the copy would wake the daemon just as the ClientHello comes)
-    server = [_match({"ct": {"key": "direction"}}, "reply"), _match(_meta("l4proto"), "tcp"),
-              _match({"&": [_payload("tcp", "flags"), "syn"]}, 0), log]
+    # The server's packets of a flow being read: copied (not held), for the daemon to see it
+    # acknowledge the first flight it let through (not its SYN-ACK: the copy would wake the daemon
+    # just as the ClientHello comes). Only where a server's packets arrive: at the input hook from
+    # an interface the source is routed through, not loopback, and forwarded from outside the
+    # container bridges. A packet a local process (CAP_NET_RAW) forges in the server's name, made
+    # to be dropped by the local TCP, would otherwise end the check before the real flight (review).
+    being_read = _match({"&": [_ct_mark(), mask]}, pending)
+    server = [_REPLY, _match(_meta("l4proto"), "tcp"), _match({"&": [_payload("tcp", "flags"), "syn"]}, 0)]
+    routed_back = _match({"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, True)
     return {
-        "input": [[_match({"&": [_ct_mark(), mask]}, pending)] + server],
+        "input": [[being_read, _match(_meta("iif"), "lo", "!="), routed_back] + server + [log]],
         "guard": [[_match({"&": [_ct_mark(), mask]}, 0, "!="), {"jump": {"target": TLS_CHAIN}}]],
+        "forward_guard": [[being_read, _match(_meta("iifname"), "@" + CONTAINER_BRIDGES, "!="), routed_back]
+                          + server + [log]],
         "registry": registry,
         TLS_SYN: tls_syn,
-        # a reset passes (the one the refusal sends back among them); refused flows get one for each packet
+        # a reset passes (the one the refusal sends back among them); refused flows get one for each
+        # packet; the server's direction passes on (copied above where it is the server's)
         TLS_CHAIN: [[_match(_payload("tcp", "flags"), "rst", "in"), {"return": None}],
                     [is_refused, {"counter": "tls_refused"}, _match(_meta("l4proto"), "tcp"),
-                     {"reject": {"type": "tcp reset"}}], [is_refused, {"drop": None}], server + [{"return": None}]]
+                     {"reject": {"type": "tcp reset"}}], [is_refused, {"drop": None}], [_REPLY, {"return": None}]]
         + _with_payload([{"jump": {"target": TLS_QUEUE}}]),
     }
 
@@ -321,7 +328,7 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         "output": checks.get("guard", []) + [[_match(_meta("oif"), "lo"), _NOT_REDIRECTED, _ACCEPT], _TO_CONTAINERS]
         + _peer_first_rules(settings, "output") + [[_ESTABLISHED, _ACCEPT], [{"jump": {"target": OWN_CHAIN}}]]
         + _in_scope_rules(settings, "output"),
-        "forward": checks.get("guard", []) + [_TO_CONTAINERS] + _peer_first_rules(settings, "forward") + [[_ESTABLISHED, _ACCEPT]]
+        "forward": checks.get("forward_guard", []) + checks.get("guard", []) + [_TO_CONTAINERS] + _peer_first_rules(settings, "forward") + [[_ESTABLISHED, _ACCEPT]]
         + _in_scope_rules(settings, "forward"),
         "registry": [
             [_TCP_UDP, _match(_payload("th", "dport"), 53),

@@ -446,3 +446,49 @@ def test_a_tuple_used_again_after_the_server_reset_it_is_checked_anew(lab, write
         second.recv(100)
     assert status(lab)["tls"]["counters"]["syns"] == 2, "the second SYN was copied: its flow read from its first byte"
     assert status(lab)["tls"]["counters"]["refused"] == 1
+
+
+def forged_server_ack(lab, flow, ack: int) -> None:
+    """What the server would send acknowledging ``ack``, forged by the client itself (a raw
+    socket: CAP_NET_RAW) with a bad checksum, so that the local TCP drops it."""
+    from tests.lab.rawtcp import ACK, _sum
+
+    tcp = struct.pack("!HHIIBBHHH", 443, flow.sport, flow.ack & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, ACK, 65000, 0, 0)
+    pseudo = socket.inet_aton(EDGE4) + socket.inet_aton(flow.src) + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", _sum(pseudo + tcp) ^ 0x5A5A) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0, socket.inet_aton(EDGE4),
+                     socket.inet_aton(flow.src))
+    with lab.vm.inside():
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    with contextlib.suppress(PermissionError), raw:
+        raw.sendto(ip + tcp, (flow.src, 0))
+
+
+def send_with_md5_option(flow, payload: bytes) -> None:
+    """A first flight with a TCP MD5 signature option: a server with no key for it drops it."""
+    from tests.lab.rawtcp import ACK, PSH, _sum
+
+    options = bytes([19, 18]) + bytes(16) + bytes([1, 1])
+    header = struct.pack("!HHIIBBHHH", flow.sport, 443, (flow.isn + 1) & 0xFFFFFFFF, flow.ack & 0xFFFFFFFF,
+                         ((20 + len(options)) // 4) << 4, PSH | ACK, 64240, 0, 0)
+    seg = header + options + payload
+    pseudo = socket.inet_aton(flow.src) + socket.inet_aton(EDGE4) + struct.pack("!BBH", 0, 6, len(seg))
+    seg = seg[:16] + struct.pack("!H", _sum(pseudo + seg)) + seg[18:]
+    flow._send(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(seg), 7, 0x4000, 64, 6, 0, socket.inet_aton(flow.src),
+                           socket.inet_aton(EDGE4)) + seg)
+
+
+def test_a_server_acknowledgment_forged_on_the_vm_does_not_end_the_check(edge_lab):
+    """Review: a cover ClientHello the server drops (a TCP MD5 option it has no key for), then an
+    acknowledgment of it forged locally in the server's name (dropped by the local TCP for its
+    checksum, but copied in the output hook) cleared the mark, and the other name went through."""
+    lab = edge_lab
+    allowed, other = tls.client_hello(ALLOWED), tls.client_hello(OTHER)
+    flow = raw_flow(lab)
+    send_with_md5_option(flow, allowed)
+    time.sleep(0.2)
+    forged_server_ack(lab, flow, flow.isn + 1 + len(allowed))
+    time.sleep(0.2)
+    flow.send(0, other)
+    assert flow.outcome() in ("nothing", "reset") and OTHER not in lab.edge.asked, lab.edge.asked
+    flow.close()

@@ -27,10 +27,11 @@ def text(expr) -> str:
 def test_flows_to_be_read_are_sent_to_the_tls_chain_first_in_output_and_forward():
     doc = ruleset.build_ruleset(BASE, [], 10)
     mask = BASE.tls_mark_mask
-    for hook in ("output", "forward"):
-        first = rules(doc, hook)[0]
-        assert first == [{"match": {"op": "!=", "left": {"&": [{"ct": {"key": "mark"}}, mask]}, "right": 0}},
-                         {"jump": {"target": "tls"}}]
+    guard = [{"match": {"op": "!=", "left": {"&": [{"ct": {"key": "mark"}}, mask]}, "right": 0}},
+             {"jump": {"target": "tls"}}]
+    assert rules(doc, "output")[0] == guard
+    copy, second = rules(doc, "forward")[:2]
+    assert second == guard and {"log": {"group": BASE.tls_syn_group, "snaplen": ruleset.LOG_SNAPLEN}} in copy
     tls = rules(doc, "tls")
     assert "rst" in text(tls[0]) and tls[0][-1] == {"return": None}, "the refusal's own reset passes"
     assert {"reject": {"type": "tcp reset"}} in tls[1] and "'right': 512" in text(tls[1])
@@ -104,3 +105,17 @@ def test_settings_are_checked():
                 "tls_queue_num = 5241", "tls_syn_group = 5241", "tls_syn_group = 5242", "tls_check = 1"):
         with pytest.raises(ConfigError):
             config_mod.from_text(f"[enforcement]\n{bad}\n")
+
+
+def test_the_servers_packets_are_copied_only_where_a_servers_packets_arrive():
+    """Review: a packet forged locally in the server's name (CAP_NET_RAW), made for the local TCP
+    to drop, was copied in the output hook and ended the check before the real first flight."""
+    doc = ruleset.build_ruleset(BASE, [], 10)
+    routed_back = {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, "right": True}}
+    not_loopback = {"match": {"op": "!=", "left": {"meta": {"key": "iif"}}, "right": "lo"}}
+    (copy,) = rules(doc, ruleset.TLS_INPUT)
+    assert routed_back in copy and not_loopback in copy
+    forwarded = rules(doc, "forward")[0]
+    assert routed_back in forwarded and "container_bridges" in text(forwarded)
+    assert not any("'log'" in text(rule) for rule in rules(doc, "tls") + rules(doc, "output")), \
+        "nothing in the output hook is taken for the server's"
