@@ -39,7 +39,6 @@ TCP_ACK = 0x10
 NF_REPEAT = 4  # the packet goes through the hook again: the refused flow's mark has it reset
 BURST = 64
 SWEEP = 10.0
-REFUSED_SECONDS = 120  # a refused flow's conntrack entry, from its last packet
 
 
 class TlsCheck:
@@ -208,9 +207,9 @@ class TlsCheck:
             try:
                 if step.mark == "allow":  # the hot path: the kernel answers only a refusal (read in housekeeping)
                     self.marks.send(step.key, 0, self.mask)
-                else:  # waited for: a refused flow's segment must not come back to the queue. It is reset at
-                    # every packet while it lasts, and gone once nothing was seen of it for a while
-                    self.marks.set(step.key, self.refused_mark, self.mask, REFUSED_SECONDS)
+                else:  # waited for: a refused flow's segment must not come back to the queue; the reset
+                    # rule answers it (below), then the entry goes
+                    self.marks.set(step.key, self.refused_mark, self.mask)
             except OSError as err:  # the flow is gone (or conntrack refused): drop rather than loop
                 self.counters["mark_errors"] += 1
                 self.daemon._error(f"TLS check: setting a flow's mark: {err}")
@@ -221,6 +220,16 @@ class TlsCheck:
             self._verdict(packet_id, NF_DROP)
         for packet_id in step.reject:
             self._verdict(packet_id, reject)
+        if step.mark == "refuse" and reject == NF_REPEAT:
+            # The reset was sent inside the verdict. Kept, the entry would reset its tuple for
+            # as long as packets refresh it: a user refused from every source port would refuse
+            # the engine those ports too (review). Gone, the client's next SYN is checked anew;
+            # anything else of the old flow is new without a SYN, and dropped.
+            try:
+                self.marks.forget(step.key)
+            except OSError as err:
+                self.counters["mark_errors"] += 1
+                self.daemon._error(f"TLS check: forgetting a refused flow: {err}")
         if step.verdict is None:
             return
         self.counters["allowed" if step.verdict.allow else "refused"] += 1

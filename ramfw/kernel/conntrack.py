@@ -14,6 +14,7 @@ no other module speaks it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import select
 import socket
@@ -23,7 +24,7 @@ from . import netlink
 from .netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr, nested
 
 NFNL_SUBSYS_CTNETLINK = 1
-IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET = 0, 1
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_TIMEOUT, CTA_MARK, CTA_MARK_MASK = 1, 2, 7, 8, 21
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
@@ -57,6 +58,14 @@ def mark_message(flow: Flow, value: int, mask: int, seq: int, timeout: int | Non
                            seq, family, 0, attrs)
 
 
+def delete_message(flow: Flow, seq: int) -> bytes:
+    """Delete the conntrack entry of ``flow`` (found as ``mark_message`` finds it)."""
+    src, sport, dst, dport = flow
+    family = socket.AF_INET6 if ":" in src else socket.AF_INET
+    return netlink.message((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq,
+                           family, 0, _tuple(CTA_TUPLE_REPLY, dst, dport, src, sport))
+
+
 class Marks:
     """One ctnetlink socket that sets the TLS check's bits of flows' conntrack marks."""
 
@@ -71,6 +80,18 @@ class Marks:
         OSError with its errno otherwise (ENOENT: the flow is gone)."""
         self._seq += 1
         self.sock.send(mark_message(flow, value, mask, self._seq, timeout))
+        self._answer("setting a mark")
+
+    def forget(self, flow: Flow) -> None:
+        """Delete the flow's entry (synchronous; a flow already gone is not an error): its tuple
+        starts afresh at its next SYN, and anything else of it is new without a SYN."""
+        self._seq += 1
+        self.sock.send(delete_message(flow, self._seq))
+        with contextlib.suppress(FileNotFoundError):
+            self._answer("deleting a flow")
+
+    def _answer(self, what: str) -> None:
+        """The kernel's answer to the request numbered ``self._seq``; OSError if it refused."""
         while True:
             try:  # the kernel answers inside send: the ack waits already
                 data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
@@ -86,7 +107,7 @@ class Marks:
                 if answered != self._seq:
                     self.failed += bool(code)  # an unacknowledged change (``send``) the kernel refused
                 elif code:
-                    raise OSError(-code, f"conntrack: setting a mark: {errno.errorcode.get(-code, code)}")
+                    raise OSError(-code, f"conntrack: {what}: {errno.errorcode.get(-code, code)}")
                 else:
                     return
 

@@ -410,6 +410,34 @@ def reset_by_the_server(conn, name):
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
+def from_port(lab, port: int, name: str) -> ssl.SSLSocket:
+    """A TLS connection asking for ``name`` from the vm's source port ``port`` (bound again at once)."""
+    with lab.vm.inside():
+        sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.settimeout(3)
+    sock.bind(("0.0.0.0", port))
+    sock.connect((EDGE4, 443))
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context.wrap_socket(sock, server_hostname=name)
+
+
+def test_a_refusal_leaves_its_source_port_free_for_the_next_connection(edge_lab):
+    """Review: a refused flow's entry stayed with the refused mark while packets refreshed it, and
+    every new connection from that source port was reset: a user refused from each port in turn
+    would refuse the engine those ports too."""
+    lab = edge_lab
+    with pytest.raises(OSError):
+        from_port(lab, 41002, OTHER).recv(100)
+    time.sleep(0.3)
+    for _ in range(2):
+        with from_port(lab, 41002, ALLOWED) as conn:
+            assert conn.recv(100).decode().strip() == f"hello from {ALLOWED}"
+        time.sleep(0.3)
+
+
 def test_a_tuple_used_again_after_the_server_reset_it_is_checked_anew(lab, write_config, write_policy, tmp_path):
     """Review: the server's reset leaves conntrack's entry established with the mark the allowed
     flight cleared; a new connection from the same port asking for the other name was tracked as
@@ -422,19 +450,7 @@ def test_a_tuple_used_again_after_the_server_reset_it_is_checked_anew(lab, write
     lab.daemon = lab.start_daemon(lab.config)
     lab.resolve(ALLOWED)
 
-    def from_port(name):
-        with lab.vm.inside():
-            sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.settimeout(3)
-        sock.bind(("0.0.0.0", 41000))
-        sock.connect((EDGE4, 443))
-        context = ssl.create_default_context()
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        return context.wrap_socket(sock, server_hostname=name)
-
-    first = from_port(ALLOWED)
+    first = from_port(lab, 41000, ALLOWED)
     time.sleep(0.3)  # the server's acknowledgment seen: the mark cleared
     first.send(b"GET\n")
     with contextlib.suppress(OSError):
@@ -442,7 +458,7 @@ def test_a_tuple_used_again_after_the_server_reset_it_is_checked_anew(lab, write
     first.close()
     time.sleep(0.2)
     with pytest.raises((ConnectionResetError, ssl.SSLError, OSError)):
-        second = from_port(OTHER)
+        second = from_port(lab, 41000, OTHER)
         second.recv(100)
     assert status(lab)["tls"]["counters"]["syns"] == 2, "the second SYN was copied: its flow read from its first byte"
     assert status(lab)["tls"]["counters"]["refused"] == 1
