@@ -39,6 +39,7 @@ TCP_ACK = 0x10
 NF_REPEAT = 4  # the packet goes through the hook again: the refused flow's mark has it reset
 BURST = 64
 SWEEP = 10.0
+SPIN_SECONDS = 100e-6  # waiting for a first flight's next segment before the loop sleeps
 
 
 class TlsCheck:
@@ -55,7 +56,7 @@ class TlsCheck:
         self.counters: Counter[str] = Counter()
         self.costs: deque[float] = deque(maxlen=1024)  # seconds from a first flight's last segment to its verdict
         self.queue = self.copies = self.marks = None
-        self._next_sweep = 0.0
+        self._next_sweep, self._holding = 0.0, False
         if not e.tls_check:
             self.state = "off (enforcement.tls_check = false): flows to learned addresses pass on their address alone"
         elif not daemon.report.hold.holds:
@@ -167,6 +168,8 @@ class TlsCheck:
         for _ in range(BURST):
             try:
                 packets = self.queue.receive()
+                if not packets and self._holding:
+                    packets = self._spin()
             except OSError as err:
                 self.counters["queue_errors"] += 1
                 self.daemon._error(f"TLS check: queue: {err}")
@@ -177,6 +180,18 @@ class TlsCheck:
             self._on_copies()
             for packet in packets:
                 self._read(packet)
+
+    def _spin(self) -> list:
+        """A first flight's next segment is on its way (a client sends them back to back): wait
+        for it here, ``SPIN_SECONDS`` at most, rather than sleep and pay the wake-up (a ClientHello
+        in two segments, Go's since 1.24, took 10-20 µs more that way)."""
+        self._holding = False
+        deadline = time.perf_counter() + SPIN_SECONDS
+        while time.perf_counter() < deadline:
+            packets = self.queue.receive()
+            if packets:
+                return packets
+        return []
 
     def _read(self, packet) -> None:
         """Every queued packet gets a verdict, whatever happens on the way."""
@@ -197,6 +212,7 @@ class TlsCheck:
             self._verdict(packet.packet_id, NF_DROP)
             return
         self._apply(step)
+        self._holding = not (step.accept or step.drop or step.reject)  # held: the flight is not whole
         if step.verdict is not None:
             self.costs.append(time.perf_counter() - start)
 
