@@ -63,7 +63,7 @@ class BlockLog:
     def keep(self, snooper, seen, force: bool = False) -> None:
         """Housekeeping: the connections the kernel counted to learned addresses, per name (an
         address learned for several names counts for each), into ``seen``, which is saved."""
-        if self.clients is not None and self.clients.recorder is not None:
+        if snooper is not None and self.clients is not None and self.clients.recorder is not None:
             counted = self.clients.recorder.connections()
             if counted:
                 per_name: dict[str, int] = {}

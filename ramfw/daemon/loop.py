@@ -411,7 +411,7 @@ class Daemon:
             if self.snoop is not None:  # the copies of the held replies' queries wait there
                 self._guarded(self._on_snoop)
             self.queue.close(release=self._release)
-        self.blocks_log.keep(self.snooper, self.seen, force=True)
+        self.blocks_log.keep(getattr(self, "snooper", None), self.seen, force=True)  # (start may have failed)
         for thing in (self.snoop, self.blocks, self.prefilter, self.poller, self.metrics, getattr(self, "tls", None), *(
                       getattr(self, name, None) for name in ("engine", "blocks_log", "links", "guard", "table"))):
             if thing is not None:

@@ -365,3 +365,12 @@ def test_the_key_is_the_programs_layout():
     assert key[44:48] == (40000).to_bytes(4, "little")
     assert kernel_clients.destination_key("2001:db8::") != kernel_clients.destination_key("32.1.13.184")
 
+
+
+def test_a_daemon_that_failed_to_start_closes_without_a_second_error():
+    """``daemon.main`` closes a daemon whose start failed (a second daemon in the namespace, a
+    policy it cannot read): closing must not raise about what start never made, hiding why."""
+    from ramfw.config import Config
+    from ramfw.daemon.loop import Daemon
+
+    Daemon(Config()).close()
