@@ -111,6 +111,10 @@ def status(config: Config) -> dict:
                                  f"cannot be trusted ({result['engine']['widened']}), " +
                                  ("so host scope is in force on the registry ports (fail closed)" if widened else
                                   "and putting host scope in force failed: see the errors below"))
+        elif result["enforcing"] and str((result.get("tls") or {}).get("state", "")).startswith("NOT"):
+            result["degraded"] = True  # the check configured cannot run: the shared-address hole is open
+            result["message"] = (f"ramfw is enforcing in {result['mode']} mode, but NOT as configured: TLS server "
+                                 f"names {result['tls']['state']}")
         elif result["enforcing"]:
             result["message"] = f"ramfw is enforcing in {result['mode']} mode"
         else:

@@ -62,6 +62,7 @@ class TlsCheck:
         elif not daemon.report.hold.holds:
             self.state = ("NOT checked: this kernel cannot queue packets; flows to learned addresses pass on their "
                           "address alone (QUIC to the TLS ports is still refused)")
+            log.warning("TLS server names %s", self.state)
         else:
             self.copies = netlink.bind_group(Log, e.tls_syn_group, "NFLOG group", "enforcement.tls_syn_group")
             self.queue = netlink.bind_group(Queue, e.tls_queue_num, "netfilter queue", "enforcement.tls_queue_num")

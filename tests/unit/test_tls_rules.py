@@ -119,3 +119,22 @@ def test_the_servers_packets_are_copied_only_where_a_servers_packets_arrive():
     assert routed_back in forwarded and "container_bridges" in text(forwarded)
     assert not any("'log'" in text(rule) for rule in rules(doc, "tls") + rules(doc, "output")), \
         "nothing in the output hook is taken for the server's"
+
+
+def test_a_tls_check_the_kernel_cannot_run_is_said_first_and_exits_8(monkeypatch):
+    """Never claim what is not true: configured, the check that cannot run (no netfilter queue)
+    leaves the shared-address hole open; status's first line says so, and it is degraded (8)."""
+    from ramfw import api
+    from ramfw.config import Config
+    from ramfw.daemon import control
+
+    state = "NOT checked: this kernel cannot queue packets; flows to learned addresses pass on their address alone"
+    answer = {"ok": True, "status": {"policy": {"enabled": True, "organization": "acme"}, "enforcing": True,
+                                     "mode": "enforce", "engine": {}, "scope_in_force": ["engine"],
+                                     "tls": {"state": state}}}
+    monkeypatch.setattr(control, "request", lambda config, command: answer)
+    result = api.status(Config())
+    assert result["degraded"] and result["message"] == (
+        f"ramfw is enforcing in enforce mode, but NOT as configured: TLS server names {state}")
+    answer["status"]["tls"]["state"] = "active"
+    assert not api.status(Config()).get("degraded")
