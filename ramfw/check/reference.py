@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import InvalidReference
+from ..policy.names import is_address
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
@@ -56,14 +57,6 @@ class Reference:
     def is_address(self) -> bool:
         """The registry is named by an IP address, which no policy entry can allow."""
         return is_address(self.host)
-
-
-def is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _reject(text: str, rule: str) -> InvalidReference:

@@ -112,7 +112,10 @@ class TlsCheck:
                      "they keep passing on their address", len(stale))
 
     def learned(self, elements) -> None:
-        """The addresses a reply just taught, with the name they were learned for."""
+        """The addresses a reply just taught, with the name they were learned for (on the hold
+        path: nothing to do where the check does not run)."""
+        if not self.active:
+            return
         now = time.time()
         for element in elements:
             self.index.add(element.address, element.name, now + element.timeout, now)

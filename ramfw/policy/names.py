@@ -121,6 +121,15 @@ def normalise_domain(value: str) -> str:
     return value
 
 
+def is_address(host: str) -> bool:
+    """An IP address, which no policy entry can allow (a registry host, a TLS server name)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_ip(value: str) -> bool:
     candidate = value[1:-1] if value.startswith("[") and value.endswith("]") else value
     try:

@@ -13,9 +13,10 @@ canonical, and where the message ended) or ``Refused`` (why it cannot be checked
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
+
+from ..policy.names import canonical, is_address
 
 MAX_RECORD = 1 << 14  # a TLS plaintext record's largest length (RFC 8446 5.1); a ClientHello is never encrypted
 HEADER = 5
@@ -71,7 +72,7 @@ def host_name(raw: bytes) -> str | None:
     not one: letters, digits, hyphens and underscores in labels of 1 to 63, 253 at most."""
     if not _NAME.match(raw) or len(raw.rstrip(b".")) > 253:
         return None
-    return raw.decode("ascii").lower().rstrip(".")
+    return canonical(raw.decode("ascii"))
 
 
 def read_hello(data: bytes) -> Outcome:
@@ -159,17 +160,9 @@ def _server_name(data: bytes) -> str | Refused:
     if len(names) != 1:
         return _malformed(f"server_name lists {len(names)} names") if names else Refused(NO_SERVER_NAME)
     name = host_name(names[0])
-    if name is None or _is_address(name):
+    if name is None or is_address(name):
         return _malformed("server_name is not a host name")
     return name
-
-
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def read_connect(data: bytes) -> Outcome:
@@ -194,7 +187,7 @@ def read_connect(data: bytes) -> Outcome:
     host, _, port = parts[1].rpartition(b":")
     if not port.isdigit() or not 0 < int(port) <= 65535 or not host:
         return _malformed("the CONNECT target is not host:port")
-    if host.startswith(b"[") or _is_address(host.decode("latin-1")):
+    if host.startswith(b"[") or is_address(host.decode("latin-1")):
         return Refused("CONNECT to an address: only a host name can be matched against the allowlist")
     name = host_name(host)
     if name is None:
