@@ -18,8 +18,10 @@ the queue never fails open when full (the kernel drops; the client sends again).
 
 from __future__ import annotations
 
+import functools
 import logging
 import selectors
+import socket
 import time
 from collections import Counter, deque
 
@@ -29,7 +31,7 @@ from ..kernel.conntrack import Marks
 from ..kernel.nflog import Log
 from ..kernel.queue import NF_ACCEPT, NF_DROP, Queue
 from ..snoop.packet import TCP, TCP_RST, TCP_SYN, UDP, Flow, destination, source
-from ..tls.flows import Flows, Step
+from ..tls.flows import Flows, Step, share_text, shares_of
 from ..tls.judge import Addresses, Verdict, judge, judge_connect, judge_tunnel, refused_unread
 from ..tls.packet import head, marks, segment
 from .blocks import TRANSPORTS, process_name
@@ -52,7 +54,7 @@ class TlsCheck:
         self.mask, self.refused_mark = e.tls_mark_mask, e.tls_ct_mark << 1
         self.proxies = {(str(address), port) for address, port in map(split_proxy, e.proxies)}
         self.index = Addresses(cap=2 * daemon.config.dns.max_addresses)
-        self.flows = Flows(self, audit=e.mode == "audit")
+        self.flows = Flows(self, audit=e.mode == "audit", share_text=lambda share: share_text(share, _interface))
         self.counters: Counter[str] = Counter()
         self.costs: deque[float] = deque(maxlen=1024)  # seconds from a first flight's last segment to its verdict
         self.queue = self.copies = self.marks = None
@@ -137,7 +139,7 @@ class TlsCheck:
     def _on_copies(self) -> None:
         for _ in range(BURST):
             try:
-                packets = self.copies.receive()
+                packets = self.copies.receive_logged()
             except OSError as err:  # ENOBUFS: copies were lost; their flows will be refused (fail closed)
                 self.counters["copy_errors"] += 1
                 self.daemon._error(f"TLS check: SYN copies: {err}")
@@ -147,12 +149,13 @@ class TlsCheck:
             for packet in packets:
                 self._copy(packet)
 
-    def _copy(self, data: bytes) -> None:
+    def _copy(self, logged) -> None:
+        data = logged.payload
         seg, now = head(data), time.time()  # a copy is cut at its snap length: headers only
         if seg is not None and seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
             self.counters["syns"] += 1
             self.flows.syn((seg.src, seg.sport, seg.dst, seg.dport), seg.seq, now, proxy=(seg.dst, seg.dport)
-                           in self.proxies, tsval=seg.marks.tsval)
+                           in self.proxies, tsval=seg.marks.tsval, shares=shares_of(logged.uid, logged.indev, seg.src))
             return
         if seg is not None and seg.flags & TCP_ACK:  # the server's: has it taken the first flight?
             step = self.flows.server_ack((seg.dst, seg.dport, seg.src, seg.sport), seg.marks.ack, now)
@@ -253,6 +256,8 @@ class TlsCheck:
         if step.verdict is None:
             return
         self.counters["allowed" if step.verdict.allow else "refused"] += 1
+        if step.verdict.reason == "share_exceeded":
+            self.counters["over_share"] += 1
         if not step.verdict.allow:
             self._say(step.verdict, step.key)
 
@@ -300,6 +305,14 @@ class TlsCheck:
         for thing in (self.queue, self.copies, self.marks):
             if thing is not None:
                 thing.close()
+
+
+@functools.lru_cache(maxsize=256)
+def _interface(index: int) -> str:
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return f"#{index}"
 
 
 def _protocol(data: bytes) -> int:

@@ -7,6 +7,7 @@ where the kernel cannot queue, one for passively copied DNS replies.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from . import netlink
 from .netlink import (NFNL_SUBSYS_ULOG, NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_QTHRESH, NFULA_CFG_TIMEOUT,
@@ -14,6 +15,17 @@ from .netlink import (NFNL_SUBSYS_ULOG, NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG
                       NFULNL_MSG_PACKET, attr, u32)
 
 _PACKET = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
+NFULA_IFINDEX_INDEV, NFULA_UID = 4, 11
+
+
+@dataclass(frozen=True)
+class Logged:
+    """A logged packet, and whose it is as the kernel says: ``uid``, the owner of the local socket
+    that sent it; ``indev``, the interface a packet from elsewhere came in by (None: not said)."""
+
+    payload: bytes
+    uid: int | None = None
+    indev: int | None = None
 
 
 class Log:
@@ -38,6 +50,10 @@ class Log:
     def receive(self, bufsize: int = 1 << 17) -> list[bytes]:
         """The logged packets (network layer onwards) of the next waiting datagram; [] at once
         when none waits."""
+        return [logged.payload for logged in self.receive_logged(bufsize)]
+
+    def receive_logged(self, bufsize: int = 1 << 17) -> list[Logged]:
+        """``receive``, with whose each packet is."""
         try:
             data = self.sock.recv(bufsize)
         except BlockingIOError:
@@ -45,9 +61,10 @@ class Log:
         found = []
         for msg_type, start, end in netlink.messages(data):
             if msg_type == _PACKET:
-                payload = netlink.parse_attrs(data, start + netlink.NFGEN.size, end).get(NFULA_PAYLOAD)
-                if payload:
-                    found.append(payload)
+                attrs = netlink.parse_attrs(data, start + netlink.NFGEN.size, end)
+                if attrs.get(NFULA_PAYLOAD):
+                    found.append(Logged(attrs[NFULA_PAYLOAD], _be32(attrs.get(NFULA_UID)),
+                                        _be32(attrs.get(NFULA_IFINDEX_INDEV))))
         return found
 
     def close(self) -> None:
@@ -56,3 +73,7 @@ class Log:
         except OSError:
             pass
         self.sock.close()
+
+
+def _be32(value: bytes | None) -> int | None:
+    return struct.unpack("!I", value[:4])[0] if value is not None and len(value) >= 4 else None

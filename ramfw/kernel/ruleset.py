@@ -16,8 +16,9 @@ Layout::
                              established/related -> accept; in scope -> registry
     registry                 DNS to trusted resolvers, @allow4/@allow6 -> accept;
                              otherwise log to NFLOG, count, reject (enforce) or accept (audit)
-    tls, tls_syn, tls_queue  the TLS server name check (``tls_rules``): SYNs to TLS ports of learned
-    tls_input (hook input)   addresses copied and their flows marked; their first data segments
+    tls, tls_syn, tls_copy,  the TLS server name check (``tls_rules``): SYNs to TLS ports of learned
+    tls_queue, tls_input     addresses copied (at a rate per user and per interface) and their
+    (hook input)             flows marked; their first data segments
                              queued (the queue rule is raw netlink, swapped in like the DNS chains'),
                              the server's packets copied until the daemon clears the mark
     dns_input, dns_forward,  (hooks input, forward, output, priority -150) the DNS hold rules and
@@ -41,7 +42,7 @@ PENDING_TIMEOUT = 3  # seconds: covers one SYN retransmission (1 s) with room to
 RESOLVERS = {4: "resolvers4", 6: "resolvers6"}
 CONTAINER_BRIDGES = "container_bridges"  # bridges whose ports are all veths or taps (``links``)
 UNSOLICITED = "unsolicited"  # DNS replies that answer no query of ours: counted, never read
-COUNTERS = ("blocked", "audited", "accepted", "deferred", UNSOLICITED, "tls_refused", "quic_refused")
+COUNTERS = ("blocked", "audited", "accepted", "deferred", UNSOLICITED, "tls_refused", "quic_refused", "tls_over_rate")
 LOG_PREFIX = "ramfw "
 SET_TYPES = {4: "ipv4_addr", 6: "ipv6_addr"}
 
@@ -193,7 +194,11 @@ def _verdict_rules(settings: EnforcementSettings, hold: Hold) -> list[list[dict]
 
 
 DNS_CHAINS = {"dns_input": "input", "dns_forward": "forward", "dns_output": "output"}
-TLS_CHAIN, TLS_SYN, TLS_QUEUE, TLS_INPUT = "tls", "tls_syn", "tls_queue", "tls_input"
+TLS_CHAIN, TLS_SYN, TLS_COPY, TLS_QUEUE, TLS_INPUT = "tls", "tls_syn", "tls_copy", "tls_queue", "tls_input"
+# New flows to be read, per local user and per interface forwarded from (dynamic sets, one rate
+# limit each): no one floods the daemon with SYN copies at the others' expense.
+TLS_RATE_SETS = {"tls_users": ("uid", "skuid"), "tls_interfaces": ("iface_index", "iif")}
+TLS_SYN_RATE, TLS_SYN_BURST = 512, 1024
 RAW_CHAINS = (*DNS_CHAINS, TLS_QUEUE)  # their rules are raw netlink (``nft``), swapped in by ``table``
 OWN_CHAIN = "own_traffic"
 DNS_PRIORITY = -150  # mangle: before anything that could accept the reply
@@ -251,16 +256,24 @@ def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
     # its client would be in the direction the check takes for the server's
     tls_syn = [[_match({"ct": {"key": "direction"}}, "reply"), {"counter": "tls_refused"}, {"drop": None}]]
     tls_syn += _with_payload([{"counter": "tls_refused"}, {"drop": None}])
+    copy = {"jump": {"target": TLS_COPY}}
     for version, proto in ((4, "ip"), (6, "ip6")):
-        tls_syn.append([_match(_payload(proto, "daddr"), "@" + ALLOW[version]), log, mark])
+        tls_syn.append([_match(_payload(proto, "daddr"), "@" + ALLOW[version]), copy])
         tls_syn.append([_match({"ct": {"key": "status"}}, "dnat", "in"),  # redirected: where the client was going
-                        _match({"ct": {"key": f"{proto} daddr", "dir": "original"}}, "@" + ALLOW[version]), log, mark])
+                        _match({"ct": {"key": f"{proto} daddr", "dir": "original"}}, "@" + ALLOW[version]), copy])
     for entry in settings.proxies:
         address, port = split_proxy(entry)
         to_proxy = [_match(_payload("ip" if address.version == 4 else "ip6", "daddr"), str(address)),
                     _match(_payload("tcp", "dport"), port)]
         registry.append(syn + to_proxy + [{"jump": {"target": TLS_SYN}}])
-        tls_syn.append(to_proxy + [log, mark])
+        tls_syn.append(to_proxy + [copy])
+    # Over its rate, a user's (or an interface's) new flow is dropped before it is copied (the
+    # client sends its SYN again a second later); in audit mode it passes unread.
+    over_rate = {"drop": None} if settings.mode == "enforce" else {"accept": None}
+    tls_copy = [[{"set": {"op": "update", "elem": _meta(key), "set": "@" + name, "stmt": [
+        {"limit": {"rate": TLS_SYN_RATE, "per": "second", "burst": TLS_SYN_BURST, "inv": True}}]}},
+        {"counter": "tls_over_rate"}, over_rate] for name, (_, key) in TLS_RATE_SETS.items()]
+    tls_copy.append([log, mark])
     is_refused = _match({"&": [_ct_mark(), mask]}, refused)
     # The server's packets of a flow being read: copied (not held), for the daemon to see it
     # acknowledge the first flight it let through (not its SYN-ACK: the copy would wake the daemon
@@ -278,6 +291,7 @@ def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
                           + server + [log]],
         "registry": registry,
         TLS_SYN: tls_syn,
+        TLS_COPY: tls_copy,
         # a reset passes (the one the refusal sends back among them); refused flows get one for each
         # packet; the server's direction passes on (copied above where it is the server's)
         TLS_CHAIN: [[_match(_payload("tcp", "flags"), "rst", "in"), {"return": None}],
@@ -308,6 +322,9 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
                                      "flags": ["timeout"], "timeout": PENDING_TIMEOUT,
                                      "size": 65536}}})
     cmds.append({"add": {"set": {**t, "name": CONTAINER_BRIDGES, "type": "ifname"}}})
+    for name, (kind, _) in TLS_RATE_SETS.items():
+        cmds.append({"add": {"set": {**t, "name": name, "type": kind, "flags": ["timeout"], "timeout": 60,
+                                     "size": 65536}}})
     cmds += build_resolvers(settings.table, resolvers)["nftables"]
     for counter in COUNTERS:
         cmds.append({"add": {"counter": {**t, "name": counter}}})
@@ -316,7 +333,7 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
                                        "prio": 0, "policy": "accept"}}})
     cmds.append({"add": {"chain": {**t, "name": "registry"}}})
     cmds.append({"add": {"chain": {**t, "name": OWN_CHAIN}}})
-    for chain in (TLS_CHAIN, TLS_SYN, TLS_QUEUE):
+    for chain in (TLS_CHAIN, TLS_SYN, TLS_COPY, TLS_QUEUE):
         cmds.append({"add": {"chain": {**t, "name": chain}}})
     cmds.append({"add": {"chain": {**t, "name": TLS_INPUT, "type": "filter", "hook": "input", "prio": 0,
                                    "policy": "accept"}}})
@@ -345,6 +362,7 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         ] + _proxy_rules(settings.proxies) + _verdict_rules(settings, hold),
         TLS_CHAIN: checks.get(TLS_CHAIN, []),
         TLS_SYN: checks.get(TLS_SYN, []),
+        TLS_COPY: checks.get(TLS_COPY, []),
         TLS_INPUT: checks.get("input", []),
     }
     for chain, chain_rules in rules.items():

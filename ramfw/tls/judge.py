@@ -32,6 +32,12 @@ def refused_unread(address: str, reason: str) -> Verdict:
                               f"checked ({reason})", "tls_unreadable")
 
 
+def refused_share(address: str, reason: str) -> Verdict:
+    """A new flow of a client whose share of the check is used up (``flows.SHARE_LIMITS``)."""
+    return Verdict(False, "", f"registry access to {address} is not allowed: {reason} (its share of the TLS "
+                              "check)", "share_exceeded")
+
+
 def judge(name: str, address: str, entry_of: EntryOf, learned_for: Iterable[str]) -> Verdict:
     """A ClientHello's server name ``name`` sent to ``address``, which was learned for the
     names ``learned_for`` (unexpired)."""

@@ -24,6 +24,11 @@ ALLOWED, OTHER = "edge-allowed.test", "edge-other.test"
 def edge_lab(lab, write_config, write_policy, tmp_path):
     """The edge on 203.0.113.50 / 2001:db8::50 for both names; DNS gives both names that address;
     the daemon allows only the first. Its address is learned (the allowed name looked up) first."""
+    return start_edge(lab, write_config, write_policy, tmp_path)
+
+
+def start_edge(lab, write_config, write_policy, tmp_path, **enforcement):
+    """``edge_lab``'s lab, with these enforcement settings."""
     add_addresses(lab)
     # each send() of the tests' client its own segment: no coalescing behind a segment held in the queue
     lab.vm.run("sysctl", "-qw", "net.ipv4.tcp_autocorking=0")
@@ -31,7 +36,7 @@ def edge_lab(lab, write_config, write_policy, tmp_path):
     lab.servers.append(lab.edge)
     lab.start_dnsmasq(NET4, f"--host-record={ALLOWED},{EDGE4},{EDGE6}", f"--host-record={OTHER},{EDGE4},{EDGE6}")
     write_policy([ALLOWED])
-    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n')
+    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n', **enforcement)
     lab.daemon = lab.start_daemon(lab.config)
     lab.resolve(ALLOWED)
     lab.resolve(ALLOWED, "AAAA")
