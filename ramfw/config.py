@@ -59,7 +59,7 @@ class EnforcementSettings:
     tls_ports: tuple[int, ...] = (443,)  # TCP ports whose first flight is read; UDP to them (QUIC) is refused
     tls_queue_num: int = 5243  # the netfilter queue first flights wait in
     tls_syn_group: int = 5244  # the NFLOG group SYNs (where a stream begins) and refused QUIC are copied to
-    tls_ct_mark: int = 0x00000100  # the conntrack mark bit of a flow waiting to be read; the next bit up: refused
+    tls_ct_mark: int = 0x00000100  # the conntrack mark bit of a flow waiting to be read; the next bit up: refused (both: its first flight went to the queue)
     proxies: tuple[str, ...] = ()  # the engine's explicit HTTP(S) proxies, "address:port": reachable in scope
     table_owner: bool = True  # own the table (owner + persist) where the kernel can: others cannot change it
     engine_socket: str = "/var/run/docker.sock"  # the engine's API: names the containers block events name

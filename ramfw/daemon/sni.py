@@ -94,12 +94,14 @@ class TlsCheck:
         sel.register(self.queue.sock, selectors.EVENT_READ, self._on_queue)
 
     def _sweep(self) -> None:
-        """Flows marked to be read whose SYN no daemon saw (they began while none ran, and
-        passed on their address) keep passing on it: their marks are cleared, so their next
-        segments do not reach the queue to be refused for a SYN it never saw."""
+        """The flows marked before this daemon read them. Those whose first flight went to the
+        queue while none was bound passed it on their address (they began while no daemon ran):
+        their marks are cleared, so they keep passing rather than be reset mid-transfer. Those
+        that sent nothing yet keep their mark: their first flight is refused (no daemon saw where
+        their stream begins) and the client connects again. Cleared, an idle connection opened
+        before a restart would have sent any name after it (review)."""
         try:
-            stale = [flow for flow in self.marks.marked(self.settings.tls_ct_mark, self.mask)
-                     if not self.flows.known(flow)]
+            stale = [flow for flow in self.marks.marked(self.mask, self.mask) if not self.flows.known(flow)]
         except OSError as err:
             self.daemon._error(f"TLS check: reading conntrack: {err}")
             return
@@ -110,8 +112,8 @@ class TlsCheck:
                 continue
         if stale:
             self.counters["unchecked_at_start"] += len(stale)
-            log.info("TLS check: %d connections to learned addresses began while no daemon read their first flight: "
-                     "they keep passing on their address", len(stale))
+            log.info("TLS check: %d connections to learned addresses sent their first flight while no daemon read "
+                     "it: they keep passing on their address", len(stale))
 
     def learned(self, elements) -> None:
         """The addresses a reply just taught, with the name they were learned for (on the hold
@@ -300,8 +302,20 @@ class TlsCheck:
                 "counters": dict(self.counters)}
 
     def close(self) -> None:
-        """What the queue still holds is dropped by the kernel when it is unbound: the clients
-        send it again, and the bypass lets it pass on its address (no daemon)."""
+        """The flows still being read or verified are refused first: the next daemon could not
+        know where their streams begin, and between the two the bypass would let their first
+        flights pass unread (what the queue still holds is dropped when it is unbound, and sent
+        again). Their clients connect again."""
+        if self.marks is not None:
+            waiting = self.flows.waiting()
+            for key in waiting:
+                try:
+                    self.marks.set(key, self.refused_mark, self.mask)
+                except OSError:
+                    continue
+            if waiting:
+                log.info("TLS check: stopping: %d connections whose first flight was being read are reset",
+                         len(waiting))
         for thing in (self.queue, self.copies, self.marks):
             if thing is not None:
                 thing.close()

@@ -228,8 +228,9 @@ def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
     address (or to a configured proxy) is copied to ``tls_syn_group`` (its sequence number is
     where the stream begins) and its flow marked ``tls_ct_mark``; a SYN that carries data (TCP Fast
     Open) is dropped (the client sends it again without). The flow's segments that carry data go
-    to the queue until the daemon sets the mark: cleared (allowed: nothing of it is looked at
-    again but the guard's one comparison) or the next bit up (refused: every packet reset).
+    to the queue (and set both bits: its first flight went there) until the daemon sets the
+    mark: cleared (allowed: nothing of it is looked at again but the guard's one comparison) or
+    the next bit up alone (refused: every packet reset).
     UDP to the TLS ports (QUIC) is refused, copied (at a bounded rate) to be named."""
     if not settings.tls_check:
         return {}
@@ -281,7 +282,7 @@ def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
     # an interface the source is routed through, not loopback, and forwarded from outside the
     # container bridges. A packet a local process (CAP_NET_RAW) forges in the server's name, made
     # to be dropped by the local TCP, would otherwise end the check before the real flight (review).
-    being_read = _match({"&": [_ct_mark(), mask]}, pending)
+    being_read = _match({"&": [_ct_mark(), pending]}, pending)  # its SYN marked it; its flight may be queued
     server = [_REPLY, _match(_meta("l4proto"), "tcp"), _match({"&": [_payload("tcp", "flags"), "syn"]}, 0)]
     routed_back = _match({"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, True)
     return {
@@ -297,7 +298,9 @@ def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
         TLS_CHAIN: [[_match(_payload("tcp", "flags"), "rst", "in"), {"return": None}],
                     [is_refused, {"counter": "tls_refused"}, _match(_meta("l4proto"), "tcp"),
                      {"reject": {"type": "tcp reset"}}], [is_refused, {"drop": None}], [_REPLY, {"return": None}]]
-        + _with_payload([{"jump": {"target": TLS_QUEUE}}]),
+        # both bits: its first flight has gone to the queue (read, or let pass while no daemon ran)
+        + _with_payload([{"mangle": {"key": _ct_mark(), "value": {"|": [_ct_mark(), mask]}}},
+                         {"jump": {"target": TLS_QUEUE}}]),
     }
 
 

@@ -312,6 +312,10 @@ class Flows:
             self._decided.popitem(last=False)
         return steps
 
+    def waiting(self) -> list[Key]:
+        """The flows not yet decided for the kernel: being read, or verified."""
+        return list(self._flows)
+
     def known(self, key: Key) -> bool:
         return key in self._flows or key in self._decided
 

@@ -39,6 +39,11 @@ def test_flows_to_be_read_are_sent_to_the_tls_chain_first_in_output_and_forward(
     assert len(queued) == 1 + 2 * 11, "IPv4 with options, then IPv4 and IPv6 for each TCP header length"
     four = [r for r in queued if "'doff'}}, 'right': 8" in text(r) and "'ip', 'field': 'length'" in text(r)]
     assert "'right': 52" in text(four), "a 32-byte TCP header: data only past 52 bytes"
+    both = {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"ct": {"key": "mark"}}, mask]}}}
+    assert all(r[-2] == both for r in queued), "a flow whose first flight went to the queue says so in its mark"
+    being_read = {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, BASE.tls_ct_mark]},
+                            "right": BASE.tls_ct_mark}}
+    assert copy[0] == being_read, "the server's packets are copied whether or not the first flight went yet"
 
 
 def test_syns_to_tls_ports_of_learned_addresses_are_copied_and_marked_and_quic_refused():
