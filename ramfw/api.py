@@ -22,7 +22,7 @@ from .daemon import control
 from .daemon import seen as seen_mod
 from .errors import DaemonError, InvalidReference, NftablesError, PolicyError, require_root
 from .daemon.engine import EngineScope
-from .kernel import bpf, engine, links, probes, ruleset
+from .kernel import bpf, ctmarks, engine, links, probes, ruleset
 from .kernel.table import Table
 from .policy import Policy
 from .policy import source as policy_source
@@ -206,6 +206,13 @@ def doctor(config: Config) -> probes.Report:
     return probes.run(Path(config.daemon.run_dir) / probes.CACHE, fresh=True)
 
 
+def mark_writers(config: Config) -> list[ctmarks.MarkWriter]:
+    """For ``doctor``: the rules of other tables here that may change the TLS check's conntrack
+    mark bits (``kernel.ctmarks``)."""
+    require_root("ramfw doctor")
+    return ctmarks.find(config.enforcement)
+
+
 def placed(config: Config) -> str | None:
     """Where the policy the daemon would enforce comes from, or None when none is placed (no
     file at the configured source, no cached copy): a daemon started then would enforce the
@@ -309,4 +316,4 @@ def _in_force(config: Config) -> tuple[Policy, list[str], list[str], bool]:
     return policy, resolvers.trusted(config.dns.trusted_resolvers), notes, False
 
 
-__all__ = ["up", "down", "status", "reload", "doctor", "placed", "report", "suggest", "lint", "check"]
+__all__ = ["up", "down", "status", "reload", "doctor", "mark_writers", "placed", "report", "suggest", "lint", "check"]

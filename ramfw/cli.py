@@ -218,7 +218,7 @@ def _run(args) -> int:
     if args.command == "doctor":
         report = api.doctor(config)
         _print_doctor(report, config.enforcement.table_owner)
-        print(sni.doctor_text(config.enforcement, report))
+        print(sni.doctor_text(config.enforcement, report, api.mark_writers(config)))
         for line in policy_source.describe(config.policy):
             print(line)
         for note in record.proxy_notes(config):

@@ -13,7 +13,9 @@ with a reset, as it answers every later packet of the flow, and a block event na
 client asked for at that address. QUIC to the TLS ports is refused by the kernel and named here.
 
 No daemon bound: the queue's bypass lets the segments pass (the address check alone, as before);
-the queue never fails open when full (the kernel drops; the client sends again).
+the queue never fails open when full (the kernel drops; the client sends again). Another table
+that writes the check's conntrack mark bits (``kernel.ctmarks``) undoes it: read at start and
+after another process changed another table, said in ``state`` (status's first line) and logged.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import time
 from collections import Counter, deque
 
 from ..config import split_proxy
-from ..kernel import netlink, nft
+from ..errors import NftablesError
+from ..kernel import ctmarks, netlink, nft
 from ..kernel.conntrack import Marks
 from ..kernel.nflog import Log
 from ..kernel.queue import NF_ACCEPT, NF_DROP, Queue
@@ -34,6 +37,7 @@ from ..snoop.packet import TCP, TCP_RST, TCP_SYN, UDP, Flow, destination, source
 from ..tls.flows import Flows, Step, share_text, shares_of
 from ..tls.judge import Addresses, Verdict, judge, judge_connect, judge_tunnel, refused_unread
 from ..tls.packet import head, marks, segment
+from . import logs
 from .blocks import TRANSPORTS, process_name
 
 log = logging.getLogger("ramfw")
@@ -42,6 +46,7 @@ NF_REPEAT = 4  # the packet goes through the hook again: the refused flow's mark
 BURST = 64
 SWEEP = 10.0
 SPIN_SECONDS = 100e-6  # waiting for a first flight's next segment before the loop sleeps
+MARKS_READ_EVERY = 5.0  # seconds between two readings of the ruleset for writers of the mark bits
 
 
 class TlsCheck:
@@ -58,7 +63,8 @@ class TlsCheck:
         self.counters: Counter[str] = Counter()
         self.costs: deque[float] = deque(maxlen=1024)  # seconds from a first flight's last segment to its verdict
         self.queue = self.copies = self.marks = None
-        self._next_sweep, self._holding = 0.0, False
+        self.mark_writers: list[ctmarks.MarkWriter] = []  # other tables' rules that may change the mark bits
+        self._next_sweep, self._holding, self._next_marks_read = 0.0, False, 0.0
         if not e.tls_check:
             self.state = "off (enforcement.tls_check = false): flows to learned addresses pass on their address alone"
         elif not daemon.report.hold.holds:
@@ -90,6 +96,7 @@ class TlsCheck:
                 self.index.add(address, name, expiry, now)
         self._on_copies()
         self._sweep()
+        self._read_mark_writers()
         sel.register(self.copies.sock, selectors.EVENT_READ, self._on_copies)
         sel.register(self.queue.sock, selectors.EVENT_READ, self._on_queue)
 
@@ -114,6 +121,29 @@ class TlsCheck:
             self.counters["unchecked_at_start"] += len(stale)
             log.info("TLS check: %d connections to learned addresses sent their first flight while no daemon read "
                      "it: they keep passing on their address", len(stale))
+
+    def _read_mark_writers(self) -> None:
+        """At start, then in housekeeping once another process changed another table (at most every
+        ``MARKS_READ_EVERY`` s: listing takes ~4 ms for 100 rules, a quarter of a second for 5,000,
+        while the loop waits). A change in what is found is logged once."""
+        self.daemon.guard.watch.others_changed = False
+        self._next_marks_read = time.monotonic() + MARKS_READ_EVERY
+        try:
+            writers = ctmarks.find(self.settings)
+        except NftablesError as err:  # tried again in MARKS_READ_EVERY s
+            self.daemon.guard.watch.others_changed = True
+            self.daemon._error(f"TLS check: reading the ruleset for writers of its conntrack mark bits: {err}")
+            return
+        if writers == self.mark_writers:
+            return
+        self.mark_writers = writers
+        said = logs.event("tls_mark_writers", rules=list(map(str, writers)))
+        if writers:
+            self.state = f"NOT reliably checked: {writers_text(writers, self.mask)}"
+            log.warning("TLS server names %s", self.state, extra=said)
+        else:
+            self.state = "active"
+            log.info("TLS check: no other table writes its conntrack mark bits any more", extra=said)
 
     def learned(self, elements) -> None:
         """The addresses a reply just taught, with the name they were learned for (on the hold
@@ -292,6 +322,8 @@ class TlsCheck:
             self.index.sweep(now)
         if self.marks.refusals():  # allowed flows whose mark the kernel refused: their segments come back
             self.counters["allow_mark_refused"] = self.marks.failed
+        if self.daemon.guard.watch.others_changed and time.monotonic() >= self._next_marks_read:
+            self._read_mark_writers()
 
     def status(self) -> dict:
         costs = sorted(self.costs)
@@ -299,7 +331,7 @@ class TlsCheck:
                 "proxies": sorted(f"{a}:{p}" for a, p in self.proxies), "flows_waiting": len(self.flows),
                 "segments_held": self.flows.held, "addresses_indexed": len(self.index),
                 "verdict_us_p50": round(costs[len(costs) // 2] * 1e6, 1) if costs else None,
-                "counters": dict(self.counters)}
+                "mark_writers": list(map(str, self.mark_writers)), "counters": dict(self.counters)}
 
     def close(self) -> None:
         """The flows still being read or verified are refused first: the next daemon could not
@@ -336,9 +368,20 @@ def _protocol(data: bytes) -> int:
         return 0
 
 
+UNDONE = ("a flow whose bit it clears passes on its address alone and one whose bit it sets is reset (make that "
+          "rule leave those bits, or move enforcement.tls_ct_mark to a free bit)")
 
-def doctor_text(settings, report) -> str:
-    """What ``ramfw doctor`` says of the check: whether it can be active here, and its cost."""
+
+def writers_text(writers: list, mask: int) -> str:
+    """Status's words, one line, for other tables' rules that may change the check's mark bits."""
+    named = "; ".join(map(str, writers[:3])) + (f"; and {len(writers) - 3} more" if len(writers) > 3 else "")
+    return (f"another table may change the conntrack mark bits the check keeps a flow's state in ({mask:#x}): "
+            f"{named}; while it is there, {UNDONE}")
+
+
+def doctor_text(settings, report, writers: list) -> str:
+    """What ``ramfw doctor`` says of the check: whether it can be active here, its cost, and
+    whether another table's rules (``writers``, ``kernel.ctmarks``) would undo it."""
     ports = ", ".join(map(str, settings.tls_ports))
     if not settings.tls_check:
         return ("TLS server names: NOT checked (enforcement.tls_check = false): an address learned for an allowed "
@@ -346,8 +389,13 @@ def doctor_text(settings, report) -> str:
     if not report.hold.holds:
         return ("TLS server names: NOT checkable here (no netfilter queue): flows to learned addresses pass on their "
                 "address alone; QUIC to the TLS ports is still refused")
+    mask = settings.tls_mark_mask
+    marks = (f"TLS server names may NOT be checked: rules of other tables may change the conntrack mark bits the "
+             f"check keeps a flow's state in ({mask:#x}); while one is there, {UNDONE}:"
+             + "".join(f"\n  {writer}" for writer in writers) if writers else
+             f"TLS server names: no other table writes the check's conntrack mark bits ({mask:#x})")
     return (f"TLS server names: checked by a running daemon on TCP ports {ports} (queue "
             f"{settings.tls_queue_num}): each new connection to a learned address has its SYN copied and its first "
             "data segments (the ClientHello, 1 to 3 of them) held until read, about 0.1 ms more to its first byte "
             "(docs/benchmarks.md); once judged, none of its packets reach userspace; QUIC to those ports is refused; "
-            "with no daemon running, such flows pass on their address alone")
+            f"with no daemon running, such flows pass on their address alone\n{marks}")

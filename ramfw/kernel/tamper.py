@@ -9,7 +9,9 @@ committed by this process is a change someone else made. Set elements count only
 transaction leaves one added: an address taken out of the allowed sets only blocks more (it is
 learned again from the next reply), one put in opens a way. Lost notifications (a full socket
 buffer) are a change of unknown origin. The daemon repairs on any (``table``'s ``verify`` says
-what differs).
+what differs). A transaction of another process that changed another table's rules, chains or
+the table itself (not its set elements) sets ``others_changed``: the TLS check reads the ruleset
+again for rules that write its conntrack mark bits (``ctmarks``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class TableWatch:
             raise
         self.sock.setblocking(False)
         self._touched = False  # the transaction being read touched the table's structure
+        self._others = False  # ... or another table's (not its elements)
+        self.others_changed = False  # another process changed another table: the reader clears it
         # ... and its element messages, (added?, attributes): read only if the transaction was
         # someone else's (the daemon's own batches, one per learned reply, are never parsed)
         self._elements: list[tuple[bool, dict[int, bytes]]] = []
@@ -97,7 +101,7 @@ class TableWatch:
             except OSError as err:
                 if err.errno != errno.ENOBUFS:
                     raise
-                self._touched, self._elements = False, []
+                self._touched, self._others, self._elements, self.others_changed = False, False, [], True
                 changes.append(Change(0, "unknown: nf_tables notifications were lost"))
                 continue
             changes += self._parse(data)
@@ -115,9 +119,10 @@ class TableWatch:
                 if pid != self.own_pid and (self._touched or _net_added(self._elements)):
                     name = attrs.get(NFTA_GEN_PROC_NAME, b"?").rstrip(b"\0").decode(errors="replace")
                     changes.append(Change(pid, name))
-                self._touched, self._elements = False, []
+                self.others_changed |= pid != self.own_pid and self._others
+                self._touched, self._others, self._elements = False, False, []
             elif data[start] != self.family or attrs.get(TABLE_NAME) != self.table:
-                continue
+                self._others |= kind not in (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM)
             elif kind in (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM):
                 self._elements.append((kind == NFT_MSG_NEWSETELEM, attrs))
             else:

@@ -513,3 +513,47 @@ def test_a_server_acknowledgment_forged_on_the_vm_does_not_end_the_check(edge_la
     flow.send(0, other)
     assert flow.outcome() in ("nothing", "reset") and OTHER not in lab.edge.asked, lab.edge.asked
     flow.close()
+
+
+FOREIGN = "ctmark-writer"  # wg-quick's rule: the packet mark saved into the conntrack mark, every bit of it
+
+
+def first_line(lab, wanted, wait: float = 10.0):
+    """``ramfw status``'s first line and exit code, once ``wanted(line)`` (the daemon reads the
+    ruleset again within a second of a change, at most every 5 s)."""
+    deadline = time.monotonic() + wait
+    while True:
+        result = lab.ramfw("status", "--config", lab.config)
+        line = result.stdout.splitlines()[0]
+        if wanted(line) or time.monotonic() > deadline:
+            return line, result.returncode
+        time.sleep(0.2)
+
+
+def test_another_tables_write_of_the_checks_mark_bits_is_said_first_until_it_goes(edge_lab):
+    lab = edge_lab
+    assert "no other table writes the check's conntrack mark bits (0x300)" in lab.ramfw(
+        "doctor", "--config", lab.config).stdout
+    lab.vm.run("nft", "-f", "-", input=f"table ip {FOREIGN} {{ chain out {{ type route hook output priority "
+                                        "mangle; ct mark set meta mark; }; }")
+    writer = f"table ip {FOREIGN} chain out rule handle 2 (ct mark set meta mark)"
+    line, code = first_line(lab, lambda line: "NOT" in line)
+    assert code == 8 and line.startswith("ramfw is enforcing in enforce mode, but NOT as configured: TLS server names "
+                                         "NOT reliably checked: another table may change the conntrack mark bits "
+                                         f"the check keeps a flow's state in (0x300): {writer}; "), line
+    assert status(lab)["tls"]["mark_writers"] == [writer]
+    doctor = lab.ramfw("doctor", "--config", lab.config).stdout
+    assert "TLS server names may NOT be checked: rules of other tables may change the conntrack mark bits" in doctor
+    assert f"\n  {writer}\n" in doctor and "move enforcement.tls_ct_mark to a free bit" in doctor
+    # why it is said: the other name's ClientHello is never read (its flow's bit is cleared) and passes
+    assert handshake(lab, OTHER) == f"hello from {OTHER}"
+    lab.vm.run("nft", "add", "table", "ip", "unrelated")  # a change that does not add a writer: said once only
+    time.sleep(6)
+    lab.daemon.log.seek(0)
+    assert lab.daemon.log.read().decode().count("WARNING: TLS server names NOT reliably checked") == 1
+    lab.vm.run("nft", "delete", "table", "ip", FOREIGN)
+    line, code = first_line(lab, lambda line: "NOT" not in line)
+    assert (line, code) == ("ramfw is enforcing in enforce mode", 0)
+    assert status(lab)["tls"]["state"] == "active" and handshake(lab, OTHER) == "reset"
+    lab.daemon.log.seek(0)
+    assert "no other table writes its conntrack mark bits any more" in lab.daemon.log.read().decode()

@@ -2,6 +2,7 @@
 of the table, no lab code shipped, no module too long to read."""
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ramfw"
@@ -76,7 +77,10 @@ def test_the_pure_core_imports_nothing_from_the_kernel_layer_or_the_daemon():
 
 def test_only_the_table_module_writes_nftables():
     writers = {name for name, path in modules().items() if "Nftables()" in path.read_text()}
-    assert writers == {"ramfw.kernel.table", "ramfw.kernel.probes"}  # probes: a throw-away table
+    # probes: a throw-away table; ctmarks: every table's rules, read only
+    assert writers == {"ramfw.kernel.table", "ramfw.kernel.probes", "ramfw.kernel.ctmarks"}
+    commands = re.findall(r"json_cmd\((.*)\)", modules()["ramfw.kernel.ctmarks"].read_text())
+    assert commands == ['{"nftables": [{"list": {"ruleset": None}}]}'], "ctmarks lists the ruleset, and only lists"
     senders = {name for name, path in modules().items() if "build_elements_batches(" in path.read_text()
                or "build_rules_batch(" in path.read_text()}
     assert senders <= {"ramfw.kernel.table", "ramfw.kernel.nft"}

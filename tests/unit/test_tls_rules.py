@@ -133,14 +133,19 @@ def test_the_servers_packets_are_copied_only_where_a_servers_packets_arrive():
         "nothing in the output hook is taken for the server's"
 
 
-def test_a_tls_check_the_kernel_cannot_run_is_said_first_and_exits_8(monkeypatch):
-    """Never claim what is not true: configured, the check that cannot run (no netfilter queue)
-    leaves the shared-address hole open; status's first line says so, and it is degraded (8)."""
+@pytest.mark.parametrize("state", [
+    "NOT checked: this kernel cannot queue packets; flows to learned addresses pass on their address alone",
+    "NOT reliably checked: another table may change the conntrack mark bits the check keeps a flow's state in "
+    "(0x300): table ip wg chain out rule handle 2 (ct mark set meta mark); while it is there, ...",
+])
+def test_a_tls_check_the_kernel_cannot_run_or_another_table_undoes_is_said_first_and_exits_8(monkeypatch, state):
+    """Never claim what is not true: configured, the check that cannot run (no netfilter queue),
+    or whose conntrack mark bits another table's rule may write (``kernel.ctmarks``), leaves the
+    shared-address hole open; status's first line says so, and it is degraded (8)."""
     from ramfw import api
     from ramfw.config import Config
     from ramfw.daemon import control
 
-    state = "NOT checked: this kernel cannot queue packets; flows to learned addresses pass on their address alone"
     answer = {"ok": True, "status": {"policy": {"enabled": True, "organization": "acme"}, "enforcing": True,
                                      "mode": "enforce", "engine": {}, "scope_in_force": ["engine"],
                                      "tls": {"state": state}}}
