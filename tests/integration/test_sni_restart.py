@@ -7,9 +7,14 @@ import time
 
 import pytest
 
-from tests.integration.test_sni import (ALLOWED, OTHER, client, edge_lab, greeting, raw_flow,  # noqa: F401 - fixture
-                                        send_with_md5_option, status)
+from tests.integration.test_sni import (ALLOWED, OTHER, client, greeting, raw_flow, send_with_md5_option, start_edge,
+                                        status)
 from tests.support import tls
+
+
+@pytest.fixture
+def edge_lab(lab, write_config, write_policy, tmp_path):
+    return start_edge(lab, write_config, write_policy, tmp_path)
 
 
 def restart(lab, how):
