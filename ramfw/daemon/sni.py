@@ -215,8 +215,6 @@ class TlsCheck:
                 return
             if not packets:
                 return
-            # after the segments were read: the copy of each one's SYN was made before it was queued
-            self._on_copies()
             for packet in packets:
                 self._read(packet)
 
@@ -242,9 +240,11 @@ class TlsCheck:
                 self.counters["unreadable"] += 1
                 self._verdict(packet.packet_id, NF_DROP)
                 return
-            step = self.flows.segment((seg.src, seg.sport, seg.dst, seg.dport), seg.seq, seg.payload,
-                                      packet.packet_id, time.time(), reset=bool(seg.flags & TCP_RST),
-                                      marks=found)
+            key = (seg.src, seg.sport, seg.dst, seg.dport)
+            if not self.flows.is_waiting(key):  # its SYN's copy may wait unread (made before the segment
+                self._on_copies()               # was queued): read the copies first
+            step = self.flows.segment(key, seg.seq, seg.payload, packet.packet_id, time.time(),
+                                      reset=bool(seg.flags & TCP_RST), marks=found)
         except Exception as err:  # noqa: BLE001 - the packet still gets its verdict
             self.counters["errors"] += 1
             self.daemon._error(f"TLS check: reading a segment: {err!r}")
@@ -269,12 +269,14 @@ class TlsCheck:
                 self.counters["mark_errors"] += 1
                 self.daemon._error(f"TLS check: setting a flow's mark: {err}")
                 reject = NF_DROP
-        for packet_id in step.accept:
-            self._verdict(packet_id, NF_ACCEPT)
-        for packet_id in step.drop:
-            self._verdict(packet_id, NF_DROP)
-        for packet_id in step.reject:
-            self._verdict(packet_id, reject)
+        given = [(i, NF_ACCEPT) for i in step.accept] + [(i, NF_DROP) for i in step.drop] + \
+            [(i, reject) for i in step.reject]
+        if given:
+            try:  # in one system call (each accepted segment is carried on to the server inside it)
+                self.queue.verdicts(given)
+            except OSError as err:
+                self.counters["queue_errors"] += 1
+                self.daemon._error(f"TLS check: queue verdicts: {err}")
         if step.mark == "refuse" and reject == NF_REPEAT:
             # The reset was sent inside the verdict. Kept, the entry would reset its tuple for
             # as long as packets refresh it: a user refused from every source port would refuse

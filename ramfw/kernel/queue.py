@@ -71,9 +71,15 @@ class Queue:
         return [p for m in netlink.messages(data) if (p := _packet(data, *m)) is not None]
 
     def verdict(self, packet_id: int, verdict: int = NF_ACCEPT) -> None:
-        self.sock.send(netlink.message((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0,
-                                       self.queue_num,
-                                       attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id))))
+        self.sock.send(self._verdict(packet_id, verdict))
+
+    def verdicts(self, given: list[tuple[int, int]]) -> None:
+        """Several verdicts, (packet id, verdict) in order, in one system call."""
+        self.sock.send(b"".join(self._verdict(packet_id, verdict) for packet_id, verdict in given))
+
+    def _verdict(self, packet_id: int, verdict: int) -> bytes:
+        return netlink.message((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0, self.queue_num,
+                               attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id)))
 
     def close(self, release: Callable[[Packet], None] | None = None) -> None:
         """Unbind and close. The kernel drops what an unbound queue still holds, so with

@@ -123,6 +123,8 @@ def normalise_domain(value: str) -> str:
 
 def is_address(host: str) -> bool:
     """An IP address, which no policy entry can allow (a registry host, a TLS server name)."""
+    if ":" not in host and not host.replace(".", "").isdigit():  # a host name: no parse (and no raise)
+        return False
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -14,6 +14,7 @@ canonical, and where the message ended) or ``Refused`` (why it cannot be checked
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 
 from ..policy.names import canonical, is_address
@@ -30,6 +31,7 @@ ENCRYPTED = "encrypted client hello (0xfe0d)"
 MALFORMED = "malformed"
 TOO_LARGE = "too large"
 NOT_CONNECT = "not an HTTP CONNECT request"
+_EXTENSION = struct.Struct("!HH")  # an extension's type and length
 _NAME = re.compile(rb"[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?\Z")
 
 
@@ -120,14 +122,14 @@ def _extensions(hello: bytes) -> str | Refused:
         return Refused(NO_SERVER_NAME)  # no extensions at all
     if at + 2 > len(hello) or at + 2 + int.from_bytes(hello[at : at + 2], "big") != len(hello):
         return _malformed("the extensions' length does not match the ClientHello's")
-    at += 2
+    at, end = at + 2, len(hello)
     seen, name, encrypted = set(), None, False
-    while at < len(hello):
-        if at + 4 > len(hello):
+    while at < end:  # on the hold path: one unpack per extension, and only the server name sliced
+        if at + 4 > end:
             return _malformed("an extension cut short")
-        kind, n = int.from_bytes(hello[at : at + 2], "big"), int.from_bytes(hello[at + 2 : at + 4], "big")
-        data, at = hello[at + 4 : at + 4 + n], at + 4 + n
-        if at > len(hello):
+        kind, n = _EXTENSION.unpack_from(hello, at)
+        at += 4 + n
+        if at > end:
             return _malformed("an extension cut short")
         if kind in seen:
             return _malformed(f"extension {kind:#06x} twice")
@@ -135,7 +137,7 @@ def _extensions(hello: bytes) -> str | Refused:
         if kind == ECH:
             encrypted = True
         elif kind == SERVER_NAME:
-            name = _server_name(data)
+            name = _server_name(hello[at - n : at])
             if isinstance(name, Refused):
                 return name
     if encrypted:
