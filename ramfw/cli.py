@@ -21,7 +21,7 @@ import time
 from . import __version__, api, record
 from . import config as config_mod
 from .check import probe, verdict
-from .daemon import sni
+from .tls import doctor as tls_doctor
 from .daemon.blocks import advice, client_text, listed
 from .errors import RamfwError
 from .policy import source as policy_source
@@ -218,7 +218,7 @@ def _run(args) -> int:
     if args.command == "doctor":
         report = api.doctor(config)
         _print_doctor(report, config.enforcement.table_owner)
-        print(sni.doctor_text(config.enforcement, report, api.mark_writers(config)))
+        print(tls_doctor.doctor_text(config.enforcement, report, api.mark_writers(config)))
         for line in policy_source.describe(config.policy):
             print(line)
         for note in record.proxy_notes(config):

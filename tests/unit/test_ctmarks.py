@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 from ramfw.config import EnforcementSettings
-from ramfw.daemon import sni
 from ramfw.kernel import ctmarks
 from ramfw.kernel.probes import Capability, Report
+from ramfw.tls import doctor
 
 FIXTURE = json.loads((Path(__file__).parents[1] / "fixtures" / "ctmarks-ruleset.json").read_text())
 MASK = EnforcementSettings().tls_mark_mask  # 0x300
@@ -87,16 +87,16 @@ def test_doctor_and_status_say_which_rule_and_what_to_do():
     settings = EnforcementSettings()
     report = Report("6.18", (Capability("xt_nfqueue", True, "", ""),))  # the check can run
     writers = ctmarks.mark_writers(FIXTURE, MASK, "ramfw")
-    said = sni.doctor_text(settings, report, writers).splitlines()
+    said = doctor.doctor_text(settings, report, writers).splitlines()
     assert said[1] == ("TLS server names may NOT be checked: rules of other tables may change the conntrack mark "
                        "bits the check keeps a flow's state in (0x300); while one is there, a flow whose bit it "
                        "clears passes on its address alone and one whose bit it sets is reset (make that rule leave "
                        "those bits, or move enforcement.tls_ct_mark to a free bit):")
     assert said[2:] == [f"  {writer}" for writer in writers], "every rule, one a line"
     assert said[2] == "  table ip wg-quick-like chain postmangle rule handle 3 (ct mark set meta mark)"
-    assert sni.doctor_text(settings, report, []).splitlines()[-1] == \
+    assert doctor.doctor_text(settings, report, []).splitlines()[-1] == \
         "TLS server names: no other table writes the check's conntrack mark bits (0x300)"
-    assert sni.writers_text(writers, MASK) == (  # status's first line, after "TLS server names NOT reliably checked: "
+    assert doctor.writers_text(writers, MASK) == (  # status's first line, after "TLS server names NOT reliably checked: "
         "another table may change the conntrack mark bits the check keeps a flow's state in (0x300): table ip "
         "wg-quick-like chain postmangle rule handle 3 (ct mark set meta mark); table inet hand chain out rule handle 3 "
         "(ct mark set 0x5); table inet hand chain out rule handle 4 (ct mark set meta mark & 0xff); and 12 more; while "
