@@ -1,5 +1,5 @@
 """The TLS server name check against a hostile IPv6 client of raw packets (CAP_NET_RAW, in the
-VM or in a container): extension headers before TCP, fragments, covers
+VM or in a container): extension headers before TCP, a payload length of zero, fragments, covers
 with a hop limit that ends before the server, data on a SYN. The attacks IPv4 shares with it
 (out of order, overlaps, bad checksums, a forged server acknowledgment, a tuple used again) are
 test_sni.py's, run for both families there."""
@@ -12,8 +12,8 @@ import pytest
 
 from tests.integration import test_sni
 from tests.integration.test_sni import ALLOWED, MARK, OTHER, status
-from tests.lab.edge import EDGE4, EDGE6, Authority, Edge
-from tests.lab.rawtcp import DSTOPTS, EXPERIMENT, HOP, SYN, RawFlow, auth, fragments, options, routing
+from tests.lab.edge import EDGE4, EDGE6, Authority, Edge, add_addresses
+from tests.lab.rawtcp import DSTOPTS, EXPERIMENT, HOP, SYN, RawFlow, auth, fragment, fragments, ip6, options, routing
 from tests.lab.sandbox import NET4, NET6, VM4, VM6
 from tests.support import tls
 
@@ -84,6 +84,49 @@ def test_a_cover_behind_a_header_the_server_drops_does_not_let_the_real_name_fol
     flow.close()
 
 
+def test_a_payload_length_of_zero_is_not_data_the_check_may_skip(edge_lab):
+    """A payload length of 0 (a jumbogram's, RFC 2675) behind a hop-by-hop header: Linux's
+    receiver takes such a packet at its real length (the Jumbo option's checks run only where
+    one is present), but nftables read its length as 0, so no rule counted it as carrying data:
+    the other name reached the edge unread. Now queued, unreadable, dropped."""
+    lab = edge_lab
+    other = tls.client_hello(OTHER)
+    for headers in ([options(HOP)], [options(HOP), options(DSTOPTS)],
+                    [options(HOP), fragment(0, False, 5)]):  # (the last: not reassembled by conntrack)
+        flow = raw_flow(lab)
+        flow._send(ip6(flow.src, flow.dst, flow.data(0, other), headers, length=0))
+        assert flow.outcome() in ("nothing", "reset"), headers
+        flow.close()
+    assert asked_only_allowed(lab), lab.edge.asked
+    assert status(lab)["tls"]["counters"]["unreadable"] >= 3
+
+
+def test_a_payload_length_of_zero_from_a_container_is_not_skipped_either(lab, write_config, write_policy, tmp_path):
+    """The same packet from a container's raw socket, in the forward hook."""
+    from tests.lab.sandbox import CONTAINER6
+
+    add_addresses(lab)
+    container = lab.add_container()
+    lab.vm.run("sysctl", "-qw", "net.ipv4.tcp_autocorking=0")
+    lab.edge = Edge(lab.net, Authority(tmp_path / "edge"), [ALLOWED, OTHER])
+    lab.servers.append(lab.edge)
+    lab.start_dnsmasq(NET4, f"--host-record={ALLOWED},{EDGE4},{EDGE6}", f"--host-record={OTHER},{EDGE4},{EDGE6}")
+    write_policy([ALLOWED])
+    lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n', scope=["containers"], registry_ports=[443])
+    lab.daemon = lab.start_daemon(lab.config)
+    lab.resolve(ALLOWED, "AAAA", source=container)
+    allowed, other = tls.client_hello(ALLOWED), tls.client_hello(OTHER)
+    flow = raw_flow(lab, container, CONTAINER6)
+    flow.send(0, allowed, headers=[options(HOP)])
+    assert flow.outcome() == "answered", "the container's flows are read"
+    flow.close()
+    flow = raw_flow(lab, container, CONTAINER6)
+    flow._send(ip6(flow.src, flow.dst, flow.data(0, other), [options(HOP)], length=0))
+    assert flow.outcome() in ("nothing", "reset")
+    flow.close()
+    assert asked_only_allowed(lab), lab.edge.asked
+
+
 def test_fragments_are_read_as_the_server_reassembles_them(edge_lab):
     """Conntrack reassembles a locally sent datagram's fragments in the output hook before any
     rule sees them (nf_defrag_ipv6, LOCAL_OUT), and sends on what it reassembled (fragmented again
@@ -119,8 +162,8 @@ def test_fragments_are_read_as_the_server_reassembles_them(edge_lab):
 def test_a_syn_with_data_is_dropped_even_where_the_server_takes_it(edge_lab, address):
     """TCP Fast Open: a server that takes data on a SYN without a cookie (Linux, tcp_fastopen
     0x202) would read a ClientHello no one else did. The kernel drops such a SYN (the client
-    sends it again without), and over IPv6 one behind extension headers (nftables cannot tell
-    their length from data's)."""
+    sends it again without), and over IPv6 one whose payload length says 0 too, and one behind
+    extension headers (nftables cannot tell their length from data's)."""
     lab = edge_lab
     lab.net.run("sysctl", "-qw", "net.ipv4.tcp_fastopen=0x202")
     for listener in lab.edge.sockets:
@@ -128,6 +171,7 @@ def test_a_syn_with_data_is_dropped_even_where_the_server_takes_it(edge_lab, add
     other = tls.client_hello(OTHER)
     sends = [lambda f: f.packet(f.isn, SYN, other)]
     if address == EDGE6:
+        sends.append(lambda f: ip6(f.src, f.dst, f.tcp(f.isn, SYN, other), [options(HOP)], length=0))
         sends.append(lambda f: f.packet(f.isn, SYN, headers=[options(HOP)]))  # no data, but nftables cannot
         # tell extension headers from data: dropped too (no registry client sends one)
     for i, make in enumerate(sends):
