@@ -211,10 +211,13 @@ def _ct_mark() -> dict:
 def _with_payload(then: list[dict]) -> list[list[dict]]:
     """Rules applying ``then`` to TCP segments that carry data. nftables cannot subtract the
     headers' lengths from the packet's: one rule per TCP header length (IPv4 with options, and
-    IPv6 extension headers, always count as data: they only cost a look)."""
+    IPv6 extension headers, always count as data: they only cost a look). An IPv6 payload length
+    of 0 (a jumbogram's) counts too: Linux takes such a packet behind a hop-by-hop header at its
+    real length."""
     doff = _payload("tcp", "doff")
     ipv4, ipv6 = _match(_meta("nfproto"), "ipv4"), _match(_meta("nfproto"), "ipv6")
-    rules = [[ipv4, _match(_payload("ip", "hdrlength"), 5, "!=")] + then]
+    rules = [[ipv4, _match(_payload("ip", "hdrlength"), 5, "!=")] + then,
+             [ipv6, _match(_payload("ip6", "length"), 0)] + then]
     for words in range(5, 16):
         rules.append([ipv4, _match(_payload("ip", "hdrlength"), 5), _match(doff, words),
                       _match(_payload("ip", "length"), 20 + 4 * words, ">")] + then)

@@ -18,6 +18,7 @@ from tests.support import tls
 
 MARK = 0x52410000
 ALLOWED, OTHER = "edge-allowed.test", "edge-other.test"
+FAMILIES = pytest.mark.parametrize("address", [EDGE4, EDGE6], ids=["ipv4", "ipv6"])
 
 
 @pytest.fixture
@@ -287,11 +288,11 @@ def test_a_connection_made_while_no_daemon_ran_keeps_working_when_one_starts(edg
     assert handshake(lab, OTHER) == "reset", "new connections are checked again"
 
 
-def raw_flow(lab):
+def raw_flow(lab, address=EDGE4):
     from tests.lab.rawtcp import RawFlow
-    from tests.lab.sandbox import VM4
+    from tests.lab.sandbox import VM4, VM6
 
-    flow = RawFlow(lab.vm, VM4, EDGE4, mark=MARK)
+    flow = RawFlow(lab.vm, VM6 if ":" in address else VM4, address, mark=MARK)
     flow.handshake()
     return flow
 
@@ -302,8 +303,8 @@ def forget_flow(lab, flow):
     from ramfw.kernel import conntrack, netlink
 
     message = netlink.message((conntrack.NFNL_SUBSYS_CTNETLINK << 8) | 2, netlink.NLM_F_REQUEST | netlink.NLM_F_ACK,
-                              1, socket.AF_INET, 0, conntrack._tuple(conntrack.CTA_TUPLE_REPLY, EDGE4, 443, flow.src,
-                                                                     flow.sport))
+                              1, flow.family, 0, conntrack._tuple(conntrack.CTA_TUPLE_REPLY, flow.dst, 443, flow.src,
+                                                                  flow.sport))
     with lab.vm.inside():
         sock = netlink.open_socket()
     with sock:
@@ -311,49 +312,50 @@ def forget_flow(lab, flow):
         netlink.wait_acks(sock, 1, "deleting a conntrack entry")
 
 
-def test_a_hostile_client_of_raw_segments_cannot_show_one_name_and_send_another(edge_lab):
+@FAMILIES
+def test_a_hostile_client_of_raw_segments_cannot_show_one_name_and_send_another(edge_lab, address):
     """Segments out of order pass; overlaps that disagree, a cover copy with a bad checksum (the
     server's TCP drops it), a segment after conntrack lost the flow, and a reset not at the next
     byte (the server ignores it; this kernel's conntrack does too, older ones did not) do not let
     the other name reach the edge."""
     lab = edge_lab
     allowed, other = tls.client_hello(ALLOWED), tls.client_hello(OTHER)
-    flow = raw_flow(lab)
+    flow = raw_flow(lab, address)
     for start, end in ((300, len(allowed)), (0, 120), (120, 300)):
         flow.send(start, allowed[start:end])
     assert flow.outcome() == "answered" and lab.edge.asked == [ALLOWED], "out of order, read whole"
     flow.close()
-    flow = raw_flow(lab)  # the real name sent over a cover that disagrees with it
+    flow = raw_flow(lab, address)  # the real name sent over a cover that disagrees with it
     flow.send(5, allowed[5:200])
     flow.send(0, other)
     assert flow.outcome() == "reset"
     flow.close()
-    flow = raw_flow(lab)  # a cover the server's TCP would drop for its checksum, then the real one once judged
+    flow = raw_flow(lab, address)  # a cover the server's TCP would drop for its checksum, then the real one once judged
     flow.send(0, allowed, good=False)
     time.sleep(0.2)
     flow.send(0, other)
     assert flow.outcome() in ("nothing", "reset")
     flow.close()
-    flow = raw_flow(lab)  # conntrack loses the flow: its next segment would be a new flow without a SYN
+    flow = raw_flow(lab, address)  # conntrack loses the flow: its next segment would be a new flow without a SYN
     forget_flow(lab, flow)
     flow.send(0, other)
     assert flow.outcome() == "nothing"
     flow.close()
     for kind in ("ack", "urgent"):
-        flow = raw_flow(lab)  # a cover the server does not take as the stream (it acknowledges data never
+        flow = raw_flow(lab, address)  # a cover the server does not take as the stream (it acknowledges data never
         cover = {"ack": flow.ack + 100_000} if kind == "ack" else {"urgent": True}  # sent, or is urgent),
         flow.send(0, allowed, **cover)  # then the real name
         time.sleep(0.3)
         flow.send(0, other)
         assert flow.outcome() == "reset", cover
         flow.close()
-    flow = raw_flow(lab)  # a cover alone, which the server never acknowledges: refused after 3 s
+    flow = raw_flow(lab, address)  # a cover alone, which the server never acknowledges: refused after 3 s
     flow.send(0, allowed, ack=flow.ack + 100_000)
     time.sleep(4.5)
     flow.send(0, other)
     assert flow.outcome() == "reset"
     flow.close()
-    flow = raw_flow(lab)  # a reset conntrack takes, the server not (not at its next byte), then the name
+    flow = raw_flow(lab, address)  # a reset conntrack takes, the server not (not at its next byte), then the name
     flow.reset(100)
     time.sleep(0.05)
     flow.send(0, other)
@@ -415,47 +417,50 @@ def reset_by_the_server(conn, name):
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def from_port(lab, port: int, name: str) -> ssl.SSLSocket:
+def from_port(lab, port: int, name: str, address: str = EDGE4) -> ssl.SSLSocket:
     """A TLS connection asking for ``name`` from the vm's source port ``port`` (bound again at once)."""
     with lab.vm.inside():
-        sock = socket.socket()
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.settimeout(3)
-    sock.bind(("0.0.0.0", port))
-    sock.connect((EDGE4, 443))
+    sock.bind(("::" if ":" in address else "0.0.0.0", port))
+    sock.connect((address, 443))
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     return context.wrap_socket(sock, server_hostname=name)
 
 
-def test_a_refusal_leaves_its_source_port_free_for_the_next_connection(edge_lab):
+@FAMILIES
+def test_a_refusal_leaves_its_source_port_free_for_the_next_connection(edge_lab, address):
     """Review: a refused flow's entry stayed with the refused mark while packets refreshed it, and
     every new connection from that source port was reset: a user refused from each port in turn
     would refuse the engine those ports too."""
     lab = edge_lab
     with pytest.raises(OSError):
-        from_port(lab, 41002, OTHER).recv(100)
+        from_port(lab, 41002, OTHER, address).recv(100)
     time.sleep(0.3)
     for _ in range(2):
-        with from_port(lab, 41002, ALLOWED) as conn:
+        with from_port(lab, 41002, ALLOWED, address) as conn:
             assert conn.recv(100).decode().strip() == f"hello from {ALLOWED}"
         time.sleep(0.3)
 
 
-def test_a_tuple_used_again_after_the_server_reset_it_is_checked_anew(lab, write_config, write_policy, tmp_path):
+@FAMILIES
+def test_a_tuple_used_again_after_the_server_reset_it_is_checked_anew(lab, write_config, write_policy, tmp_path,
+                                                                     address):
     """Review: the server's reset leaves conntrack's entry established with the mark the allowed
     flight cleared; a new connection from the same port asking for the other name was tracked as
     established and never read. A bare SYN on such an entry is now judged as a new connection."""
     add_addresses(lab)
     lab.servers.append(Edge(lab.net, Authority(tmp_path / "edge"), [ALLOWED, OTHER], handler=reset_by_the_server))
-    lab.start_dnsmasq(NET4, f"--host-record={ALLOWED},{EDGE4}", f"--host-record={OTHER},{EDGE4}")
+    lab.start_dnsmasq(NET4, f"--host-record={ALLOWED},{EDGE4},{EDGE6}", f"--host-record={OTHER},{EDGE4},{EDGE6}")
     write_policy([ALLOWED])
     lab.config = write_config(f'[dns]\ntrusted_resolvers = ["{NET4}"]\n')
     lab.daemon = lab.start_daemon(lab.config)
-    lab.resolve(ALLOWED)
+    lab.resolve(ALLOWED, "AAAA" if ":" in address else "A")
 
-    first = from_port(lab, 41000, ALLOWED)
+    first = from_port(lab, 41000, ALLOWED, address)
     time.sleep(0.3)  # the server's acknowledgment seen: the mark cleared
     first.send(b"GET\n")
     with contextlib.suppress(OSError):
@@ -463,7 +468,7 @@ def test_a_tuple_used_again_after_the_server_reset_it_is_checked_anew(lab, write
     first.close()
     time.sleep(0.2)
     with pytest.raises((ConnectionResetError, ssl.SSLError, OSError)):
-        second = from_port(lab, 41000, OTHER)
+        second = from_port(lab, 41000, OTHER, address)
         second.recv(100)
     assert status(lab)["tls"]["counters"]["syns"] == 2, "the second SYN was copied: its flow read from its first byte"
     assert status(lab)["tls"]["counters"]["refused"] == 1
@@ -472,40 +477,32 @@ def test_a_tuple_used_again_after_the_server_reset_it_is_checked_anew(lab, write
 def forged_server_ack(lab, flow, ack: int) -> None:
     """What the server would send acknowledging ``ack``, forged by the client itself (a raw
     socket: CAP_NET_RAW) with a bad checksum, so that the local TCP drops it."""
-    from tests.lab.rawtcp import ACK, _sum
+    from tests.lab.rawtcp import ACK, ip4, ip6, with_checksum
 
     tcp = struct.pack("!HHIIBBHHH", 443, flow.sport, flow.ack & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, ACK, 65000, 0, 0)
-    pseudo = socket.inet_aton(EDGE4) + socket.inet_aton(flow.src) + struct.pack("!BBH", 0, 6, len(tcp))
-    tcp = tcp[:16] + struct.pack("!H", _sum(pseudo + tcp) ^ 0x5A5A) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0, socket.inet_aton(EDGE4),
-                     socket.inet_aton(flow.src))
+    tcp = with_checksum(flow.dst, flow.src, tcp, good=False)
     with lab.vm.inside():
-        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        raw = socket.socket(flow.family, socket.SOCK_RAW, socket.IPPROTO_RAW)
     with contextlib.suppress(PermissionError), raw:
-        raw.sendto(ip + tcp, (flow.src, 0))
+        raw.sendto((ip6 if ":" in flow.dst else ip4)(flow.dst, flow.src, tcp), (flow.src, 0))
 
 
 def send_with_md5_option(flow, payload: bytes) -> None:
     """A first flight with a TCP MD5 signature option: a server with no key for it drops it."""
-    from tests.lab.rawtcp import ACK, PSH, _sum
+    from tests.lab.rawtcp import ACK, PSH
 
-    options = bytes([19, 18]) + bytes(16) + bytes([1, 1])
-    header = struct.pack("!HHIIBBHHH", flow.sport, 443, (flow.isn + 1) & 0xFFFFFFFF, flow.ack & 0xFFFFFFFF,
-                         ((20 + len(options)) // 4) << 4, PSH | ACK, 64240, 0, 0)
-    seg = header + options + payload
-    pseudo = socket.inet_aton(flow.src) + socket.inet_aton(EDGE4) + struct.pack("!BBH", 0, 6, len(seg))
-    seg = seg[:16] + struct.pack("!H", _sum(pseudo + seg)) + seg[18:]
-    flow._send(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(seg), 7, 0x4000, 64, 6, 0, socket.inet_aton(flow.src),
-                           socket.inet_aton(EDGE4)) + seg)
+    md5 = bytes([19, 18]) + bytes(16) + bytes([1, 1])
+    flow._send(flow.packet(flow.isn + 1, PSH | ACK, payload, extra=md5))
 
 
-def test_a_server_acknowledgment_forged_on_the_vm_does_not_end_the_check(edge_lab):
+@FAMILIES
+def test_a_server_acknowledgment_forged_on_the_vm_does_not_end_the_check(edge_lab, address):
     """Review: a cover ClientHello the server drops (a TCP MD5 option it has no key for), then an
     acknowledgment of it forged locally in the server's name (dropped by the local TCP for its
     checksum, but copied in the output hook) cleared the mark, and the other name went through."""
     lab = edge_lab
     allowed, other = tls.client_hello(ALLOWED), tls.client_hello(OTHER)
-    flow = raw_flow(lab)
+    flow = raw_flow(lab, address)
     send_with_md5_option(flow, allowed)
     time.sleep(0.2)
     forged_server_ack(lab, flow, flow.isn + 1 + len(allowed))

@@ -36,7 +36,8 @@ def test_flows_to_be_read_are_sent_to_the_tls_chain_first_in_output_and_forward(
     assert "rst" in text(tls[0]) and tls[0][-1] == {"return": None}, "the refusal's own reset passes"
     assert {"reject": {"type": "tcp reset"}} in tls[1] and "'right': 512" in text(tls[1])
     queued = [r for r in tls if r[-1] == {"jump": {"target": "tls_queue"}}]
-    assert len(queued) == 1 + 2 * 11, "IPv4 with options, then IPv4 and IPv6 for each TCP header length"
+    assert len(queued) == 2 + 2 * 11, "IPv4 with options, IPv6 of payload length 0, then each TCP header length"
+    assert "'ip6', 'field': 'length'}}, 'right': 0}" in text(queued[1]), "a jumbogram's length: Linux takes its data"
     four = [r for r in queued if "'doff'}}, 'right': 8" in text(r) and "'ip', 'field': 'length'" in text(r)]
     assert "'right': 52" in text(four), "a 32-byte TCP header: data only past 52 bytes"
     both = {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"ct": {"key": "mark"}}, mask]}}}
@@ -67,7 +68,7 @@ def test_syns_to_tls_ports_of_learned_addresses_are_copied_and_marked_and_quic_r
         ("@tls_interfaces", {"meta": {"key": "iif"}}, {"drop": None})], "a rate per user, per interface"
     audit = ruleset.build_ruleset(EnforcementSettings(mode="audit"), [], 10)
     assert all(r[-1] == {"accept": None} for r in rules(audit, "tls_copy")[:2]), "audit: over the rate, unread"
-    assert all(r[-1] == {"drop": None} for r in tls_syn[:23]), "a SYN with data (TCP Fast Open) is dropped"
+    assert all(r[-1] == {"drop": None} for r in tls_syn[:24]), "a SYN with data (TCP Fast Open) is dropped"
 
 
 def test_audit_refuses_nothing_and_off_adds_nothing():
