@@ -1,7 +1,7 @@
 """The TLS server name check in the daemon (issue #13): an address learned for an allowlisted
 name is open only to the names under that entry.
 
-The kernel (``ruleset.tls_rules``) copies each in-scope SYN to a TLS port of a learned address
+The kernel (``tlsrules.tls_rules``) copies each in-scope SYN to a TLS port of a learned address
 (or to a configured proxy) to an NFLOG group, and marks its flow in conntrack; the flow's first
 data segments then wait in a netfilter queue of their own. Here each is read (``tls.flows``): the
 ClientHello's server name (through a proxy: the CONNECT request's host, then the tunnel's

@@ -34,13 +34,13 @@ from enum import Enum
 from typing import Iterable
 
 from ..config import EnforcementSettings, split_proxy
+from .nftexpr import (ALLOW, CONTAINER_BRIDGES, FAMILY, LOG_BURST, LOG_RATE, LOG_SNAPLEN, ORIGINAL, REPLY, SYN_ONLY,
+                      match, meta, payload)
+from .tlsrules import TLS_CHAIN, TLS_COPY, TLS_INPUT, TLS_QUEUE, TLS_RATE_SETS, TLS_SYN, tls_rules
 
-FAMILY = "inet"
-ALLOW = {4: "allow4", 6: "allow6"}
 PENDING = {4: "pending4", 6: "pending6"}
 PENDING_TIMEOUT = 3  # seconds: covers one SYN retransmission (1 s) with room to spare
 RESOLVERS = {4: "resolvers4", 6: "resolvers6"}
-CONTAINER_BRIDGES = "container_bridges"  # bridges whose ports are all veths or taps (``links``)
 UNSOLICITED = "unsolicited"  # DNS replies that answer no query of ours: counted, never read
 COUNTERS = ("blocked", "audited", "accepted", "deferred", UNSOLICITED, "tls_refused", "quic_refused", "tls_over_rate")
 LOG_PREFIX = "ramfw "
@@ -79,21 +79,9 @@ class TableState:
     resolvers: tuple[str, ...] = ()
 
 
-def _match(left: dict, right: object, op: str = "==") -> dict:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _meta(key: str) -> dict:
-    return {"meta": {"key": key}}
-
-
-def _payload(protocol: str, field: str) -> dict:
-    return {"payload": {"protocol": protocol, "field": field}}
-
-
-_ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
-_TCP_UDP = _match(_meta("l4proto"), {"set": ["tcp", "udp"]})
-_TO_CONTAINERS = [_match(_meta("oifname"), "@" + CONTAINER_BRIDGES), {"accept": None}]  # stays on this VM
+_ESTABLISHED = match({"ct": {"key": "state"}}, ["established", "related"], "in")
+_TCP_UDP = match(meta("l4proto"), {"set": ["tcp", "udp"]})
+_TO_CONTAINERS = [match(meta("oifname"), "@" + CONTAINER_BRIDGES), {"accept": None}]  # stays on this VM
 _ACCEPT = {"accept": None}
 # A loopback connection that a NAT rule redirected (a transparent proxy on 127.0.0.1) is not
 # local traffic: it goes on to the scope rules, judged by its original destination.
@@ -102,16 +90,13 @@ _NOT_REDIRECTED = {"match": {"op": "!", "left": {"ct": {"key": "status"}}, "righ
 
 # Every transport with ports where TCP and UDP have them: a scope by port covers them all
 # (UDP-Lite to a never-learned address passed when only TCP and UDP were matched).
-_PORTED = _match(_meta("l4proto"), {"set": ["tcp", "udp", "udplite", "sctp", "dccp"]})
+_PORTED = match(meta("l4proto"), {"set": ["tcp", "udp", "udplite", "sctp", "dccp"]})
 
 
 def _ports(ports: Iterable[int]) -> list[dict]:
-    return [_PORTED, _match(_payload("th", "dport"), {"set": sorted(ports)})]
+    return [_PORTED, match(payload("th", "dport"), {"set": sorted(ports)})]
 
 
-_REPLY = _match({"ct": {"key": "direction"}}, "reply")
-_ORIGINAL = _match({"ct": {"key": "direction"}}, "original")
-_SYN_ONLY = _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "syn")
 
 
 def _peer_first_rules(settings: EnforcementSettings, hook: str) -> list[list[dict]]:
@@ -122,17 +107,17 @@ def _peer_first_rules(settings: EnforcementSettings, hook: str) -> list[list[dic
     registry port in the reply direction are judged like a new connection. Inbound services on
     the VM are untouched: their answers go to the client's port, a SYN-ACK or data, never a
     bare SYN, and a client's port is not a registry port."""
-    udp_to_registry = [_match(_meta("l4proto"), {"set": ["udp", "udplite"]}),
-                       _match(_payload("th", "dport"), {"set": sorted(settings.registry_ports)})]
+    udp_to_registry = [match(meta("l4proto"), {"set": ["udp", "udplite"]}),
+                       match(payload("th", "dport"), {"set": sorted(settings.registry_ports)})]
     rules = []
     for scope_rule in _in_scope_rules(settings, hook):
-        rules.append([_REPLY, _match(_meta("l4proto"), "tcp"), _SYN_ONLY] + scope_rule)
-        rules.append([_REPLY] + udp_to_registry + scope_rule)
+        rules.append([REPLY, match(meta("l4proto"), "tcp"), SYN_ONLY] + scope_rule)
+        rules.append([REPLY] + udp_to_registry + scope_rule)
         # A bare SYN on an entry conntrack calls established: the tuple used again after the server
         # reset its last connection (conntrack keeps the entry, and its mark). It is a new
         # connection: judged as one (its address, and the TLS check from its first byte).
-        rules.append([_ORIGINAL, _match({"ct": {"key": "state"}}, "established", "in"), _match(_meta("l4proto"), "tcp"),
-                      _SYN_ONLY] + scope_rule)
+        rules.append([ORIGINAL, match({"ct": {"key": "state"}}, "established", "in"), match(meta("l4proto"), "tcp"),
+                      SYN_ONLY] + scope_rule)
     return rules
 
 
@@ -142,7 +127,7 @@ def _in_scope_rules(settings: EnforcementSettings, hook: str) -> list[list[dict]
     rules = []
     if hook == "output":
         if "engine" in settings.scope:
-            marked = _match({"&": [_meta("mark"), settings.mark_mask]}, settings.mark)
+            marked = match({"&": [meta("mark"), settings.mark_mask]}, settings.mark)
             rules.append([marked, jump])
         if "host" in settings.scope:
             rules.append(_ports(settings.registry_ports) + [jump])
@@ -157,12 +142,11 @@ def _proxy_rules(proxies: Iterable[str]) -> list[list[dict]]:
     for entry in proxies:
         address, port = split_proxy(entry)
         proto = "ip" if address.version == 4 else "ip6"
-        rules.append([_match(_meta("l4proto"), "tcp"), _match(_payload(proto, "daddr"), str(address)),
-                      _match(_payload("tcp", "dport"), port), {"counter": "accepted"}, _ACCEPT])
+        rules.append([match(meta("l4proto"), "tcp"), match(payload(proto, "daddr"), str(address)),
+                      match(payload("tcp", "dport"), port), {"counter": "accepted"}, _ACCEPT])
     return rules
 
 
-LOG_RATE, LOG_BURST, LOG_SNAPLEN = 50, 100, 128  # blocked packets named per second; bytes of each
 
 
 def _verdict_rules(settings: EnforcementSettings, hold: Hold) -> list[list[dict]]:
@@ -179,132 +163,24 @@ def _verdict_rules(settings: EnforcementSettings, hold: Hold) -> list[list[dict]
         # connects. A first SYN to an unknown address is dropped and remembered for a few
         # seconds: its retransmission passes if the address was learned meanwhile, and is
         # rejected otherwise. Blocked connections then fail after about one second.
-        syn = _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "syn")
+        syn = match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "syn")
         for version, proto in ((4, "ip"), (6, "ip6")):
-            daddr = _payload(proto, "daddr")
-            grace.append([_match(_meta("nfproto"), "ipv4" if version == 4 else "ipv6"),
-                          _match(daddr, "@" + PENDING[version], "!="), syn,
+            daddr = payload(proto, "daddr")
+            grace.append([match(meta("nfproto"), "ipv4" if version == 4 else "ipv6"),
+                          match(daddr, "@" + PENDING[version], "!="), syn,
                           {"set": {"op": "add", "elem": daddr, "set": "@" + PENDING[version]}},
                           {"counter": "deferred"}, {"drop": None}])
     return grace + [
         log,
-        [{"counter": "blocked"}, _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}],
+        [{"counter": "blocked"}, match(meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}],
         [{"reject": {"type": "icmpx", "expr": "admin-prohibited"}}],
     ]
 
 
 DNS_CHAINS = {"dns_input": "input", "dns_forward": "forward", "dns_output": "output"}
-TLS_CHAIN, TLS_SYN, TLS_COPY, TLS_QUEUE, TLS_INPUT = "tls", "tls_syn", "tls_copy", "tls_queue", "tls_input"
-# New flows to be read, per local user and per interface forwarded from (dynamic sets, one rate
-# limit each): no one floods the daemon with SYN copies at the others' expense.
-TLS_RATE_SETS = {"tls_users": ("uid", "skuid"), "tls_interfaces": ("iface_index", "iif")}
-TLS_SYN_RATE, TLS_SYN_BURST = 512, 1024
 RAW_CHAINS = (*DNS_CHAINS, TLS_QUEUE)  # their rules are raw netlink (``nft``), swapped in by ``table``
 OWN_CHAIN = "own_traffic"
 DNS_PRIORITY = -150  # mangle: before anything that could accept the reply
-
-
-def _ct_mark() -> dict:
-    return {"ct": {"key": "mark"}}
-
-
-def _with_payload(then: list[dict]) -> list[list[dict]]:
-    """Rules applying ``then`` to TCP segments that carry data. nftables cannot subtract the
-    headers' lengths from the packet's: one rule per TCP header length (IPv4 with options, and
-    IPv6 extension headers, always count as data: they only cost a look). An IPv6 payload length
-    of 0 (a jumbogram's) counts too: Linux takes such a packet behind a hop-by-hop header at its
-    real length."""
-    doff = _payload("tcp", "doff")
-    ipv4, ipv6 = _match(_meta("nfproto"), "ipv4"), _match(_meta("nfproto"), "ipv6")
-    rules = [[ipv4, _match(_payload("ip", "hdrlength"), 5, "!=")] + then,
-             [ipv6, _match(_payload("ip6", "length"), 0)] + then]
-    for words in range(5, 16):
-        rules.append([ipv4, _match(_payload("ip", "hdrlength"), 5), _match(doff, words),
-                      _match(_payload("ip", "length"), 20 + 4 * words, ">")] + then)
-        rules.append([ipv6, _match(doff, words), _match(_payload("ip6", "length"), 4 * words, ">")] + then)
-    return rules
-
-
-def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
-    """The TLS server name check's rules: ``guard`` (first in output and forward), ``registry``
-    (before its accepts), and the chains ``tls`` and ``tls_syn``. A SYN to a TLS port of a learned
-    address (or to a configured proxy) is copied to ``tls_syn_group`` (its sequence number is
-    where the stream begins) and its flow marked ``tls_ct_mark``; a SYN that carries data (TCP Fast
-    Open) is dropped (the client sends it again without). The flow's segments that carry data go
-    to the queue (and set both bits: its first flight went there) until the daemon sets the
-    mark: cleared (allowed: nothing of it is looked at again but the guard's one comparison) or
-    the next bit up alone (refused: every packet reset).
-    UDP to the TLS ports (QUIC) is refused, copied (at a bounded rate) to be named."""
-    if not settings.tls_check:
-        return {}
-    mask, pending, refused = settings.tls_mark_mask, settings.tls_ct_mark, settings.tls_ct_mark << 1
-    ports = {"set": sorted(settings.tls_ports)}
-    log = {"log": {"group": settings.tls_syn_group, "snaplen": LOG_SNAPLEN}}
-    mark = {"mangle": {"key": _ct_mark(), "value": {"|": [{"&": [_ct_mark(), ~mask & 0xFFFFFFFF]}, pending]}}}
-    syn = [_match(_meta("l4proto"), "tcp"), _SYN_ONLY]
-    quic = [_match(_meta("l4proto"), {"set": ["udp", "udplite"]}), _match(_payload("th", "dport"), ports)]
-    registry = [quic + [{"limit": {"rate": LOG_RATE, "per": "second", "burst": LOG_BURST}}, log]]
-    if settings.mode == "enforce":
-        to_tls = [_match(_meta("l4proto"), "tcp"), _match(_payload("tcp", "dport"), ports)]
-        drop = [{"counter": "tls_refused"}, {"drop": None}]
-        registry += [
-            quic + [{"counter": "quic_refused"}, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}],
-            # Conntrack has no flow (or no longer one) for these: invalid (a reset the server would
-            # ignore can end a flow in conntrack alone), or new yet no SYN. They would pass unread.
-            to_tls + [_match({"ct": {"key": "state"}}, "invalid", "in")] + drop,
-            to_tls + [_match({"ct": {"key": "state"}}, "new", "in"), _match({"&": [_payload("tcp", "flags"), "syn"]}, 0)]
-            + drop,
-        ]
-    registry.append(syn + [_match(_payload("tcp", "dport"), ports), {"jump": {"target": TLS_SYN}}])
-    # a simultaneous open (our SYN in the flow's reply direction): no registry client makes one, and
-    # its client would be in the direction the check takes for the server's
-    tls_syn = [[_match({"ct": {"key": "direction"}}, "reply"), {"counter": "tls_refused"}, {"drop": None}]]
-    tls_syn += _with_payload([{"counter": "tls_refused"}, {"drop": None}])
-    copy = {"jump": {"target": TLS_COPY}}
-    for version, proto in ((4, "ip"), (6, "ip6")):
-        tls_syn.append([_match(_payload(proto, "daddr"), "@" + ALLOW[version]), copy])
-        tls_syn.append([_match({"ct": {"key": "status"}}, "dnat", "in"),  # redirected: where the client was going
-                        _match({"ct": {"key": f"{proto} daddr", "dir": "original"}}, "@" + ALLOW[version]), copy])
-    for entry in settings.proxies:
-        address, port = split_proxy(entry)
-        to_proxy = [_match(_payload("ip" if address.version == 4 else "ip6", "daddr"), str(address)),
-                    _match(_payload("tcp", "dport"), port)]
-        registry.append(syn + to_proxy + [{"jump": {"target": TLS_SYN}}])
-        tls_syn.append(to_proxy + [copy])
-    # Over its rate, a user's (or an interface's) new flow is dropped before it is copied (the
-    # client sends its SYN again a second later); in audit mode it passes unread.
-    over_rate = {"drop": None} if settings.mode == "enforce" else {"accept": None}
-    tls_copy = [[{"set": {"op": "update", "elem": _meta(key), "set": "@" + name, "stmt": [
-        {"limit": {"rate": TLS_SYN_RATE, "per": "second", "burst": TLS_SYN_BURST, "inv": True}}]}},
-        {"counter": "tls_over_rate"}, over_rate] for name, (_, key) in TLS_RATE_SETS.items()]
-    tls_copy.append([log, mark])
-    is_refused = _match({"&": [_ct_mark(), mask]}, refused)
-    # The server's packets of a flow being read: copied (not held), for the daemon to see it
-    # acknowledge the first flight it let through (not its SYN-ACK: the copy would wake the daemon
-    # just as the ClientHello comes). Only where a server's packets arrive: at the input hook from
-    # an interface the source is routed through, not loopback, and forwarded from outside the
-    # container bridges. A packet a local process (CAP_NET_RAW) forges in the server's name, made
-    # to be dropped by the local TCP, would otherwise end the check before the real flight (review).
-    being_read = _match({"&": [_ct_mark(), pending]}, pending)  # its SYN marked it; its flight may be queued
-    server = [_REPLY, _match(_meta("l4proto"), "tcp"), _match({"&": [_payload("tcp", "flags"), "syn"]}, 0)]
-    routed_back = _match({"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, True)
-    return {
-        "input": [[being_read, _match(_meta("iif"), "lo", "!="), routed_back] + server + [log]],
-        "guard": [[_match({"&": [_ct_mark(), mask]}, 0, "!="), {"jump": {"target": TLS_CHAIN}}]],
-        "forward_guard": [[being_read, _match(_meta("iifname"), "@" + CONTAINER_BRIDGES, "!="), routed_back]
-                          + server + [log]],
-        "registry": registry,
-        TLS_SYN: tls_syn,
-        TLS_COPY: tls_copy,
-        # a reset passes (the one the refusal sends back among them); refused flows get one for each
-        # packet; the server's direction passes on (copied above where it is the server's)
-        TLS_CHAIN: [[_match(_payload("tcp", "flags"), "rst", "in"), {"return": None}],
-                    [is_refused, {"counter": "tls_refused"}, _match(_meta("l4proto"), "tcp"),
-                     {"reject": {"type": "tcp reset"}}], [is_refused, {"drop": None}], [_REPLY, {"return": None}]]
-        # both bits: its first flight has gone to the queue (read, or let pass while no daemon ran)
-        + _with_payload([{"mangle": {"key": _ct_mark(), "value": {"|": [_ct_mark(), mask]}}},
-                         {"jump": {"target": TLS_QUEUE}}]),
-    }
 
 
 def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_addresses: int,
@@ -348,22 +224,22 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         cmds.append({"add": {"chain": {**t, "name": chain, "type": "filter", "hook": hook,
                                        "prio": DNS_PRIORITY, "policy": "accept"}}})
     rules: dict[str, list[list[dict]]] = {
-        "output": checks.get("guard", []) + [[_match(_meta("oif"), "lo"), _NOT_REDIRECTED, _ACCEPT], _TO_CONTAINERS]
+        "output": checks.get("guard", []) + [[match(meta("oif"), "lo"), _NOT_REDIRECTED, _ACCEPT], _TO_CONTAINERS]
         + _peer_first_rules(settings, "output") + [[_ESTABLISHED, _ACCEPT], [{"jump": {"target": OWN_CHAIN}}]]
         + _in_scope_rules(settings, "output"),
         "forward": checks.get("forward_guard", []) + checks.get("guard", []) + [_TO_CONTAINERS] + _peer_first_rules(settings, "forward") + [[_ESTABLISHED, _ACCEPT]]
         + _in_scope_rules(settings, "forward"),
         "registry": [
-            [_TCP_UDP, _match(_payload("th", "dport"), 53),
-             _match(_payload("ip", "daddr"), "@" + RESOLVERS[4]), _ACCEPT],
-            [_TCP_UDP, _match(_payload("th", "dport"), 53),
-             _match(_payload("ip6", "daddr"), "@" + RESOLVERS[6]), _ACCEPT],
+            [_TCP_UDP, match(payload("th", "dport"), 53),
+             match(payload("ip", "daddr"), "@" + RESOLVERS[4]), _ACCEPT],
+            [_TCP_UDP, match(payload("th", "dport"), 53),
+             match(payload("ip6", "daddr"), "@" + RESOLVERS[6]), _ACCEPT],
             *checks.get("registry", []),
-            [_match(_payload("ip", "daddr"), "@" + ALLOW[4]), {"counter": "accepted"}, _ACCEPT],
-            [_match(_payload("ip6", "daddr"), "@" + ALLOW[6]), {"counter": "accepted"}, _ACCEPT],
+            [match(payload("ip", "daddr"), "@" + ALLOW[4]), {"counter": "accepted"}, _ACCEPT],
+            [match(payload("ip6", "daddr"), "@" + ALLOW[6]), {"counter": "accepted"}, _ACCEPT],
             # redirected (DNAT) to a local or other address: judged by where the client was going
-            [_match({"ct": {"key": "ip daddr", "dir": "original"}}, "@" + ALLOW[4]), {"counter": "accepted"}, _ACCEPT],
-            [_match({"ct": {"key": "ip6 daddr", "dir": "original"}}, "@" + ALLOW[6]), {"counter": "accepted"},
+            [match({"ct": {"key": "ip daddr", "dir": "original"}}, "@" + ALLOW[4]), {"counter": "accepted"}, _ACCEPT],
+            [match({"ct": {"key": "ip6 daddr", "dir": "original"}}, "@" + ALLOW[6]), {"counter": "accepted"},
              _ACCEPT],
         ] + _proxy_rules(settings.proxies) + _verdict_rules(settings, hold),
         TLS_CHAIN: checks.get(TLS_CHAIN, []),

@@ -1,4 +1,4 @@
-"""The TLS server name check's rules (ruleset.tls_rules), its conntrack messages and its settings:
+"""The TLS server name check's rules (tlsrules.tls_rules), its conntrack messages and its settings:
 pure, on rendered data."""
 
 import socket
