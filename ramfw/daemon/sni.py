@@ -342,15 +342,15 @@ class TlsCheck:
         flights pass unread (what the queue still holds is dropped when it is unbound, and sent
         again). Their clients connect again."""
         if self.marks is not None:
-            waiting = self.flows.waiting()
+            waiting, audit = self.flows.waiting(), self.settings.mode == "audit"  # audit: they pass, unread
             for key in waiting:
                 try:
-                    self.marks.set(key, self.refused_mark, self.mask)
+                    self.marks.set(key, 0 if audit else self.refused_mark, self.mask)
                 except OSError:
                     continue
             if waiting:
-                log.info("TLS check: stopping: %d connections whose first flight was being read are reset",
-                         len(waiting))
+                log.info("TLS check: stopping: %d connections whose first flight was being read %s", len(waiting),
+                         "pass unread (audit mode)" if audit else "are reset")
         for thing in (self.queue, self.copies, self.marks):
             if thing is not None:
                 thing.close()

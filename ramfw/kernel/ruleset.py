@@ -16,9 +16,8 @@ Layout::
                              established/related -> accept; in scope -> registry
     registry                 DNS to trusted resolvers, @allow4/@allow6 -> accept;
                              otherwise log to NFLOG, count, reject (enforce) or accept (audit)
-    tls, tls_syn, tls_copy,  the TLS server name check (``tls_rules``): SYNs to TLS ports of learned
-    tls_queue, tls_input     addresses copied (at a rate per user and per interface) and their
-    (hook input)             flows marked; their first data segments
+    tls, tls_syn, tls_queue  the TLS server name check (``tlsrules``): SYNs to TLS ports of learned
+    tls_input (hook input)   addresses copied and their flows marked; their first data segments
                              queued (the queue rule is raw netlink, swapped in like the DNS chains'),
                              the server's packets copied until the daemon clears the mark
     dns_input, dns_forward,  (hooks input, forward, output, priority -150) the DNS hold rules and
@@ -36,13 +35,13 @@ from typing import Iterable
 from ..config import EnforcementSettings, split_proxy
 from .nftexpr import (ALLOW, CONTAINER_BRIDGES, FAMILY, LOG_BURST, LOG_RATE, LOG_SNAPLEN, ORIGINAL, REPLY, SYN_ONLY,
                       match, meta, payload)
-from .tlsrules import TLS_CHAIN, TLS_COPY, TLS_INPUT, TLS_QUEUE, TLS_RATE_SETS, TLS_SYN, tls_rules
+from .tlsrules import TLS_CHAIN, TLS_INPUT, TLS_QUEUE, TLS_SYN, tls_rules
 
 PENDING = {4: "pending4", 6: "pending6"}
 PENDING_TIMEOUT = 3  # seconds: covers one SYN retransmission (1 s) with room to spare
 RESOLVERS = {4: "resolvers4", 6: "resolvers6"}
 UNSOLICITED = "unsolicited"  # DNS replies that answer no query of ours: counted, never read
-COUNTERS = ("blocked", "audited", "accepted", "deferred", UNSOLICITED, "tls_refused", "quic_refused", "tls_over_rate")
+COUNTERS = ("blocked", "audited", "accepted", "deferred", UNSOLICITED, "tls_refused", "quic_refused")
 LOG_PREFIX = "ramfw "
 SET_TYPES = {4: "ipv4_addr", 6: "ipv6_addr"}
 
@@ -204,9 +203,6 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
                                      "flags": ["timeout"], "timeout": PENDING_TIMEOUT,
                                      "size": 65536}}})
     cmds.append({"add": {"set": {**t, "name": CONTAINER_BRIDGES, "type": "ifname"}}})
-    for name, (kind, _) in TLS_RATE_SETS.items():
-        cmds.append({"add": {"set": {**t, "name": name, "type": kind, "flags": ["timeout"], "timeout": 60,
-                                     "size": 65536}}})
     cmds += build_resolvers(settings.table, resolvers)["nftables"]
     for counter in COUNTERS:
         cmds.append({"add": {"counter": {**t, "name": counter}}})
@@ -215,7 +211,7 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
                                        "prio": 0, "policy": "accept"}}})
     cmds.append({"add": {"chain": {**t, "name": "registry"}}})
     cmds.append({"add": {"chain": {**t, "name": OWN_CHAIN}}})
-    for chain in (TLS_CHAIN, TLS_SYN, TLS_COPY, TLS_QUEUE):
+    for chain in (TLS_CHAIN, TLS_SYN, TLS_QUEUE):
         cmds.append({"add": {"chain": {**t, "name": chain}}})
     cmds.append({"add": {"chain": {**t, "name": TLS_INPUT, "type": "filter", "hook": "input", "prio": 0,
                                    "policy": "accept"}}})
@@ -244,7 +240,6 @@ def build_ruleset(settings: EnforcementSettings, resolvers: Iterable[str], max_a
         ] + _proxy_rules(settings.proxies) + _verdict_rules(settings, hold),
         TLS_CHAIN: checks.get(TLS_CHAIN, []),
         TLS_SYN: checks.get(TLS_SYN, []),
-        TLS_COPY: checks.get(TLS_COPY, []),
         TLS_INPUT: checks.get("input", []),
     }
     for chain, chain_rules in rules.items():

@@ -1,6 +1,6 @@
 """The TLS server name check's rules (issue #13), rendered as libnftables JSON: pure data, which
-``ruleset.build_ruleset`` puts in the table (``tls``, ``tls_syn``, ``tls_copy``, ``tls_queue``,
-``tls_input``, and rules in ``output``, ``forward`` and ``registry``).
+``ruleset.build_ruleset`` puts in the table (``tls``, ``tls_syn``, ``tls_queue``, ``tls_input``,
+and rules in ``output``, ``forward`` and ``registry``).
 """
 
 from __future__ import annotations
@@ -9,11 +9,7 @@ from ..config import EnforcementSettings, split_proxy
 from .nftexpr import (ALLOW, CONTAINER_BRIDGES, LOG_BURST, LOG_RATE, LOG_SNAPLEN, REPLY, SYN_ONLY, ct_mark, match,
                       meta, payload)
 
-TLS_CHAIN, TLS_SYN, TLS_COPY, TLS_QUEUE, TLS_INPUT = "tls", "tls_syn", "tls_copy", "tls_queue", "tls_input"
-# New flows to be read, per local user and per interface forwarded from (dynamic sets, one rate
-# limit each): no one floods the daemon with SYN copies at the others' expense.
-TLS_RATE_SETS = {"tls_users": ("uid", "skuid"), "tls_interfaces": ("iface_index", "iif")}
-TLS_SYN_RATE, TLS_SYN_BURST = 512, 1024
+TLS_CHAIN, TLS_SYN, TLS_QUEUE, TLS_INPUT = "tls", "tls_syn", "tls_queue", "tls_input"
 
 
 def with_payload(then: list[dict]) -> list[list[dict]]:
@@ -68,24 +64,16 @@ def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
     # its client would be in the direction the check takes for the server's
     tls_syn = [[match({"ct": {"key": "direction"}}, "reply"), {"counter": "tls_refused"}, {"drop": None}]]
     tls_syn += with_payload([{"counter": "tls_refused"}, {"drop": None}])
-    copy = {"jump": {"target": TLS_COPY}}
     for version, proto in ((4, "ip"), (6, "ip6")):
-        tls_syn.append([match(payload(proto, "daddr"), "@" + ALLOW[version]), copy])
+        tls_syn.append([match(payload(proto, "daddr"), "@" + ALLOW[version]), log, mark])
         tls_syn.append([match({"ct": {"key": "status"}}, "dnat", "in"),  # redirected: where the client was going
-                        match({"ct": {"key": f"{proto} daddr", "dir": "original"}}, "@" + ALLOW[version]), copy])
+                        match({"ct": {"key": f"{proto} daddr", "dir": "original"}}, "@" + ALLOW[version]), log, mark])
     for entry in settings.proxies:
         address, port = split_proxy(entry)
         to_proxy = [match(payload("ip" if address.version == 4 else "ip6", "daddr"), str(address)),
                     match(payload("tcp", "dport"), port)]
         registry.append(syn + to_proxy + [{"jump": {"target": TLS_SYN}}])
-        tls_syn.append(to_proxy + [copy])
-    # Over its rate, a user's (or an interface's) new flow is dropped before it is copied (the
-    # client sends its SYN again a second later); in audit mode it passes unread.
-    over_rate = {"drop": None} if settings.mode == "enforce" else {"accept": None}
-    tls_copy = [[{"set": {"op": "update", "elem": meta(key), "set": "@" + name, "stmt": [
-        {"limit": {"rate": TLS_SYN_RATE, "per": "second", "burst": TLS_SYN_BURST, "inv": True}}]}},
-        {"counter": "tls_over_rate"}, over_rate] for name, (_, key) in TLS_RATE_SETS.items()]
-    tls_copy.append([log, mark])
+        tls_syn.append(to_proxy + [log, mark])
     is_refused = match({"&": [ct_mark(), mask]}, refused)
     # The server's packets of a flow being read: copied (not held), for the daemon to see it
     # acknowledge the first flight it let through (not its SYN-ACK: the copy would wake the daemon
@@ -103,7 +91,6 @@ def tls_rules(settings: EnforcementSettings) -> dict[str, list[list[dict]]]:
                           + server + [log]],
         "registry": registry,
         TLS_SYN: tls_syn,
-        TLS_COPY: tls_copy,
         # a reset passes (the one the refusal sends back among them); refused flows get one for each
         # packet; the server's direction passes on (copied above where it is the server's)
         TLS_CHAIN: [[match(payload("tcp", "flags"), "rst", "in"), {"return": None}],

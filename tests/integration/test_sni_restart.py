@@ -51,3 +51,12 @@ def test_a_first_flight_not_yet_taken_by_the_server_at_a_restart_is_refused(edge
     finally:
         flow.close()
     assert "unchecked_at_start" not in status(lab)["tls"]["counters"]
+
+
+def test_in_audit_mode_a_connection_idle_across_a_restart_passes(lab, write_config, write_policy, tmp_path):
+    """Audit mode refuses nothing: a stopping daemon lets the flows it was reading pass unread."""
+    lab = start_edge(lab, write_config, write_policy, tmp_path, mode="audit")
+    idle = client(lab)
+    time.sleep(0.2)
+    restart(lab, signal.SIGTERM)
+    assert greeting(idle, OTHER) == f"hello from {OTHER}"

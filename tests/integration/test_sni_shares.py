@@ -3,7 +3,6 @@ table of flows waiting to be read and the kernel's queue are shared by every cli
 unprivileged user who opens thousands of connections, or holds thousands of first flights
 unfinished, must not get the engine's connections refused or dropped."""
 
-import json
 import resource
 import subprocess
 import sys
@@ -93,9 +92,6 @@ def test_thousands_of_idle_connections_do_not_evict_the_engines_flow(host_lab):
                        or s["tls"]["flows_waiting"] >= 1024)
         assert greeting(engine, ALLOWED).startswith("hello"), "the engine's flow was not pushed out of the table"
         assert found["tls"]["flows_waiting"] <= 1024 + 2, "one user holds at most its share of the table"
-        over_rate = json.loads(host_lab.vm.run("nft", "-j", "list", "counter", "inet", "ramfw",
-                                               "tls_over_rate").stdout)["nftables"][1]["counter"]["packets"]
-        assert over_rate > 0, "the flood's SYNs beyond its rate were dropped before they were copied"
     finally:
         attacker.communicate("", timeout=20)
     assert handshake(host_lab, ALLOWED).startswith("hello")

@@ -12,7 +12,7 @@ def test_the_staged_document_has_no_table_commands_and_names_the_staging_table()
     staged, chains, sets = replay.for_staging(document, "ramfw", "ramfw-stage-1")
     assert all("table" not in next(iter(c.values())) for c in staged["nftables"])
     assert all(next(iter(next(iter(c.values())).values()))["table"] == "ramfw-stage-1" for c in staged["nftables"])
-    assert chains == {"output", "forward", "registry", "tls", "tls_syn", "tls_copy", "tls_input"}, "the DNS, own_traffic and tls_queue " \
+    assert chains == {"output", "forward", "registry", "tls", "tls_syn", "tls_input"}, "the DNS, own_traffic and tls_queue " \
         "chains are swapped apart"
     assert sets == {"resolvers4", "resolvers6"}, "the learned sets are never flushed by an apply"
     assert document["nftables"][0] == {"add": {"table": {"family": "inet", "name": "ramfw"}}}, "not changed"

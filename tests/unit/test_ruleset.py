@@ -144,7 +144,7 @@ def test_the_dns_chains_exist_and_their_rules_are_left_to_the_hold_transaction()
         chains = {c["name"] for c in commands(doc, "add", "chain")}
         flushed = {c["name"] for c in commands(doc, "flush", "chain")}
         assert set(ruleset.RAW_CHAINS) <= chains
-        assert flushed == {"output", "forward", "registry", "tls", "tls_syn", "tls_copy", "tls_input"}  # tls_queue: raw, swapped
+        assert flushed == {"output", "forward", "registry", "tls", "tls_syn", "tls_input"}  # tls_queue: raw, swapped
         assert all(rules(doc, chain) == [] for chain in ruleset.RAW_CHAINS)
 
 

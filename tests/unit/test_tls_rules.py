@@ -57,17 +57,10 @@ def test_syns_to_tls_ports_of_learned_addresses_are_copied_and_marked_and_quic_r
     assert any("'new'" in r and "'syn'" in r and "'drop'" in r for r in before)
     assert any("tls_syn" in r and "3128" in r for r in before), "the proxy's SYNs too"
     tls_syn = rules(doc, "tls_syn")
-    copies = [r for r in tls_syn if {"jump": {"target": "tls_copy"}} in r]
+    copies = [r for r in tls_syn if {"log": {"group": 5244, "snaplen": ruleset.LOG_SNAPLEN}} in r]
     assert len(copies) == 5  # allow4, allow6, each also as the original destination of a DNAT; the proxy
-    *over_rate, copy = rules(doc, "tls_copy")
-    assert copy[0] == {"log": {"group": 5244, "snaplen": ruleset.LOG_SNAPLEN}}
-    mark = copy[-1]["mangle"]
+    mark = copies[0][-1]["mangle"]
     assert mark["key"] == {"ct": {"key": "mark"}} and mark["value"]["|"][1] == 0x100
-    assert [(r[0]["set"]["set"], r[0]["set"]["elem"], r[-1]) for r in over_rate] == [
-        ("@tls_users", {"meta": {"key": "skuid"}}, {"drop": None}),
-        ("@tls_interfaces", {"meta": {"key": "iif"}}, {"drop": None})], "a rate per user, per interface"
-    audit = ruleset.build_ruleset(EnforcementSettings(mode="audit"), [], 10)
-    assert all(r[-1] == {"accept": None} for r in rules(audit, "tls_copy")[:2]), "audit: over the rate, unread"
     assert all(r[-1] == {"drop": None} for r in tls_syn[:24]), "a SYN with data (TCP Fast Open) is dropped"
 
 
