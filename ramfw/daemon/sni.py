@@ -216,6 +216,10 @@ class TlsCheck:
                 return
             if not packets:
                 return
+            # after the segments were read: the copy of each one's SYN was made before it was queued.
+            # Read always, not only for flows not waiting: a tuple used again must meet its new SYN
+            # before its old flow (review).
+            self._on_copies()
             for packet in packets:
                 self._read(packet)
 
@@ -241,11 +245,8 @@ class TlsCheck:
                 self.counters["unreadable"] += 1
                 self._verdict(packet.packet_id, NF_DROP)
                 return
-            key = (seg.src, seg.sport, seg.dst, seg.dport)
-            if not self.flows.is_waiting(key):  # its SYN's copy may wait unread (made before the segment
-                self._on_copies()               # was queued): read the copies first
-            step = self.flows.segment(key, seg.seq, seg.payload, packet.packet_id, time.time(),
-                                      reset=bool(seg.flags & TCP_RST), marks=found)
+            step = self.flows.segment((seg.src, seg.sport, seg.dst, seg.dport), seg.seq, seg.payload,
+                                      packet.packet_id, time.time(), reset=bool(seg.flags & TCP_RST), marks=found)
         except Exception as err:  # noqa: BLE001 - the packet still gets its verdict
             self.counters["errors"] += 1
             self.daemon._error(f"TLS check: reading a segment: {err!r}")
@@ -275,9 +276,11 @@ class TlsCheck:
         if given:
             try:  # in one system call (each accepted segment is carried on to the server inside it)
                 self.queue.verdicts(given)
-            except OSError as err:
+            except OSError as err:  # one by one, so none is left in the queue for good
                 self.counters["queue_errors"] += 1
                 self.daemon._error(f"TLS check: queue verdicts: {err}")
+                for packet_id, verdict in given:
+                    self._verdict(packet_id, verdict)
         if step.mark == "refuse" and reject == NF_REPEAT:
             # The reset was sent inside the verdict. Kept, the entry would reset its tuple for
             # as long as packets refresh it: a user refused from every source port would refuse
@@ -289,6 +292,8 @@ class TlsCheck:
                 self.counters["mark_errors"] += 1
                 self.daemon._error(f"TLS check: forgetting a refused flow: {err}")
         if step.verdict is None:
+            if step.mark == "refuse":
+                self.counters["idle_refused"] += 1
             return
         self.counters["allowed" if step.verdict.allow else "refused"] += 1
         if step.verdict.reason == "share_exceeded":

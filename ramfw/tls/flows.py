@@ -220,7 +220,7 @@ class Flows:
         ``marks``: its header fields (``packet.marks``; None: not compared)."""
         flow = self._flows.get(key) or self._decided.get(key)
         if flow is None:
-            flow = _Flow(-1, Flight(0), now)
+            flow = _Flow(-1, Flight(0), now, shares=())
             flow.held.append(packet_id)  # counted against no share: decided now
             verdict = self._turned_away.pop(key, None) or self.judge.unread(
                 key[2], "its SYN was not seen: the flow began before the daemon, or the copy was lost")
@@ -232,7 +232,7 @@ class Flows:
             self._forget(key)
             return Step(key, accept=[packet_id], drop=dropped)
         if flow.state in ("verifying", "allowed"):
-            reason = flow.flight.stream.add(seq, payload)
+            reason = _after_the_flight(flow, seq, payload) or flow.flight.stream.add(seq, payload)
             if reason is None:
                 return Step(key, accept=[packet_id])
             self._hold(flow, packet_id)
@@ -307,7 +307,11 @@ class Flows:
                 steps.append(self._decide(key, flow, self.judge.unread(
                     key[2], f"the first flight did not come whole within {HOLD_SECONDS:g} s"), now))
             elif flow.state in ("open", "tunnel") and not flow.held and now - flow.opened > SYN_SECONDS:
+                # refused, not just forgotten: a flow whose first segment went to the queue and was
+                # dropped unread carries both mark bits, which a later daemon would take for one
+                # that passed while none ran (review)
                 self._forget(key)
+                steps.append(Step(key, mark="refuse"))
         while self._decided and now - next(iter(self._decided.values())).decided > LINGER_SECONDS:
             self._decided.popitem(last=False)
         return steps
@@ -334,6 +338,23 @@ class Flows:
         flow.state, flow.decided = "allowed", now
         self._settle(key, flow)
         return Step(key, mark="allow")
+
+
+def _after_the_flight(flow: _Flow, seq: int, payload: bytes) -> str:
+    """Why a segment of a flow whose first flight was read is not that stream's ("" when it
+    is): it begins before the stream, past what was read while the server has not taken it
+    (a TLS client sends nothing more before the server's answer, which acknowledges the
+    flight), or after a gap once it has. Such a segment is a new connection's on the same
+    tuple whose SYN went unseen (review: it was let through unread)."""
+    stream = flow.flight.stream
+    offset = (seq - stream.base) & MASK
+    if offset >= 1 << 31:
+        return "a segment before the stream's start"
+    if flow.state == "verifying" and offset + len(payload) > flow.end:
+        return "data past the first flight before the server took it"
+    if offset > stream.extent:
+        return "a segment past a gap after the first flight"
+    return ""
 
 
 def _odd(flow: _Flow, marks: Marks | None) -> str:
