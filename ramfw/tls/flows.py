@@ -320,9 +320,6 @@ class Flows:
         """The flows not yet decided for the kernel: being read, or verified."""
         return list(self._flows)
 
-    def is_waiting(self, key: Key) -> bool:
-        return key in self._flows
-
     def known(self, key: Key) -> bool:
         return key in self._flows or key in self._decided
 
